@@ -1,0 +1,245 @@
+"""Image folders in, normalized NCHW float32 batches out.
+
+Preprocessing is plain PIL + numpy (no torchvision) so the exact same code runs for training, calibration,
+benchmarking and on a device that has no torch. The resulting arrays are what the ONNX model's ``input`` takes.
+"""
+
+from __future__ import annotations
+
+import random
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from .errors import TledgeError
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp"})
+VAL_FOLDER_NAMES = ("val", "validation", "valid")
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How an image becomes the network input: RGB, shorter side to ``resize``, center crop ``size``, normalize.
+
+    ``(pixel / 255 - mean) / std`` per channel, laid out as (3, size, size) float32.
+    """
+
+    size: int = 224
+    resize: int = 256
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    interpolation: str = "bilinear"
+
+    def __post_init__(self):
+        if self.size < 8:
+            raise TledgeError(f"input size must be at least 8 pixels, got {self.size}")
+        if self.resize < self.size:
+            raise TledgeError(f"resize ({self.resize}) must be at least the input size ({self.size})")
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            raise TledgeError(f"mean and std need 3 values each, std positive; got {self.mean} / {self.std}")
+        if self.interpolation not in _PIL_FILTERS:
+            raise TledgeError(f"interpolation must be one of {sorted(_PIL_FILTERS)}, got {self.interpolation!r}")
+        object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
+        object.__setattr__(self, "std", tuple(float(v) for v in self.std))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Preprocess":
+        return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()})
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return (3, self.size, self.size)
+
+
+_PIL_FILTERS = {"bilinear": 2, "bicubic": 3, "nearest": 0}  # PIL.Image.Resampling values
+
+
+def load_image(path: str | Path, pre: Preprocess) -> np.ndarray:
+    """Read one image file into a (3, size, size) float32 array; a file PIL cannot decode is a TledgeError."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            img = img.convert("RGB")
+    except FileNotFoundError:
+        raise TledgeError(f"image {path} does not exist") from None
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise TledgeError(f"cannot read image {path}: {exc}. Remove or replace the file.") from None
+    w, h = img.size
+    scale = pre.resize / min(w, h)
+    new_w, new_h = max(pre.size, round(w * scale)), max(pre.size, round(h * scale))
+    img = img.resize((new_w, new_h), _PIL_FILTERS[pre.interpolation])
+    left, top = (new_w - pre.size) // 2, (new_h - pre.size) // 2
+    img = img.crop((left, top, left + pre.size, top + pre.size))
+    x = np.asarray(img, dtype=np.float32) / 255.0
+    x = (x - np.asarray(pre.mean, np.float32)) / np.asarray(pre.std, np.float32)
+    return np.ascontiguousarray(x.transpose(2, 0, 1))
+
+
+@dataclass(frozen=True)
+class Sample:
+    path: Path
+    label: int
+
+
+@dataclass
+class Splits:
+    """A labelled dataset cut into train / val / test. ``evaluation`` is the held-out split reports use."""
+
+    root: Path
+    classes: list[str]
+    train: list[Sample]
+    val: list[Sample]
+    test: list[Sample] = field(default_factory=list)
+    layout: str = "folders"  # "folders": train/ val/ [test/] given; "split": one folder split by tledge
+
+    @property
+    def evaluation(self) -> list[Sample]:
+        """The test split when there is one (val then only steers early stopping), else val."""
+        return self.test or self.val
+
+    @property
+    def evaluation_name(self) -> str:
+        return "test" if self.test else "val"
+
+    def summary(self) -> dict:
+        return {
+            "root": str(self.root),
+            "layout": self.layout,
+            "classes": self.classes,
+            "counts": {"train": len(self.train), "val": len(self.val), "test": len(self.test)},
+            "evaluation_split": self.evaluation_name,
+        }
+
+
+def _images_in(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def scan_class_folders(folder: Path) -> dict[str, list[Path]]:
+    """``{class name: [image paths]}`` of an ImageFolder directory (one sub-folder per class)."""
+    if not folder.is_dir():
+        raise TledgeError(f"{folder} is not a directory")
+    class_dirs = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not class_dirs:
+        loose = _images_in(folder)
+        hint = f" It holds {len(loose)} images directly: put them in one sub-folder per class." if loose else ""
+        raise TledgeError(f"{folder} has no class folders; expected {folder}/<class>/<image>.{hint}")
+    classes = {}
+    for d in class_dirs:
+        images = _images_in(d)
+        if not images:
+            raise TledgeError(f"class folder {d} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+        classes[d.name] = images
+    return classes
+
+
+def _stratified_split(
+    by_class: dict[str, list[Path]], fractions: Sequence[float], seed: int
+) -> tuple[dict[str, list[Path]], list[dict[str, list[Path]]]]:
+    """Cut each class's file list with a seeded shuffle into ``(rest, [part per fraction])``.
+
+    Every part and the rest get at least one image of every class, so no class silently vanishes from a split.
+    """
+    rng = random.Random(seed)
+    rest: dict[str, list[Path]] = {}
+    parts: list[dict[str, list[Path]]] = [{} for _ in fractions]
+    needed = len(fractions) + 1
+    for name in sorted(by_class):
+        paths = sorted(by_class[name])
+        if len(paths) < needed:
+            raise TledgeError(
+                f"class {name!r} has {len(paths)} image(s); splitting it {needed} ways needs at least {needed}. "
+                "Add images or give separate train/ and val/ folders."
+            )
+        rng.shuffle(paths)
+        counts = [max(1, round(len(paths) * f)) for f in fractions]
+        while sum(counts) >= len(paths):  # leave the rest at least one image
+            counts[counts.index(max(counts))] -= 1
+        start = 0
+        for part, count in zip(parts, counts):
+            part[name] = sorted(paths[start : start + count])
+            start += count
+        rest[name] = sorted(paths[start:])
+    return rest, parts
+
+
+def _samples(by_class: dict[str, list[Path]], classes: list[str]) -> list[Sample]:
+    index = {c: i for i, c in enumerate(classes)}
+    return [Sample(p, index[c]) for c in sorted(by_class) for p in by_class[c]]
+
+
+def load_splits(root: str | Path, val_fraction: float = 0.15, test_fraction: float = 0.15, seed: int = 0) -> Splits:
+    """Find the images under ``root`` and their splits.
+
+    Two layouts are accepted:
+      * ``root/train/<class>/*`` with ``root/val/<class>/*`` (or ``validation/``) and optionally ``root/test/<class>/*``;
+        without a val folder, ``val_fraction`` of train is held out (stratified, seeded);
+      * ``root/<class>/*``: cut into train/val/test with the given fractions (stratified, seeded).
+    """
+    root = Path(root).expanduser()
+    if not root.exists():
+        raise TledgeError(f"dataset folder {root} does not exist")
+    if not root.is_dir():
+        raise TledgeError(f"dataset path {root} is not a folder")
+    if not (0 < val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
+        raise TledgeError(f"val/test fractions must be in (0, 1) and sum below 1, got {val_fraction} and {test_fraction}")
+
+    if (root / "train").is_dir():
+        train = scan_class_folders(root / "train")
+        classes = sorted(train)
+        val_dir = next((root / n for n in VAL_FOLDER_NAMES if (root / n).is_dir()), None)
+        layout = "folders"
+        if val_dir is not None:
+            val = scan_class_folders(val_dir)
+        else:
+            train, (val,) = _stratified_split(train, [val_fraction], seed)
+            layout = "folders+val-split"
+        test = scan_class_folders(root / "test") if (root / "test").is_dir() else {}
+        for split_name, split in (("val", val), ("test", test)):
+            unknown = sorted(set(split) - set(classes))
+            if unknown:
+                raise TledgeError(f"{split_name} has classes that train does not: {unknown}; train has {classes}")
+    else:
+        by_class = scan_class_folders(root)
+        classes = sorted(by_class)
+        fractions = [val_fraction] + ([test_fraction] if test_fraction > 0 else [])
+        train, parts = _stratified_split(by_class, fractions, seed)
+        val = parts[0]
+        test = parts[1] if len(parts) > 1 else {}
+        layout = "split"
+
+    if len(classes) < 2:
+        raise TledgeError(f"{root} has one class ({classes[0]!r}); a classifier needs at least two class folders")
+    return Splits(root, classes, _samples(train, classes), _samples(val, classes), _samples(test, classes), layout)
+
+
+def iter_batches(
+    samples: Sequence[Sample], pre: Preprocess, batch_size: int, workers: int = 4
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Yield ``(images [B,3,H,W] float32, labels [B] int64)`` in order; decoding runs in a few threads."""
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        for start in range(0, len(samples), batch_size):
+            chunk = samples[start : start + batch_size]
+            images = list(pool.map(lambda s: load_image(s.path, pre), chunk))
+            yield np.stack(images), np.asarray([s.label for s in chunk], dtype=np.int64)
+
+
+def load_array(samples: Sequence[Sample], pre: Preprocess, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """All of ``samples`` as one array (for small sets: calibration, parity checks)."""
+    xs, ys = [], []
+    for x, y in iter_batches(samples, pre, batch_size):
+        xs.append(x)
+        ys.append(y)
+    if not xs:
+        return np.zeros((0, *pre.input_shape), np.float32), np.zeros((0,), np.int64)
+    return np.concatenate(xs), np.concatenate(ys)
