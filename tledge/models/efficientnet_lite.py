@@ -68,8 +68,10 @@ class SamePadConv2d(nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pads = []
-        # F.pad takes (left, right, top, bottom): last dimension first.
+        # F.pad takes (left, right, top, bottom): last dimension first. int() keeps the exporter from tracing this
+        # arithmetic into Shape/Gather ops: only the batch axis is dynamic, so H and W are constants of the graph.
         for size, k, s in ((x.shape[-1], self.kernel_size[1], self.stride[1]), (x.shape[-2], self.kernel_size[0], self.stride[0])):
+            size = int(size)
             total = max((math.ceil(size / s) - 1) * s + k - size, 0)
             pads += [total // 2, total - total // 2]
         if any(pads):

@@ -1,0 +1,241 @@
+"""Transfer learning: feature extraction first, then staged unfreezing that must earn its keep on validation.
+
+Stage 0 trains the new classifier on a frozen backbone. Each later stage thaws more blocks from the top, with a
+learning rate ``lr_decay`` times lower, starting from the best weights so far; it is kept only if its best
+validation score beats the previous stage (otherwise the previous weights stay and staging stops). Every stage
+stops early after ``patience`` epochs without improvement.
+
+Frozen blocks run once per stage: their output is cached and the trainable top trains on the cache, which makes
+CPU fine-tuning practical. The cost is no random augmentation; batch-norm statistics stay frozen (the usual
+choice for small datasets, and it keeps the cache valid).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .data import Preprocess, Splits, iter_batches, load_splits
+from .errors import TledgeError
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Settings for :func:`finetune`. ``None`` means "the model's default"."""
+
+    data: Path
+    out: Path
+    model: str = "efficientnet_lite0"
+    weights: str = "pretrained"  # "pretrained", "none" or a state-dict path
+    image_size: int | None = None
+    resize: int | None = None  # shorter side before the center crop; None keeps the model's resize/size ratio
+    unfreeze: tuple[int, ...] = (3,)  # blocks thawed (counted from the top) by each stage after feature extraction
+    epochs: int = 40  # per stage, at most
+    patience: int = 6
+    batch_size: int = 64
+    lr: float = 3e-3
+    lr_decay: float = 0.1
+    weight_decay: float = 1e-4
+    label_smoothing: float = 0.1
+    val_fraction: float = 0.15
+    test_fraction: float = 0.15
+    seed: int = 0
+
+    def __post_init__(self):
+        object.__setattr__(self, "data", Path(self.data))
+        object.__setattr__(self, "out", Path(self.out))
+        object.__setattr__(self, "unfreeze", tuple(int(n) for n in self.unfreeze))
+        if any(n < 1 for n in self.unfreeze) or list(self.unfreeze) != sorted(set(self.unfreeze)):
+            raise TledgeError(f"unfreeze must list increasing positive block counts, got {self.unfreeze}")
+        for name in ("epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise TledgeError(f"{name} must be at least 1")
+        if self.patience < 0 or self.lr <= 0 or not 0 < self.lr_decay <= 1:
+            raise TledgeError("patience must be >= 0, lr > 0 and lr_decay in (0, 1]")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.update(data=str(self.data), out=str(self.out), unfreeze=list(self.unfreeze))
+        return d
+
+
+@dataclass
+class StageResult:
+    name: str
+    trainable_blocks: int
+    lr: float
+    epochs_run: int
+    best_epoch: int
+    val_accuracy: float
+    val_loss: float
+    accepted: bool
+    seconds: float
+    history: list[dict] = field(default_factory=list)
+
+
+def resolve_preprocess(spec_pre: Preprocess, image_size: int | None, resize: int | None) -> Preprocess:
+    """The model's preprocessing with the size overrides applied (resize keeps the model's crop ratio if unset)."""
+    size = image_size or spec_pre.size
+    if resize is None:
+        resize = size if spec_pre.resize == spec_pre.size else round(size * spec_pre.resize / spec_pre.size)
+    return Preprocess(size=size, resize=resize, mean=spec_pre.mean, std=spec_pre.std, interpolation=spec_pre.interpolation)
+
+
+def _cache_activations(model, samples, pre: Preprocess, stop: int, batch_size: int, desc: str):
+    """Run ``blocks[:stop]`` once over ``samples``; returns (activations, labels) tensors."""
+    import torch
+    from tqdm import tqdm
+
+    feats, labels = [], []
+    model.eval()  # frozen blocks must use their running statistics, never batch statistics
+    with torch.inference_mode():
+        for x, y in tqdm(iter_batches(samples, pre, batch_size), total=math.ceil(len(samples) / batch_size), desc=desc, unit="batch", leave=False):
+            feats.append(model.forward_blocks(torch.from_numpy(x), 0, stop))
+            labels.append(torch.from_numpy(y))
+    return torch.cat(feats), torch.cat(labels)
+
+
+def _set_train_mode(model, start: int) -> None:
+    """Train mode for the thawed top (dropout on), but every BatchNorm keeps its ImageNet statistics."""
+    from torch import nn
+
+    model.eval()
+    for block in model.blocks[start:]:
+        block.train()
+    model.neck.train()
+    model.head.train()
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+
+
+def _evaluate(model, start: int, acts, labels, batch_size: int, loss_fn) -> tuple[float, float]:
+    import torch
+
+    model.eval()
+    correct, loss_sum = 0, 0.0
+    with torch.inference_mode():
+        for i in range(0, len(acts), batch_size * 4):
+            logits = model.forward_from(acts[i : i + batch_size * 4], start)
+            y = labels[i : i + batch_size * 4]
+            loss_sum += float(loss_fn(logits, y)) * len(y)
+            correct += int((logits.argmax(1) == y).sum())
+    return correct / len(acts), loss_sum / len(acts)
+
+
+def _train_stage(model, start: int, lr: float, cfg: FinetuneConfig, train, val, desc: str) -> StageResult:
+    import torch
+    from tqdm import tqdm
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    trainable = [p for module in (*model.blocks[start:], model.neck, model.head) for p in module.parameters()]
+    for p in trainable:
+        p.requires_grad_(True)
+    optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=cfg.weight_decay)
+    loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    eval_loss = torch.nn.CrossEntropyLoss()
+    generator = torch.Generator().manual_seed(cfg.seed)
+    (train_x, train_y), (val_x, val_y) = train, val
+
+    best = (-1.0, math.inf)
+    best_state, best_epoch, history = None, 0, []
+    started = time.perf_counter()
+    bar = tqdm(range(1, cfg.epochs + 1), desc=desc, unit="epoch", leave=False)
+    for epoch in bar:
+        _set_train_mode(model, start)
+        order = torch.randperm(len(train_x), generator=generator)
+        train_loss = 0.0
+        for i in range(0, len(order), cfg.batch_size):
+            idx = order[i : i + cfg.batch_size]
+            loss = loss_fn(model.forward_from(train_x[idx], start), train_y[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            train_loss += float(loss) * len(idx)
+        val_acc, val_loss = _evaluate(model, start, val_x, val_y, cfg.batch_size, eval_loss)
+        history.append({"epoch": epoch, "train_loss": round(train_loss / len(order), 5), "val_accuracy": round(val_acc, 5), "val_loss": round(val_loss, 5)})
+        bar.set_postfix(val_acc=f"{val_acc:.4f}", val_loss=f"{val_loss:.4f}")
+        if (val_acc, -val_loss) > (best[0], -best[1]):
+            best, best_epoch = (val_acc, val_loss), epoch
+            best_state = copy.deepcopy(model.state_dict())
+        elif epoch - best_epoch >= cfg.patience:
+            break
+    bar.close()
+    model.load_state_dict(best_state)
+    return StageResult(
+        name=desc, trainable_blocks=len(model.blocks) - start, lr=lr, epochs_run=len(history), best_epoch=best_epoch,
+        val_accuracy=best[0], val_loss=best[1], accepted=True, seconds=round(time.perf_counter() - started, 2), history=history,
+    )
+
+
+def finetune(cfg: FinetuneConfig, splits: Splits | None = None) -> dict:
+    """Fine-tune ``cfg.model`` on ``cfg.data``; writes ``model.pt`` and ``finetune.json`` into ``cfg.out``.
+
+    Returns the record that ``finetune.json`` holds: the resolved config, the dataset, one entry per stage (kept or
+    rejected) and the final validation and evaluation-split accuracy in PyTorch FP32.
+
+    >>> finetune(FinetuneConfig(data="my_images", out="runs/1"))  # doctest: +SKIP
+    """
+    import torch
+
+    from .artifacts import write_json
+    from .models import create_model, save_checkpoint
+
+    started = time.perf_counter()
+    splits = splits or load_splits(cfg.data, cfg.val_fraction, cfg.test_fraction, cfg.seed)
+    model, spec = create_model(cfg.model, cfg.weights, num_classes=len(splits.classes), seed=cfg.seed)
+    pre = resolve_preprocess(spec.preprocess, cfg.image_size, cfg.resize)
+    depth = len(model.blocks)
+    if cfg.unfreeze and cfg.unfreeze[-1] > depth:
+        raise TledgeError(f"{cfg.model} has {depth} blocks; cannot unfreeze {cfg.unfreeze[-1]}")
+    torch.manual_seed(cfg.seed)
+
+    stages: list[StageResult] = []
+    best_score = None
+    for k, thawed in enumerate((0, *cfg.unfreeze)):
+        start = depth - thawed
+        name = "feature-extraction" if thawed == 0 else f"unfreeze-top-{thawed}"
+        train = _cache_activations(model, splits.train, pre, start, cfg.batch_size, f"{name}: caching train")
+        val = _cache_activations(model, splits.val, pre, start, cfg.batch_size, f"{name}: caching val")
+        previous = copy.deepcopy(model.state_dict())
+        result = _train_stage(model, start, cfg.lr * cfg.lr_decay**k, cfg, train, val, name)
+        score = (result.val_accuracy, -result.val_loss)
+        if best_score is not None and score <= best_score:
+            result.accepted = False
+            model.load_state_dict(previous)
+            stages.append(result)
+            break  # validation did not earn this stage: keep the previous weights, thaw no further
+        best_score = score
+        stages.append(result)
+    del train, val
+
+    model.eval()
+    final = {"val_accuracy": best_score[0], "val_loss": -best_score[1]}
+    if splits.test:
+        test_x, test_y = _cache_activations(model, splits.test, pre, depth, cfg.batch_size, "evaluating test")
+        acc, loss = _evaluate(model, depth, test_x, test_y, cfg.batch_size, torch.nn.CrossEntropyLoss())
+        final.update(test_accuracy=acc, test_loss=loss)
+
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    kept = [s for s in stages if s.accepted]
+    record = {
+        "stage": "finetune",
+        "config": cfg.to_dict(),
+        "model": {"arch": cfg.model, "weights": cfg.weights, "weights_source": spec.weights_source if cfg.weights == "pretrained" else cfg.weights,
+                  "blocks": depth, "trainable_blocks": kept[-1].trainable_blocks, "parameters": sum(p.numel() for p in model.parameters())},
+        "preprocess": pre.to_dict(),
+        "dataset": splits.summary(),
+        "stages": [asdict(s) for s in stages],
+        "result": {k: round(v, 5) for k, v in final.items()},
+        "seconds": round(time.perf_counter() - started, 2),
+        "checkpoint": "model.pt",
+    }
+    save_checkpoint(cfg.out / "model.pt", model, cfg.model, splits.classes, pre, extra={"finetune": record["result"]})
+    write_json(cfg.out / "finetune.json", record)
+    return record

@@ -1,0 +1,62 @@
+"""Backends behind one small interface: a runner maps a float32 NCHW batch to a logits array.
+
+Each backend's heavy import happens when a runner is made, never when tledge is imported.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .errors import TledgeError, require
+
+
+class TorchRunner:
+    """A PyTorch module in eval mode on the CPU."""
+
+    name = "torch"
+
+    def __init__(self, model):
+        self.model = model.eval()
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        import torch
+
+        with torch.inference_mode():
+            return self.model(torch.from_numpy(np.ascontiguousarray(x))).numpy()
+
+
+class OrtRunner:
+    """An ONNX model in ONNX Runtime. ``threads=None`` lets ONNX Runtime use every core."""
+
+    name = "onnxruntime"
+
+    def __init__(self, path: str | os.PathLike, threads: int | None = None, providers: tuple[str, ...] = ("CPUExecutionProvider",)):
+        ort = require("onnxruntime", "pip install onnxruntime   (or onnxruntime-gpu)")
+        path = Path(path)
+        if not path.is_file():
+            raise TledgeError(f"ONNX model {path} does not exist")
+        options = ort.SessionOptions()
+        options.log_severity_level = 3  # errors only; ORT's warnings about unused initializers are noise here
+        if threads:
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+        missing = [p for p in providers if p not in ort.get_available_providers()]
+        if missing:
+            raise TledgeError(f"ONNX Runtime here has no {missing}; available: {ort.get_available_providers()}")
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=list(providers))
+        except Exception as exc:  # ORT raises its own exception types for a corrupt or unsupported model
+            raise TledgeError(f"ONNX Runtime cannot load {path}: {str(exc).splitlines()[0]}") from None
+        self.input = self.session.get_inputs()[0]
+        self.output_name = self.session.get_outputs()[0].name
+        self.path = path
+
+    @property
+    def input_name(self) -> str:
+        return self.input.name
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return self.session.run([self.output_name], {self.input.name: np.ascontiguousarray(x, dtype=np.float32)})[0]
