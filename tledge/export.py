@@ -117,13 +117,17 @@ def fold_constants(model, max_elements: int = 1 << 16) -> int:
             graph.node.remove(node)
             removed += 1
             changed = True
-    # Constant nodes and initializers nobody reads any more.
-    used = {name for node in graph.node for name in node.input} | graph_outputs
+    remove_unused(graph)
+    return removed
+
+
+def remove_unused(graph) -> None:
+    """Drop Constant nodes and initializers that no node reads."""
+    used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
     for node in [n for n in graph.node if n.op_type == "Constant" and n.output[0] not in used]:
         graph.node.remove(node)
     for init in [i for i in graph.initializer if i.name not in used]:
         graph.initializer.remove(init)
-    return removed
 
 
 def fold_pads_into_convs(model) -> int:
@@ -168,6 +172,7 @@ def fold_pads_into_convs(model) -> int:
         removed.append(pad)
     for node in removed:
         graph.node.remove(node)
+    remove_unused(graph)
     return len(removed)
 
 
@@ -185,7 +190,7 @@ def _parity_inputs(cfg: ExportConfig, pre, classes) -> tuple[np.ndarray, str]:
 
 
 def export_onnx(cfg: ExportConfig) -> dict:
-    """Export ``cfg.checkpoint`` to ``cfg.out`` and check it against PyTorch; writes ``<out>.json`` beside it.
+    """Export ``cfg.checkpoint`` to ``cfg.out`` and check it against PyTorch; writes ``export.json`` beside it.
 
     Raises TledgeError (and writes no model) when ONNX Runtime's logits differ beyond ``atol + rtol * |torch|``.
 
@@ -243,7 +248,7 @@ def export_onnx(cfg: ExportConfig) -> dict:
         "parity": {"inputs": source, "atol": cfg.atol, "rtol": cfg.rtol, **parity},
         "seconds": round(time.perf_counter() - started, 2),
     }
-    write_json(cfg.out.with_suffix(".json"), record)
+    write_json(cfg.out.parent / "export.json", record)
     return record
 
 

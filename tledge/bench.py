@@ -1,0 +1,184 @@
+"""Accuracy and latency of each model variant, side by side, on the same images and the same machine.
+
+Accuracy: top-1 on the held-out split (test if the dataset has one, else val) and prediction agreement with the
+FP32 reference. Latency: wall time of one ``run`` call at a fixed batch, measured in interleaved rounds so that
+every variant sees the same machine conditions; p50/p90/p99 in milliseconds, plus throughput at a larger batch.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import TledgeError
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """Settings for :func:`bench`. ``models`` maps variant names to ONNX files; the first is the reference."""
+
+    models: dict[str, Path]
+    data: Path
+    out_dir: Path
+    batch_size: int = 1
+    throughput_batch: int = 16
+    warmup: int = 10
+    iterations: int = 200
+    rounds: int = 5
+    threads: int | None = None  # None: ONNX Runtime's default (all cores)
+    max_images: int | None = None  # cap the accuracy set (None: the whole split)
+    seed: int = 0
+
+    def __post_init__(self):
+        object.__setattr__(self, "models", {k: Path(v) for k, v in self.models.items()})
+        object.__setattr__(self, "data", Path(self.data))
+        object.__setattr__(self, "out_dir", Path(self.out_dir))
+        if not self.models:
+            raise TledgeError("bench needs at least one model")
+        if min(self.batch_size, self.throughput_batch, self.iterations, self.rounds) < 1 or self.warmup < 0:
+            raise TledgeError("batch sizes, iterations and rounds must be at least 1")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.update(models={k: str(v) for k, v in self.models.items()}, data=str(self.data), out_dir=str(self.out_dir))
+        return d
+
+
+@dataclass
+class _Accumulator:
+    correct: int = 0
+    agree: int = 0
+    count: int = 0
+    abs_logit_diff: float = 0.0
+    per_class_correct: dict = field(default_factory=dict)
+
+
+def percentiles(samples_ms: list[float]) -> dict:
+    a = np.asarray(samples_ms)
+    return {
+        "p50": round(float(np.percentile(a, 50)), 4),
+        "p90": round(float(np.percentile(a, 90)), 4),
+        "p99": round(float(np.percentile(a, 99)), 4),
+        "mean": round(float(a.mean()), 4),
+        "min": round(float(a.min()), 4),
+        "samples": len(a),
+    }
+
+
+def _time_calls(runner, x: np.ndarray, n: int) -> list[float]:
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        runner(x)
+        times.append((time.perf_counter() - t0) * 1000.0)
+    return times
+
+
+def bench(cfg: BenchConfig) -> dict:
+    """Measure every model in ``cfg.models``; writes ``bench.json`` into ``cfg.out_dir`` and returns its record.
+
+    >>> bench(BenchConfig(models={"fp32": "out/model.fp32.onnx", "int8-cpu": "out/model.int8.cpu.onnx"},
+    ...                   data="my_images", out_dir="out"))  # doctest: +SKIP
+    """
+    from tqdm import tqdm
+
+    from .artifacts import write_json
+    from .data import Preprocess, iter_batches, load_array, load_splits
+    from .export import read_metadata
+    from .machine import machine_info
+    from .runners import OrtRunner
+
+    started = time.perf_counter()
+    metas = {name: read_metadata(path) if path.is_file() else None for name, path in cfg.models.items()}
+    missing = [str(p) for name, p in cfg.models.items() if metas[name] is None]
+    if missing:
+        raise TledgeError(f"model file(s) not found: {', '.join(missing)}")
+    reference = next(iter(cfg.models))
+    ref_meta = metas[reference]
+    for name, meta in metas.items():
+        if meta["classes"] != ref_meta["classes"] or meta["preprocess"] != ref_meta["preprocess"]:
+            raise TledgeError(f"{cfg.models[name]} was made for other classes or preprocessing than {cfg.models[reference]}")
+    pre = Preprocess.from_dict(ref_meta["preprocess"])
+    splits = load_splits(cfg.data, seed=cfg.seed)
+    if splits.classes != ref_meta["classes"]:
+        raise TledgeError(f"{cfg.data} has classes {splits.classes}, the models were trained on {ref_meta['classes']}")
+    samples = splits.evaluation[: cfg.max_images] if cfg.max_images else splits.evaluation
+
+    runners = {name: OrtRunner(path, threads=cfg.threads) for name, path in cfg.models.items()}
+
+    # Accuracy: every batch goes through every variant before the next is decoded (one pass over the images).
+    acc = {name: _Accumulator() for name in runners}
+    batches = math.ceil(len(samples) / 32)
+    for x, y in tqdm(iter_batches(samples, pre, 32), total=batches, desc="bench: accuracy", unit="batch", leave=False):
+        ref_logits = runners[reference](x)
+        ref_pred = ref_logits.argmax(1)
+        for name, runner in runners.items():
+            logits = ref_logits if name == reference else runner(x)
+            pred = logits.argmax(1)
+            a = acc[name]
+            a.correct += int((pred == y).sum())
+            a.agree += int((pred == ref_pred).sum())
+            a.count += len(y)
+            a.abs_logit_diff += float(np.abs(logits - ref_logits).mean()) * len(y)
+            for label, ok in zip(y.tolist(), (pred == y).tolist()):
+                hit, total = a.per_class_correct.get(label, (0, 0))
+                a.per_class_correct[label] = (hit + int(ok), total + 1)
+
+    # Latency: the same real images for every variant, interleaved rounds.
+    lat_x, _ = load_array(samples[: max(cfg.batch_size, cfg.throughput_batch)], pre)
+    lat_x = np.resize(lat_x, (max(cfg.batch_size, cfg.throughput_batch), *lat_x.shape[1:])).astype(np.float32)
+    single, wide = lat_x[: cfg.batch_size], lat_x[: cfg.throughput_batch]
+    latency = {name: [] for name in runners}
+    through = {name: [] for name in runners}
+    for runner in runners.values():
+        _time_calls(runner, single, cfg.warmup)
+        _time_calls(runner, wide, max(1, cfg.warmup // 2))
+    per_round = max(1, cfg.iterations // cfg.rounds)
+    wide_per_round = max(1, per_round // 4)
+    for _ in tqdm(range(cfg.rounds), desc="bench: latency", unit="round", leave=False):
+        for name, runner in runners.items():
+            latency[name] += _time_calls(runner, single, per_round)
+            through[name] += _time_calls(runner, wide, wide_per_round)
+
+    classes = ref_meta["classes"]
+    ref_top1 = acc[reference].correct / acc[reference].count
+    variants = {}
+    for name, path in cfg.models.items():
+        a = acc[name]
+        top1 = a.correct / a.count
+        wide_ms = float(np.median(through[name]))
+        variants[name] = {
+            "path": path.name,
+            "precision": metas[name].get("precision", "unknown"),
+            "runtime": f"onnxruntime {runners[name].session.get_providers()[0]}",
+            "bytes": path.stat().st_size,
+            "top1": round(top1, 5),
+            "top1_delta_pp": round((top1 - ref_top1) * 100, 3),
+            "agreement": round(a.agree / a.count, 5),
+            "mean_abs_logit_diff": round(a.abs_logit_diff / a.count, 6),
+            "per_class_top1": {classes[k]: round(hit / total, 4) for k, (hit, total) in sorted(a.per_class_correct.items())},
+            "latency_ms": {"batch": cfg.batch_size, **percentiles(latency[name])},
+            "throughput": {"batch": cfg.throughput_batch, "images_per_s": round(cfg.throughput_batch / (wide_ms / 1000.0), 2), "median_batch_ms": round(wide_ms, 4)},
+        }
+    ref_p50 = variants[reference]["latency_ms"]["p50"]
+    for v in variants.values():
+        v["speedup_vs_reference_p50"] = round(ref_p50 / v["latency_ms"]["p50"], 3)
+
+    record = {
+        "stage": "bench",
+        "config": cfg.to_dict(),
+        "reference": reference,
+        "evaluation": {"split": splits.evaluation_name, "images": len(samples), "classes": len(classes)},
+        "input_shape": [cfg.batch_size, *pre.input_shape],
+        "threads": cfg.threads or "onnxruntime default",
+        "machine": machine_info(),
+        "variants": variants,
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+    cfg.out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(cfg.out_dir / "bench.json", record)
+    return record

@@ -1,0 +1,136 @@
+"""``tledge build``: finetune -> export -> quantize -> bench -> report -> bundle, into one folder.
+
+The build only resolves defaults and chains the stage functions; each stage is usable on its own.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .errors import TledgeError
+
+# The offline default: real handwritten digits at 128x128 (no crop: the 8x8 scans fill the frame).
+DEFAULT_IMAGE_SIZE = 128
+REPO_CALIBRATION_DIR = Path(__file__).resolve().parent.parent / "calibration"
+DEFAULT_CALIBRATION = "digits-efficientnet_lite0-128.json"
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    """Settings for :func:`build`. ``data=None`` builds the offline default (scikit-learn's digits)."""
+
+    out: Path = Path("tledge-out")
+    data: Path | None = None
+    model: str = "efficientnet_lite0"
+    weights: str = "pretrained"
+    image_size: int | None = None
+    resize: int | None = None
+    unfreeze: tuple[int, ...] = (3,)
+    epochs: int = 40
+    patience: int = 6
+    calibration: Path | None = None
+    num_calib: int = 256
+    calib_method: str = "minmax"
+    bench_iterations: int = 200
+    threads: int | None = None
+    seed: int = 0
+
+    def __post_init__(self):
+        object.__setattr__(self, "out", Path(self.out))
+        if self.data is not None:
+            object.__setattr__(self, "data", Path(self.data))
+        if self.calibration is not None:
+            object.__setattr__(self, "calibration", Path(self.calibration))
+
+    def to_dict(self) -> dict:
+        return {k: (str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def build(cfg: BuildConfig) -> dict:
+    """Run the whole pipeline into ``cfg.out``; returns the report summary. ``manifest.json`` is written last.
+
+    >>> build(BuildConfig(out="tledge-out"))                        # offline default  # doctest: +SKIP
+    >>> build(BuildConfig(out="release", data="my_images", model="mobilenet_v3_large"))  # doctest: +SKIP
+    """
+    from .bench import BenchConfig, bench
+    from .bundle import MANIFEST, bundle
+    from .datasets import digits_dataset
+    from .export import ExportConfig, export_onnx
+    from .finetune import FinetuneConfig, finetune
+    from .quantize import TARGETS, QuantizeConfig, quantize
+    from .report import write_report
+
+    started = time.perf_counter()
+    out = cfg.out
+    if out.exists() and not out.is_dir():
+        raise TledgeError(f"--out {out} exists and is not a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MANIFEST).unlink(missing_ok=True)  # a manifest must never describe a half-rebuilt folder
+
+    default_data = cfg.data is None
+    data = digits_dataset() if default_data else cfg.data
+    image_size, resize = cfg.image_size, cfg.resize
+    if default_data and image_size is None:
+        image_size = DEFAULT_IMAGE_SIZE
+        resize = resize or DEFAULT_IMAGE_SIZE
+    calibration = cfg.calibration
+    if calibration is None and default_data and cfg.image_size is None and cfg.model == "efficientnet_lite0":
+        pinned = REPO_CALIBRATION_DIR / DEFAULT_CALIBRATION
+        calibration = pinned if pinned.is_file() else None  # a source checkout pins the default's calibration images
+    steps = 5
+    timings = {}
+
+    def stage(n: int, name: str):
+        _log(f"[{n}/{steps}] {name}")
+        return time.perf_counter()
+
+    t = stage(1, f"finetune {cfg.model} on {data}")
+    ft = finetune(FinetuneConfig(
+        data=data, out=out, model=cfg.model, weights=cfg.weights, image_size=image_size, resize=resize,
+        unfreeze=cfg.unfreeze, epochs=cfg.epochs, patience=cfg.patience, seed=cfg.seed,
+    ))
+    timings["finetune"] = time.perf_counter() - t
+    _log(f"      val top-1 {ft['result']['val_accuracy']:.4f}" + (f", test top-1 {ft['result']['test_accuracy']:.4f}" if "test_accuracy" in ft["result"] else "") + f" ({timings['finetune']:.0f} s)")
+
+    t = stage(2, "export ONNX and check parity with PyTorch")
+    ex = export_onnx(ExportConfig(checkpoint=out / "model.pt", out=out / "model.fp32.onnx", data=data, seed=cfg.seed))
+    timings["export"] = time.perf_counter() - t
+    _log(f"      max |logit diff| {ex['parity']['max_abs_diff']:.2e} on {ex['parity']['inputs']} ({timings['export']:.0f} s)")
+
+    t = stage(3, "quantize to INT8 with calibration images" + (f" pinned by {calibration}" if calibration else ""))
+    quantize(QuantizeConfig(
+        model=out / "model.fp32.onnx", data=data, out_dir=out, calibration=calibration, num_images=cfg.num_calib,
+        method=cfg.calib_method, seed=cfg.seed,
+    ))
+    timings["quantize"] = time.perf_counter() - t
+    _log(f"      wrote {', '.join(TARGETS.values())} ({timings['quantize']:.0f} s)")
+
+    t = stage(4, "benchmark accuracy and latency")
+    models = {"fp32": out / "model.fp32.onnx", "int8-tensorrt-qdq": out / TARGETS["tensorrt"], "int8-cpu": out / TARGETS["cpu"]}
+    bench(BenchConfig(models=models, data=data, out_dir=out, iterations=cfg.bench_iterations, threads=cfg.threads, seed=cfg.seed))
+    timings["bench"] = time.perf_counter() - t
+
+    t = stage(5, "report and manifest")
+    seconds = time.perf_counter() - started
+    summary = write_report(out, extra={"build": {
+        "config": cfg.to_dict(), "model": cfg.model, "data": "scikit-learn digits (offline default)" if default_data else str(data),
+        "seconds": round(seconds, 1), "stage_seconds": {k: round(v, 1) for k, v in timings.items()},
+    }})
+    bundle(out)
+    return summary
+
+
+def format_table(summary: dict) -> str:
+    """The report's main table as plain text for a terminal."""
+    rows = [("variant", "top-1", "agree", "p50 ms", "p99 ms", "speed-up")]
+    for name, v in summary["variants"].items():
+        rows.append((name, f"{v['top1']:.4f}", f"{v['agreement_with_reference']:.4f}", f"{v['latency_ms']['p50']:.2f}", f"{v['latency_ms']['p99']:.2f}", f"{v['speedup_vs_reference_p50']:.2f}x"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r, widths)) for r in rows)

@@ -1,0 +1,63 @@
+"""``manifest.json``: every artifact of a build with its sha256 and size, and what a device needs to run it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .artifacts import describe_file, write_json
+from .errors import TledgeError
+
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = "tledge.manifest/1"
+
+KINDS = {
+    "model.pt": "checkpoint (PyTorch, weights_only)",
+    "model.fp32.onnx": "onnx-fp32",
+    "model.int8.qdq.onnx": "onnx-int8-qdq (TensorRT explicit quantization)",
+    "model.int8.cpu.onnx": "onnx-int8 (ONNX Runtime CPU, U8S8)",
+    "calibration.json": "calibration set (image list with sha256)",
+    "report.json": "report (machine-readable)",
+    "report.md": "report (human-readable)",
+}
+
+
+def bundle(out_dir: str | Path) -> dict:
+    """Describe every file in ``out_dir`` (except the manifest and hidden files) and write ``manifest.json`` last.
+
+    Input spec, preprocessing and labels come from the FP32 ONNX model's tledge metadata.
+    """
+    from .export import read_metadata
+    from .machine import machine_info
+
+    out_dir = Path(out_dir)
+    fp32 = out_dir / "model.fp32.onnx"
+    if not fp32.is_file():
+        raise TledgeError(f"{out_dir} has no model.fp32.onnx; nothing to bundle")
+    meta = read_metadata(fp32)
+    files = sorted(p for p in out_dir.rglob("*") if p.is_file() and p.name != MANIFEST and not any(part.startswith(".") for part in p.relative_to(out_dir).parts))
+    artifacts = []
+    for path in files:
+        entry = describe_file(path, out_dir)
+        entry["kind"] = KINDS.get(entry["path"], "stage record" if path.suffix == ".json" else "chart" if path.suffix == ".svg" else "file")
+        artifacts.append(entry)
+    pre = meta["preprocess"]
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "arch": meta["arch"],
+        "input": {"name": meta["input"], "shape": ["batch", 3, pre["size"], pre["size"]], "dtype": "float32", "layout": "NCHW", "max_batch": meta.get("max_batch")},
+        "output": {"name": meta["output"], "shape": ["batch", len(meta["classes"])], "dtype": "float32", "meaning": "logits"},
+        "preprocessing": {
+            "color": "RGB",
+            "resize_shorter_side": pre["resize"],
+            "center_crop": pre["size"],
+            "interpolation": pre["interpolation"],
+            "scale": "pixel / 255",
+            "mean": pre["mean"],
+            "std": pre["std"],
+        },
+        "classes": meta["classes"],
+        "artifacts": artifacts,
+        "versions": machine_info()["versions"],
+    }
+    write_json(out_dir / MANIFEST, manifest)
+    return manifest

@@ -1,0 +1,230 @@
+"""The ``tledge`` command: a thin typer layer over the stage functions.
+
+Exit codes: 0 success, 1 a user error (one line on stderr, no traceback), 2 bad command-line usage.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from .errors import TledgeError
+
+app = typer.Typer(
+    name="tledge",
+    help="Fine-tune a pretrained vision model, export it to ONNX, quantize it to INT8 and measure what it costs.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+
+def _examples(*lines: str) -> str:
+    # "\b" keeps click from re-wrapping the example block.
+    return "Examples:\n\n\b\n" + "\n".join(f"  {line}" for line in lines)
+
+
+def _parse_unfreeze(text: str) -> tuple[int, ...]:
+    if text.strip().lower() in ("", "none", "0"):
+        return ()
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise TledgeError(f"--unfreeze takes comma-separated block counts such as 3 or 3,6 (or none), got {text!r}") from None
+
+
+@app.command(epilog=_examples(
+    "tledge build                                  # offline default: EfficientNet-Lite0 on real digits",
+    "tledge build --data my_images --out release   # your ImageFolder tree",
+    "tledge build --data my_images --model mobilenet_v3_large --unfreeze 3,6",
+))
+def build(
+    out: Path = typer.Option(Path("tledge-out"), "--out", "-o", help="Folder for every artifact (created)."),
+    data: Optional[Path] = typer.Option(None, "--data", "-d", help="ImageFolder root (train/ + val/ [+ test/], or one folder per class). Default: scikit-learn's digits, offline."),
+    model: str = typer.Option("efficientnet_lite0", "--model", "-m", help="Backbone name (see `tledge models`)."),
+    weights: str = typer.Option("pretrained", help="'pretrained', 'none' (from scratch) or a state-dict file."),
+    image_size: Optional[int] = typer.Option(None, help="Network input size (default: the model's; 128 for the digits)."),
+    resize: Optional[int] = typer.Option(None, help="Shorter side before the center crop (default keeps the model's ratio)."),
+    unfreeze: str = typer.Option("3", help="Blocks thawed by each fine-tuning stage after feature extraction, e.g. 3 or 3,6; 'none' for feature extraction only."),
+    epochs: int = typer.Option(40, help="Most epochs per stage (early stopping ends sooner)."),
+    patience: int = typer.Option(6, help="Epochs without validation improvement before a stage stops."),
+    calibration: Optional[Path] = typer.Option(None, help="Calibration definition (JSON image list with sha256) to reuse."),
+    num_calib: int = typer.Option(256, help="Calibration images to sample when no definition is given."),
+    calib_method: str = typer.Option("minmax", help="minmax, entropy or percentile."),
+    bench_iterations: int = typer.Option(200, help="Timed runs per variant."),
+    threads: Optional[int] = typer.Option(None, help="CPU threads for ONNX Runtime (default: all)."),
+    seed: int = typer.Option(0, help="Seed for splits, sampling and training."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report summary as JSON instead of a table."),
+):
+    """Run the whole pipeline: finetune, export, quantize, bench, report, manifest."""
+    from .build import BuildConfig, build as run_build, format_table
+
+    summary = run_build(BuildConfig(
+        out=out, data=data, model=model, weights=weights, image_size=image_size, resize=resize,
+        unfreeze=_parse_unfreeze(unfreeze), epochs=epochs, patience=patience, calibration=calibration,
+        num_calib=num_calib, calib_method=calib_method, bench_iterations=bench_iterations, threads=threads, seed=seed,
+    ))
+    if as_json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print(format_table(summary))
+        print(f"\nResults in {out}/: report.md, report.json, manifest.json, model.fp32.onnx, model.int8.qdq.onnx (TensorRT), model.int8.cpu.onnx")
+
+
+@app.command(epilog=_examples(
+    "tledge finetune --data my_images --out runs/1",
+    "tledge finetune --data my_images --out runs/2 --model resnet18 --unfreeze 1,2",
+    "tledge finetune --data my_images --out runs/3 --unfreeze none   # feature extraction only",
+))
+def finetune(
+    data: Path = typer.Option(..., "--data", "-d", help="ImageFolder root."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for model.pt and finetune.json."),
+    model: str = typer.Option("efficientnet_lite0", "--model", "-m", help="Backbone name (see `tledge models`)."),
+    weights: str = typer.Option("pretrained", help="'pretrained', 'none' or a state-dict file."),
+    image_size: Optional[int] = typer.Option(None, help="Network input size (default: the model's)."),
+    resize: Optional[int] = typer.Option(None, help="Shorter side before the center crop."),
+    unfreeze: str = typer.Option("3", help="Blocks thawed per stage after feature extraction, e.g. 3,6; 'none'."),
+    epochs: int = typer.Option(40, help="Most epochs per stage."),
+    patience: int = typer.Option(6, help="Early-stopping patience in epochs."),
+    lr: float = typer.Option(3e-3, help="Learning rate of feature extraction; stage k uses lr * lr_decay^k."),
+    lr_decay: float = typer.Option(0.1, help="Learning-rate factor per unfreezing stage."),
+    batch_size: int = typer.Option(64, help="Training batch size."),
+    seed: int = typer.Option(0, help="Seed for splits and training."),
+):
+    """Fine-tune a pretrained backbone: feature extraction, then staged unfreezing kept only if validation improves."""
+    from .finetune import FinetuneConfig, finetune as run
+
+    record = run(FinetuneConfig(
+        data=data, out=out, model=model, weights=weights, image_size=image_size, resize=resize,
+        unfreeze=_parse_unfreeze(unfreeze), epochs=epochs, patience=patience, lr=lr, lr_decay=lr_decay,
+        batch_size=batch_size, seed=seed,
+    ))
+    for s in record["stages"]:
+        print(f"{s['name']:<22} val top-1 {s['val_accuracy']:.4f}  epochs {s['epochs_run']:>3}  {'kept' if s['accepted'] else 'rejected'}")
+    print(f"wrote {out / 'model.pt'} and {out / 'finetune.json'}: " + ", ".join(f"{k} {v}" for k, v in record["result"].items()))
+
+
+@app.command(epilog=_examples(
+    "tledge export runs/1/model.pt --out runs/1/model.fp32.onnx --data my_images",
+    "tledge export runs/1/model.pt --out model.onnx --opset 17 --atol 1e-4",
+))
+def export(
+    checkpoint: Path = typer.Argument(..., help="model.pt written by `tledge finetune`."),
+    out: Path = typer.Option(..., "--out", "-o", help="ONNX file to write."),
+    data: Optional[Path] = typer.Option(None, "--data", "-d", help="Images for the parity check (default: random inputs)."),
+    opset: int = typer.Option(17, help="ONNX opset; 17 is what TensorRT 8.5/8.6 (JetPack 5/6.0) read."),
+    atol: float = typer.Option(1e-4, help="Parity: absolute tolerance on logits."),
+    rtol: float = typer.Option(1e-3, help="Parity: relative tolerance on logits."),
+):
+    """Export to ONNX with a dynamic batch axis and prove ONNX Runtime matches PyTorch."""
+    from .export import ExportConfig, export_onnx
+
+    record = export_onnx(ExportConfig(checkpoint=checkpoint, out=out, data=data, opset=opset, atol=atol, rtol=rtol))
+    p = record["parity"]
+    print(f"wrote {out}: opset {record['onnx']['opset']}, max |logit diff| {p['max_abs_diff']:.2e}, top-1 agreement {p['top1_agreement']:.4f} ({p['inputs']})")
+
+
+@app.command(epilog=_examples(
+    "tledge quantize out/model.fp32.onnx --data my_images --out-dir out",
+    "tledge quantize out/model.fp32.onnx --data my_images --out-dir out --calibration calibration/release-1.json",
+    "tledge quantize model.onnx --data my_images --out-dir out --target cpu --keep-float /blocks.0/blocks.0.0/Conv",
+))
+def quantize(
+    model: Path = typer.Argument(..., help="FP32 ONNX written by `tledge export`."),
+    data: Path = typer.Option(..., "--data", "-d", help="ImageFolder root; calibration images come from its train split."),
+    out_dir: Path = typer.Option(..., "--out-dir", "-o", help="Folder for the INT8 models and calibration.json."),
+    calibration: Optional[Path] = typer.Option(None, help="Calibration definition to reuse (verified by sha256)."),
+    num_calib: int = typer.Option(256, help="Images to sample when no definition is given."),
+    method: str = typer.Option("minmax", help="minmax, entropy or percentile."),
+    target: List[str] = typer.Option(["tensorrt", "cpu"], help="tensorrt (Q/DQ S8S8) and/or cpu (U8S8); repeatable."),
+    keep_float: List[str] = typer.Option([], help="ONNX node name to leave in float (per-layer fallback); repeatable."),
+    seed: int = typer.Option(0, help="Sampling seed."),
+):
+    """Calibrate on real images; write a TensorRT Q/DQ INT8 ONNX and a CPU INT8 ONNX."""
+    from .quantize import QuantizeConfig, quantize as run
+
+    record = run(QuantizeConfig(
+        model=model, data=data, out_dir=out_dir, calibration=calibration, num_images=num_calib, method=method,
+        targets=tuple(target), keep_float=tuple(keep_float), seed=seed,
+    ))
+    for t, info in record["models"].items():
+        print(f"wrote {out_dir / info['path']} ({t}: activations {info['activations']}, weights {info['weights']})")
+    print(f"calibration: {record['calibration']['images']} images listed in {out_dir / 'calibration.json'}")
+
+
+def _parse_models(specs: list[str]) -> dict[str, Path]:
+    models = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep:
+            path, name = spec, Path(spec).name.removesuffix(".onnx").removeprefix("model.")
+        if name in models:
+            raise TledgeError(f"two models are named {name!r}; name them: NAME=PATH")
+        models[name] = Path(path)
+    return models
+
+
+@app.command(epilog=_examples(
+    "tledge bench out/model.fp32.onnx out/model.int8.cpu.onnx --data my_images --out-dir out",
+    "tledge bench fp32=a.onnx int8=b.onnx --data my_images --out-dir out --batch-size 8 --threads 2",
+))
+def bench(
+    models: List[str] = typer.Argument(..., help="ONNX files, or NAME=PATH; the first is the reference."),
+    data: Path = typer.Option(..., "--data", "-d", help="ImageFolder root; accuracy on its test split (else val)."),
+    out_dir: Path = typer.Option(..., "--out-dir", "-o", help="Folder for bench.json and the report."),
+    batch_size: int = typer.Option(1, help="Batch size for latency."),
+    throughput_batch: int = typer.Option(16, help="Batch size for throughput."),
+    iterations: int = typer.Option(200, help="Timed runs per variant."),
+    threads: Optional[int] = typer.Option(None, help="CPU threads (default: all)."),
+    max_images: Optional[int] = typer.Option(None, help="Cap on accuracy images."),
+):
+    """Measure top-1, agreement with the reference, latency percentiles and throughput, side by side."""
+    from .bench import BenchConfig, bench as run
+    from .build import format_table
+    from .report import write_report
+
+    run(BenchConfig(models=_parse_models(models), data=data, out_dir=out_dir, batch_size=batch_size,
+                    throughput_batch=throughput_batch, iterations=iterations, threads=threads, max_images=max_images))
+    print(format_table(write_report(out_dir)))
+    print(f"\nwrote {out_dir / 'bench.json'}, {out_dir / 'report.json'} and {out_dir / 'report.md'}")
+
+
+@app.command(name="bundle", epilog=_examples("tledge bundle tledge-out"))
+def bundle_cmd(out_dir: Path = typer.Argument(..., help="A build folder.")):
+    """Write manifest.json: every artifact with sha256 and size, input spec, preprocessing, labels, versions."""
+    from .bundle import bundle
+
+    manifest = bundle(out_dir)
+    print(f"wrote {out_dir / 'manifest.json'} ({len(manifest['artifacts'])} artifacts)")
+
+
+@app.command(name="models", epilog=_examples("tledge models"))
+def models_cmd():
+    """List the backbones tledge can fine-tune and where their pretrained weights come from."""
+    from .models import list_models
+
+    for spec in list_models():
+        pre = spec.preprocess
+        print(f"{spec.name:<24} {'offline' if spec.offline else 'online '}  input {pre.size}  {spec.description}")
+        print(f"{'':<24} weights: {spec.weights_source}")
+
+
+def main() -> None:
+    # Typer handles usage errors (exit 2) and --help itself; a TledgeError from a stage becomes one line and exit 1.
+    try:
+        app()
+    except TledgeError as exc:
+        print(f"tledge: error: {exc}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("tledge: interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

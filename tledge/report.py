@@ -1,0 +1,155 @@
+"""Turn the stage records in an output folder into ``report.json`` (for machines) and ``report.md`` (for people)."""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+
+from .artifacts import read_json, write_json, write_text
+from .errors import TledgeError
+
+STAGE_RECORDS = ("finetune", "export", "quantize", "bench")
+
+
+def collect_records(out_dir: Path) -> dict:
+    return {name: read_json(out_dir / f"{name}.json") for name in STAGE_RECORDS if (out_dir / f"{name}.json").is_file()}
+
+
+def _summary(records: dict) -> dict:
+    bench = records["bench"]
+    summary = {
+        "reference": bench["reference"],
+        "evaluation": bench["evaluation"],
+        "input_shape": bench["input_shape"],
+        "machine": bench["machine"],
+        "variants": {
+            name: {
+                "path": v["path"],
+                "precision": v["precision"],
+                "runtime": v["runtime"],
+                "bytes": v["bytes"],
+                "top1": v["top1"],
+                "top1_delta_pp": v["top1_delta_pp"],
+                "agreement_with_reference": v["agreement"],
+                "latency_ms": v["latency_ms"],
+                "throughput": v["throughput"],
+                "speedup_vs_reference_p50": v["speedup_vs_reference_p50"],
+            }
+            for name, v in bench["variants"].items()
+        },
+    }
+    if "finetune" in records:
+        ft = records["finetune"]
+        summary["finetune"] = {
+            "model": ft["model"],
+            "dataset": ft["dataset"],
+            "stages": [{k: s[k] for k in ("name", "trainable_blocks", "lr", "epochs_run", "best_epoch", "val_accuracy", "accepted", "seconds")} for s in ft["stages"]],
+            "result": ft["result"],
+        }
+    if "export" in records:
+        summary["export"] = {"opset": records["export"]["onnx"]["opset"], "parity": records["export"]["parity"]}
+    if "quantize" in records:
+        summary["quantize"] = {"calibration": records["quantize"]["calibration"], "models": records["quantize"]["models"]}
+    return summary
+
+
+def _bar_chart_svg(title: str, rows: list[tuple[str, float]], unit: str) -> str:
+    """A small horizontal bar chart as standalone SVG (no plotting dependency)."""
+    width, left, bar_h, gap = 560, 150, 22, 10
+    height = 40 + len(rows) * (bar_h + gap)
+    top = max(v for _, v in rows) or 1.0
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="12">',
+        f'<text x="10" y="20" font-weight="bold">{html.escape(title)}</text>',
+    ]
+    for i, (label, value) in enumerate(rows):
+        y = 32 + i * (bar_h + gap)
+        w = (width - left - 90) * value / top
+        parts.append(f'<text x="10" y="{y + 15}">{html.escape(label)}</text>')
+        parts.append(f'<rect x="{left}" y="{y}" width="{w:.1f}" height="{bar_h}" fill="#4878a8"/>')
+        parts.append(f'<text x="{left + w + 6:.1f}" y="{y + 15}">{value:.3g} {html.escape(unit)}</text>')
+    parts.append("</svg>")
+    return "\n".join(parts) + "\n"
+
+
+def _markdown(summary: dict, extra: dict | None) -> str:
+    m = summary["machine"]
+    ev = summary["evaluation"]
+    lines = ["# tledge report", ""]
+    if extra and extra.get("build"):
+        b = extra["build"]
+        lines += [f"Build of `{b['model']}` on `{b['data']}` in {b['seconds']:.0f} s.", ""]
+    lines += [
+        f"Accuracy on the **{ev['split']}** split ({ev['images']} images, {ev['classes']} classes); latency at input "
+        f"`{summary['input_shape']}` on {m['cpu']} ({m['usable_cpus']} usable cores), "
+        f"onnxruntime {m['versions']['onnxruntime']}, torch {m['versions']['torch']}.",
+        "",
+        "| variant | runtime | top-1 | Δ top-1 (pp) | agreement with " + summary["reference"] + " | p50 ms | p90 ms | p99 ms | speed-up (p50) | throughput (img/s) | size (MB) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, v in summary["variants"].items():
+        lat = v["latency_ms"]
+        lines.append(
+            f"| {name} | {v['runtime']} | {v['top1']:.4f} | {v['top1_delta_pp']:+.2f} | {v['agreement_with_reference']:.4f} | "
+            f"{lat['p50']:.2f} | {lat['p90']:.2f} | {lat['p99']:.2f} | {v['speedup_vs_reference_p50']:.2f}x | "
+            f"{v['throughput']['images_per_s']:.0f} (batch {v['throughput']['batch']}) | {v['bytes'] / 1e6:.1f} |"
+        )
+    lines += [
+        "",
+        f"Latency: batch {summary['input_shape'][0]}, {next(iter(summary['variants'].values()))['latency_ms']['samples']} timed runs per variant in interleaved rounds.",
+        "The TensorRT Q/DQ model is built for TensorRT; on the ONNX Runtime CPU provider its latency says nothing about",
+        "a GPU engine (CPUs run symmetric int8 activations slowly). Its accuracy is what INT8 TensorRT should reproduce.",
+        "",
+        "![latency](latency.svg)",
+        "",
+        "![accuracy](accuracy.svg)",
+        "",
+    ]
+    if "finetune" in summary:
+        ft = summary["finetune"]
+        ds = ft["dataset"]
+        lines += [
+            "## Fine-tuning",
+            "",
+            f"`{ft['model']['arch']}` from {ft['model']['weights_source']}; {len(ds['classes'])} classes, "
+            f"{ds['counts']['train']} train / {ds['counts']['val']} val / {ds['counts']['test']} test images.",
+            "",
+            "| stage | trainable blocks | lr | epochs | best epoch | val top-1 | kept |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for s in ft["stages"]:
+            lines.append(f"| {s['name']} | {s['trainable_blocks']} | {s['lr']:.2g} | {s['epochs_run']} | {s['best_epoch']} | {s['val_accuracy']:.4f} | {'yes' if s['accepted'] else 'no: validation did not improve'} |")
+        lines += ["", "PyTorch FP32 result: " + ", ".join(f"{k} {v}" for k, v in ft["result"].items()), ""]
+    if "export" in summary:
+        p = summary["export"]["parity"]
+        lines += [
+            "## Export",
+            "",
+            f"ONNX opset {summary['export']['opset']}, dynamic batch. Parity with PyTorch on {p['inputs']}: max |Δlogit| "
+            f"{p['max_abs_diff']:.2e}, top-1 agreement {p['top1_agreement']:.4f} (batch sizes {p['batch_sizes']}).",
+            "",
+        ]
+    if "quantize" in summary:
+        q = summary["quantize"]
+        lines += ["## Quantization", "", f"{q['calibration']['images']} calibration images ({q['calibration']['method']}, listed with sha256 in `calibration.json`).", ""]
+        for target, info in q["models"].items():
+            lines.append(f"- `{info['path']}` ({target}): activations {info['activations']}, weights {info['weights']}.")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_report(out_dir: str | Path, extra: dict | None = None) -> dict:
+    """Write ``report.json``, ``report.md`` and its two SVG charts from the records in ``out_dir``."""
+    out_dir = Path(out_dir)
+    records = collect_records(out_dir)
+    if "bench" not in records:
+        raise TledgeError(f"{out_dir} has no bench.json; run `tledge bench` first")
+    summary = _summary(records)
+    if extra:
+        summary.update(extra)
+    variants = summary["variants"]
+    write_text(out_dir / "latency.svg", _bar_chart_svg(f"p50 latency, batch {summary['input_shape'][0]} (lower is better)", [(k, v["latency_ms"]["p50"]) for k, v in variants.items()], "ms"))
+    write_text(out_dir / "accuracy.svg", _bar_chart_svg(f"top-1 on {summary['evaluation']['split']} (higher is better)", [(k, v["top1"] * 100) for k, v in variants.items()], "%"))
+    write_text(out_dir / "report.md", _markdown(summary, extra))
+    write_json(out_dir / "report.json", summary)
+    return summary
