@@ -157,7 +157,7 @@ def _train_stage(model, start: int, lr: float, cfg: FinetuneConfig, train, val, 
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            train_loss += float(loss) * len(idx)
+            train_loss += loss.item() * len(idx)
         val_acc, val_loss = _evaluate(model, start, val_x, val_y, cfg.batch_size, eval_loss)
         history.append({"epoch": epoch, "train_loss": round(train_loss / len(order), 5), "val_accuracy": round(val_acc, 5), "val_loss": round(val_loss, 5)})
         bar.set_postfix(val_acc=f"{val_acc:.4f}", val_loss=f"{val_loss:.4f}")
