@@ -10,7 +10,9 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -80,27 +82,58 @@ def _ort_method(method: str):
     return {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy, "percentile": CalibrationMethod.Percentile}[method]
 
 
-def _quantize_one(target: str, src: Path, dst: Path, reader: _ArrayReader, cfg: QuantizeConfig) -> None:
-    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+def compute_ranges(model: Path, input_name: str, x: np.ndarray, method: str, symmetric: bool, chunk: int = 32) -> dict[str, tuple[float, float]]:
+    """Activation ranges ``{tensor: (min, max)}`` of every tensor in ``model`` over the calibration images ``x``.
+
+    The histogram methods use 2048 bins; entropy searches thresholds over 128 levels a side, as TensorRT's
+    entropy calibrator does (ONNX Runtime's quantize_static would use 128 bins for 128 levels, which leaves a
+    single candidate and makes "entropy" the same as min-max). Images go through in chunks, so memory stays flat.
+    """
+    from onnxruntime.quantization import create_calibrator
+
+    extra = {"symmetric": symmetric}
+    if method == "entropy":
+        extra.update(num_bins=2048, num_quantized_bins=256)
+    elif method == "percentile":
+        extra.update(num_bins=2048, percentile=99.999)
+    with tempfile.TemporaryDirectory(prefix="tledge-calib-") as tmp, _quiet_onnxruntime():
+        calibrator = create_calibrator(
+            str(model), None, augmented_model_path=str(Path(tmp) / "augmented.onnx"),
+            calibrate_method=_ort_method(method), extra_options=extra,
+        )
+        for start in range(0, len(x), chunk):
+            calibrator.collect_data(_ArrayReader(input_name, x[start : start + chunk], 8))
+        tensors = calibrator.compute_data()
+        ranges = {name: (float(np.min(data.range_value[0])), float(np.max(data.range_value[1]))) for name, data in tensors.data.items()}
+        del calibrator  # its ONNX Runtime session holds the augmented model open inside tmp
+    return ranges
+
+
+def _quantize_one(target: str, src: Path, dst: Path, reader: _ArrayReader, ranges: dict, cfg: QuantizeConfig) -> None:
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     from .artifacts import atomic_path
 
+    # Our ranges override what quantize_static's own (cheap, min-max) calibration pass finds.
+    overrides = {name: [{"rmin": np.float32(lo), "rmax": np.float32(hi)}] for name, (lo, hi) in ranges.items()}
     if target == "tensorrt":
         kwargs = dict(
             activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
             extra_options={
                 "ActivationSymmetric": True, "WeightSymmetric": True, "AddQDQPairToWeight": True,
                 "QuantizeBias": False, "OpTypesToExcludeOutputQuantization": ["Conv", "Gemm"],
+                "TensorQuantOverrides": overrides,
             },
         )
     else:
-        kwargs = dict(activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, extra_options={"WeightSymmetric": True})
+        kwargs = dict(activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                      extra_options={"WeightSymmetric": True, "TensorQuantOverrides": overrides})
     reader.rewind()
     with atomic_path(dst) as tmp, _quiet_onnxruntime():
         try:
             quantize_static(
                 str(src), str(tmp), reader, quant_format=QuantFormat.QDQ, per_channel=True,
-                calibrate_method=_ort_method(cfg.method), nodes_to_exclude=list(cfg.keep_float), **kwargs,
+                calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=list(cfg.keep_float), **kwargs,
             )
         except TledgeError:
             raise
@@ -110,7 +143,7 @@ def _quantize_one(target: str, src: Path, dst: Path, reader: _ArrayReader, cfg: 
 
 @contextlib.contextmanager
 def _quiet_onnxruntime():
-    """Mute ONNX Runtime's advice to run its pre-processing (our exported graph is already folded) and its C++ warnings."""
+    """Mute ONNX Runtime's advice to pre-process (our exported graph is already folded), its C++ warnings and prints."""
     import onnxruntime
 
     logger = logging.getLogger()
@@ -118,7 +151,9 @@ def _quiet_onnxruntime():
     logger.setLevel(logging.ERROR)
     onnxruntime.set_default_logger_severity(3)
     try:
-        yield
+        # The histogram calibrators print() their progress; stdout belongs to tledge's own output (--json).
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
     finally:
         logger.setLevel(previous)
         onnxruntime.set_default_logger_severity(2)
@@ -167,7 +202,7 @@ def quantize(cfg: QuantizeConfig) -> dict:
 
     from .artifacts import write_json
     from .calibration import load_calibration_set, sample_calibration_set
-    from .data import Preprocess, load_array, load_splits
+    from .data import Preprocess, Sample, load_array, load_splits
     from .export import read_metadata, set_metadata
 
     started = time.perf_counter()
@@ -182,14 +217,16 @@ def quantize(cfg: QuantizeConfig) -> dict:
         calib = load_calibration_set(cfg.calibration, splits.root, meta["classes"], pre.input_shape)
     else:
         calib = sample_calibration_set(splits, cfg.num_images, cfg.seed)
-    x, _ = load_array([type(splits.train[0])(p, 0) for p in calib.paths], pre)
+    x, _ = load_array([Sample(p, 0) for p in calib.paths], pre)  # labels are not used by calibration
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
     write_json(cfg.out_dir / "calibration.json", calib.to_dict(meta["classes"], pre.input_shape))
 
     outputs = {}
     for target in cfg.targets:
         dst = cfg.out_dir / TARGETS[target]
-        _quantize_one(target, cfg.model, dst, _ArrayReader(meta["input"], x, cfg.batch_size), cfg)
+        # TensorRT's activations are symmetric int8, the CPU model's are asymmetric uint8: each gets its own ranges.
+        ranges = compute_ranges(cfg.model, meta["input"], x, cfg.method, symmetric=target == "tensorrt")
+        _quantize_one(target, cfg.model, dst, _ArrayReader(meta["input"], x, cfg.batch_size), ranges, cfg)
         proto = onnx.load(str(dst))
         problems = check_tensorrt_qdq(proto) if target == "tensorrt" else []
         if problems:
