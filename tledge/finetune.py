@@ -5,8 +5,8 @@ learning rate ``lr_decay`` times lower, starting from the best weights so far; i
 validation score beats the previous stage (otherwise the previous weights stay and staging stops). Every stage
 stops early after ``patience`` epochs without improvement.
 
-Frozen blocks run once per stage: their output is cached and the trainable top trains on the cache, which makes
-CPU fine-tuning practical. The cost is no random augmentation; batch-norm statistics stay frozen (the usual
+Frozen blocks run once: their output is cached and the trainable top trains on the cache, which makes CPU
+fine-tuning practical. The cost is no random augmentation; batch-norm statistics stay frozen (the usual
 choice for small datasets, and it keeps the cache valid).
 """
 
@@ -98,6 +98,17 @@ def _cache_activations(model, samples, pre: Preprocess, stop: int, batch_size: i
             feats.append(model.forward_blocks(torch.from_numpy(x), 0, stop))
             labels.append(torch.from_numpy(y))
     return torch.cat(feats), torch.cat(labels)
+
+
+def _run_blocks(model, acts, start: int, stop: int, batch_size: int = 256):
+    """Carry cached activations from ``blocks[start]`` to ``blocks[stop]`` (eval mode; identity if start == stop)."""
+    import torch
+
+    if start == stop:
+        return acts
+    model.eval()
+    with torch.inference_mode():
+        return torch.cat([model.forward_blocks(acts[i : i + batch_size], start, stop) for i in range(0, len(acts), batch_size)])
 
 
 def _set_train_mode(model, start: int) -> None:
@@ -196,13 +207,20 @@ def finetune(cfg: FinetuneConfig, splits: Splits | None = None) -> dict:
         raise TledgeError(f"{cfg.model} has {depth} blocks; cannot unfreeze {cfg.unfreeze[-1]}")
     torch.manual_seed(cfg.seed)
 
+    # Decode and run the images once, up to the deepest block any stage thaws. Each stage thaws more blocks than
+    # the one before, so the blocks between that cache and a stage's thawed top are still untouched: carrying the
+    # cache through them gives exactly what a fresh pass would.
+    base = depth - max(cfg.unfreeze, default=0)
+    train_base = _cache_activations(model, splits.train, pre, base, cfg.batch_size, "caching train activations")
+    val_base = _cache_activations(model, splits.val, pre, base, cfg.batch_size, "caching val activations")
+
     stages: list[StageResult] = []
     best_score = None
     for k, thawed in enumerate((0, *cfg.unfreeze)):
         start = depth - thawed
         name = "feature-extraction" if thawed == 0 else f"unfreeze-top-{thawed}"
-        train = _cache_activations(model, splits.train, pre, start, cfg.batch_size, f"{name}: caching train")
-        val = _cache_activations(model, splits.val, pre, start, cfg.batch_size, f"{name}: caching val")
+        train = (_run_blocks(model, train_base[0], base, start), train_base[1])
+        val = (_run_blocks(model, val_base[0], base, start), val_base[1])
         previous = copy.deepcopy(model.state_dict())
         result = _train_stage(model, start, cfg.lr * cfg.lr_decay**k, cfg, train, val, name)
         score = (result.val_accuracy, -result.val_loss)
@@ -213,7 +231,7 @@ def finetune(cfg: FinetuneConfig, splits: Splits | None = None) -> dict:
             break  # validation did not earn this stage: keep the previous weights, thaw no further
         best_score = score
         stages.append(result)
-    del train, val
+    del train, val, train_base, val_base
 
     model.eval()
     final = {"val_accuracy": best_score[0], "val_loss": -best_score[1]}
