@@ -55,14 +55,42 @@ def tiny_dataset(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_pipeline(tiny_dataset, tmp_path_factory) -> Path:
+def tiny_weights(tmp_path_factory) -> Path:
+    """A state dict of the tiny Lite's original architecture standing in for pretrained weights.
+
+    He-init convolutions keep the signal alive through the frozen trunk; random (non 0/1) running statistics make
+    any reset or update of them visible to the tests that check batch norm stays frozen.
+    """
+    import torch
+
+    from tledge.models import get_spec
+
+    torch.manual_seed(5)
+    original = get_spec("test_efficientnet_lite").build()
+    g = torch.Generator().manual_seed(6)
+    with torch.no_grad():
+        for module in original.modules():
+            if isinstance(module, torch.nn.Conv2d):
+                torch.nn.init.kaiming_normal_(module.weight, mode="fan_in", nonlinearity="relu", generator=g)
+        for name, t in original.state_dict().items():
+            if name.endswith("running_mean"):
+                t.copy_(torch.randn(t.shape, generator=g) * 0.1)
+            elif name.endswith("running_var"):
+                t.copy_(torch.rand(t.shape, generator=g) + 0.5)
+    path = tmp_path_factory.mktemp("weights") / "tiny_lite.pt"
+    torch.save(original.state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tiny_dataset, tiny_weights, tmp_path_factory) -> Path:
     """finetune -> export -> quantize of the tiny registry model, run once for every test that needs artifacts."""
     from tledge.export import ExportConfig, export_onnx
     from tledge.finetune import FinetuneConfig, finetune
     from tledge.quantize import QuantizeConfig, quantize
 
     out = tmp_path_factory.mktemp("tiny_pipeline")
-    finetune(FinetuneConfig(data=tiny_dataset, out=out, model="test_efficientnet_lite", weights="none", unfreeze=(2,), epochs=4, patience=2, batch_size=16))
+    finetune(FinetuneConfig(data=tiny_dataset, out=out, model="test_efficientnet_lite", weights=str(tiny_weights), unfreeze=(2,), epochs=4, patience=2, batch_size=16, lr=1e-2))
     export_onnx(ExportConfig(checkpoint=out / "model.pt", out=out / "model.fp32.onnx", data=tiny_dataset))
     quantize(QuantizeConfig(model=out / "model.fp32.onnx", data=tiny_dataset, out_dir=out, num_images=24))
     return out

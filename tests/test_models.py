@@ -53,7 +53,7 @@ def test_unknown_model_lists_the_available_ones():
         create_model("nope", weights="none")
 
 
-@pytest.mark.parametrize("name", sorted(EXPECTED_MODELS))
+@pytest.mark.parametrize("name", sorted({s.name for s in list_models()} | EXPECTED_MODELS))
 def test_every_model_builds_as_transfernet(name):
     model, spec = create_model(name, weights="none", num_classes=5)
     assert isinstance(model, TransferNet) and spec.name == name
@@ -72,7 +72,7 @@ def test_every_model_builds_as_transfernet(name):
 def test_forward_from_matches_forward(name):
     model, _ = create_model(name, weights="none", num_classes=4, seed=3)
     model.eval()
-    x = torch.randn(2, 3, 48, 48, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         full = model(x)
         for k in range(len(model.blocks) + 1):
@@ -135,6 +135,8 @@ def test_lite0_classifies_real_photos(tmp_path):
         probs = model(torch.from_numpy(np.stack([x for _, x in batch]))).softmax(1)
     top1 = dict(zip([name for name, _ in batch], probs.argmax(1).tolist()))
     assert top1 == {"china": 698, "flower": 985}  # ImageNet 698 = palace, 985 = daisy
+    # and confidently: measured 0.38 and 0.33 with the exact mapping; symmetric padding drops the daisy to 0.18
+    assert probs[0, 698] > 0.3 and probs[1, 985] > 0.25
 
 
 # --- checkpoints -----------------------------------------------------------------------------------------------------
@@ -238,12 +240,6 @@ def test_state_dict_with_another_head_size_drops_the_head(tmp_path):
     torch.testing.assert_close(model.blocks[0][0].weight, original._conv_stem.weight, rtol=0, atol=0)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: _load_state_dict_into (tledge/models/__init__.py:91) takes k.rsplit('.', 2)[0] as the module of "
-    "'classifier.1.weight', i.e. 'classifier', not 'classifier.1', so a differently sized classifier head of the "
-    "torchvision models whose head sits in a Sequential is reported as 'do not fit this architecture'",
-)
 @pytest.mark.parametrize("name", ["mobilenet_v3_small", "mobilenet_v2"])
 def test_state_dict_with_another_head_size_torchvision_sequential_head(tmp_path, name):
     original = get_spec(name).build()
@@ -273,22 +269,12 @@ def test_weights_file_errors(tmp_path):
         create_model(TINY, weights=str(tmp_path / "list.pt"))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: _torch_load (tledge/models/__init__.py:149) formats str(exc).splitlines()[0]; the EOFError of an "
-    "empty file has an empty message, so an IndexError escapes instead of a TledgeError",
-)
 def test_empty_weights_file(tmp_path):
     (tmp_path / "empty.pt").write_bytes(b"")
     with pytest.raises(TledgeError, match="empty.pt"):
         create_model(TINY, weights=str(tmp_path / "empty.pt"))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: _torch_load (tledge/models/__init__.py:142-149) only maps UnpicklingError/RuntimeError/OSError/"
-    "EOFError; torch's weights-only unpickler raises KeyError on a text file, which escapes as a raw KeyError",
-)
 def test_text_file_as_weights(tmp_path):
     (tmp_path / "notes.pt").write_text("hello world\n")
     with pytest.raises(TledgeError, match="notes.pt"):

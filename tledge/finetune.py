@@ -8,6 +8,9 @@ stops early after ``patience`` epochs without improvement.
 Frozen blocks run once: their output is cached and the trainable top trains on the cache, which makes CPU
 fine-tuning practical. The cost is no random augmentation; batch-norm statistics stay frozen (the usual
 choice for small datasets, and it keeps the cache valid).
+
+``weights="none"`` (a from-scratch baseline) has nothing to transfer: it trains every block in one stage with
+batch-norm statistics updating, and ignores ``unfreeze``.
 """
 
 from __future__ import annotations
@@ -111,8 +114,8 @@ def _run_blocks(model, acts, start: int, stop: int, batch_size: int = 256):
         return torch.cat([model.forward_blocks(acts[i : i + batch_size], start, stop) for i in range(0, len(acts), batch_size)])
 
 
-def _set_train_mode(model, start: int) -> None:
-    """Train mode for the thawed top (dropout on), but every BatchNorm keeps its ImageNet statistics."""
+def _set_train_mode(model, start: int, train_bn: bool) -> None:
+    """Train mode for the thawed top (dropout on); BatchNorm keeps its pretrained statistics unless ``train_bn``."""
     from torch import nn
 
     model.eval()
@@ -120,9 +123,34 @@ def _set_train_mode(model, start: int) -> None:
         block.train()
     model.neck.train()
     model.head.train()
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.eval()
+    if not train_bn:
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
+
+
+def _recompute_bn_statistics(model, start: int, acts, batch_size: int) -> None:
+    """Set every BatchNorm's running statistics to their exact average over the training set ("precise BN").
+
+    Running averages lag far behind the weights in short from-scratch runs, and validation in eval mode would
+    then judge a network that does not exist; one extra forward pass per epoch fixes that.
+    """
+    import torch
+    from torch import nn
+
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the batches below
+    model.train()
+    with torch.no_grad():
+        for i in range(0, len(acts), batch_size):
+            if len(acts[i : i + batch_size]) > 1:
+                model.forward_from(acts[i : i + batch_size], start)
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+    model.eval()
 
 
 def _evaluate(model, start: int, acts, labels, batch_size: int, loss_fn) -> tuple[float, float]:
@@ -139,7 +167,7 @@ def _evaluate(model, start: int, acts, labels, batch_size: int, loss_fn) -> tupl
     return correct / len(acts), loss_sum / len(acts)
 
 
-def _train_stage(model, start: int, lr: float, cfg: FinetuneConfig, train, val, desc: str) -> StageResult:
+def _train_stage(model, start: int, lr: float, cfg: FinetuneConfig, train, val, desc: str, train_bn: bool = False) -> StageResult:
     import torch
     from tqdm import tqdm
 
@@ -159,18 +187,23 @@ def _train_stage(model, start: int, lr: float, cfg: FinetuneConfig, train, val, 
     started = time.perf_counter()
     bar = tqdm(range(1, cfg.epochs + 1), desc=desc, unit="epoch", leave=False)
     for epoch in bar:
-        _set_train_mode(model, start)
+        _set_train_mode(model, start, train_bn)
         order = torch.randperm(len(train_x), generator=generator)
-        train_loss = 0.0
+        train_loss, seen = 0.0, 0
         for i in range(0, len(order), cfg.batch_size):
             idx = order[i : i + cfg.batch_size]
+            if train_bn and len(idx) < 2:
+                continue  # BatchNorm cannot take batch statistics of one sample
             loss = loss_fn(model.forward_from(train_x[idx], start), train_y[idx])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             train_loss += loss.item() * len(idx)
+            seen += len(idx)
+        if train_bn:
+            _recompute_bn_statistics(model, start, train_x, cfg.batch_size)
         val_acc, val_loss = _evaluate(model, start, val_x, val_y, cfg.batch_size, eval_loss)
-        history.append({"epoch": epoch, "train_loss": round(train_loss / len(order), 5), "val_accuracy": round(val_acc, 5), "val_loss": round(val_loss, 5)})
+        history.append({"epoch": epoch, "train_loss": round(train_loss / max(seen, 1), 5), "val_accuracy": round(val_acc, 5), "val_loss": round(val_loss, 5)})
         bar.set_postfix(val_acc=f"{val_acc:.4f}", val_loss=f"{val_loss:.4f}")
         if (val_acc, -val_loss) > (best[0], -best[1]):
             best, best_epoch = (val_acc, val_loss), epoch
@@ -183,6 +216,16 @@ def _train_stage(model, start: int, lr: float, cfg: FinetuneConfig, train, val, 
         name=desc, trainable_blocks=len(model.blocks) - start, lr=lr, epochs_run=len(history), best_epoch=best_epoch,
         val_accuracy=best[0], val_loss=best[1], accepted=True, seconds=round(time.perf_counter() - started, 2), history=history,
     )
+
+
+# A thawing stage must beat the previous one on validation by more than noise: higher top-1, or the same top-1
+# and a loss lower by this much (relative). Otherwise last-bit differences could "earn" a stage.
+MIN_LOSS_GAIN = 1e-3
+
+
+def _earns_its_keep(score: tuple[float, float], previous: tuple[float, float]) -> bool:
+    (acc, neg_loss), (prev_acc, prev_neg_loss) = score, previous
+    return acc > prev_acc or (acc == prev_acc and -neg_loss < -prev_neg_loss * (1 - MIN_LOSS_GAIN))
 
 
 def finetune(cfg: FinetuneConfig, splits: Splits | None = None) -> dict:
@@ -203,28 +246,33 @@ def finetune(cfg: FinetuneConfig, splits: Splits | None = None) -> dict:
     model, spec = create_model(cfg.model, cfg.weights, num_classes=len(splits.classes), seed=cfg.seed)
     pre = resolve_preprocess(spec.preprocess, cfg.image_size, cfg.resize)
     depth = len(model.blocks)
-    if cfg.unfreeze and cfg.unfreeze[-1] > depth:
+    if cfg.weights != "none" and cfg.unfreeze and cfg.unfreeze[-1] > depth:
         raise TledgeError(f"{cfg.model} has {depth} blocks; cannot unfreeze {cfg.unfreeze[-1]}")
     torch.manual_seed(cfg.seed)
+
+    # From scratch there is nothing to transfer: one stage trains every block, BatchNorm statistics included.
+    # Otherwise: feature extraction, then each entry of ``unfreeze``.
+    from_scratch = cfg.weights == "none"
+    plan = [depth] if from_scratch else [0, *cfg.unfreeze]
 
     # Decode and run the images once, up to the deepest block any stage thaws. Each stage thaws more blocks than
     # the one before, so the blocks between that cache and a stage's thawed top are still untouched: carrying the
     # cache through them gives exactly what a fresh pass would.
-    base = depth - max(cfg.unfreeze, default=0)
+    base = depth - max(plan)
     train_base = _cache_activations(model, splits.train, pre, base, cfg.batch_size, "caching train activations")
     val_base = _cache_activations(model, splits.val, pre, base, cfg.batch_size, "caching val activations")
 
     stages: list[StageResult] = []
     best_score = None
-    for k, thawed in enumerate((0, *cfg.unfreeze)):
+    for k, thawed in enumerate(plan):
         start = depth - thawed
-        name = "feature-extraction" if thawed == 0 else f"unfreeze-top-{thawed}"
+        name = "from-scratch" if from_scratch else "feature-extraction" if thawed == 0 else f"unfreeze-top-{thawed}"
         train = (_run_blocks(model, train_base[0], base, start), train_base[1])
         val = (_run_blocks(model, val_base[0], base, start), val_base[1])
         previous = copy.deepcopy(model.state_dict())
-        result = _train_stage(model, start, cfg.lr * cfg.lr_decay**k, cfg, train, val, name)
+        result = _train_stage(model, start, cfg.lr * cfg.lr_decay**k, cfg, train, val, name, train_bn=from_scratch)
         score = (result.val_accuracy, -result.val_loss)
-        if best_score is not None and score <= best_score:
+        if best_score is not None and not _earns_its_keep(score, best_score):
             result.accepted = False
             model.load_state_dict(previous)
             stages.append(result)

@@ -88,7 +88,8 @@ def _load_state_dict_into(module, state: dict, source: str) -> None:
     missing = [k for k in own if k not in state]
     mismatched = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
     unexpected = [k for k in state if k not in own]
-    head_like = {k for k in missing + mismatched if k.rsplit(".", 2)[0] in _head_prefixes(module)}
+    heads = _head_prefixes(module)
+    head_like = {k for k in missing + mismatched if k.rsplit(".", 1)[0] in heads}  # "classifier.1.weight" -> "classifier.1"
     bad = [k for k in missing + mismatched if k not in head_like]
     if bad or unexpected:
         detail = (f"missing or mis-shaped: {bad[:5]}" if bad else "") + (f" unexpected: {unexpected[:5]}" if unexpected else "")
@@ -141,12 +142,19 @@ def _torch_load(path: Path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        raise TledgeError(
-            f"{path} holds objects that are not plain tensors and containers; tledge loads checkpoints with "
-            f"weights_only=True and will not unpickle code. Save a state_dict instead. ({str(exc).splitlines()[0]})"
-        ) from None
-    except (RuntimeError, OSError, EOFError) as exc:
-        raise TledgeError(f"cannot read checkpoint {path}: {str(exc).splitlines()[0]}") from None
+        if "Unsupported global" in str(exc) or "GLOBAL" in str(exc):
+            raise TledgeError(
+                f"{path} holds objects that are not plain tensors and containers; tledge loads checkpoints with "
+                "weights_only=True and will not unpickle code. Save a state_dict instead."
+            ) from None
+        raise TledgeError(f"{path} is not a readable PyTorch checkpoint ({_first_line(exc)})") from None
+    except Exception as exc:  # torch raises EOFError, KeyError, RuntimeError... for files that are not checkpoints
+        raise TledgeError(f"{path} is not a readable PyTorch checkpoint ({type(exc).__name__}: {_first_line(exc)})") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else "no details"
 
 
 def save_checkpoint(path: str | Path, model, arch: str, classes: list[str], preprocess: Preprocess, extra: dict | None = None) -> Path:

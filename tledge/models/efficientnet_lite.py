@@ -130,6 +130,21 @@ class EfficientNetLite(nn.Module):
         self._dropout = nn.Dropout(arch.dropout)
         self._fc = nn.Linear(arch.head_channels, num_classes)
         self.num_features = arch.head_channels
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        # He init for ReLU6 convs (as torchvision's MobileNets and EfficientNets do): with PyTorch's generic default
+        # the activations of an untrained 18-block network shrink to a constant, and from-scratch training stalls.
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Linear):
+                bound = 1.0 / math.sqrt(m.in_features)
+                nn.init.uniform_(m.weight, -bound, bound)
+                nn.init.zeros_(m.bias)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         x = F.relu6(self._bn0(self._conv_stem(x)))
