@@ -158,7 +158,7 @@ def fold_pads_into_convs(model) -> int:
         if pads is None or value is None or np.any(value != 0) or len(pad.input) > 3 and pad.input[3]:
             continue
         pads = [int(v) for v in pads]
-        if len(pads) != 8 or any(pads[i] for i in (0, 1, 4, 5)):  # only H and W may be padded
+        if len(pads) != 8 or any(pads[i] for i in (0, 1, 4, 5)) or min(pads) < 0:  # only H/W padding, no cropping
             continue
         conv = users[0]
         if any(a.name == "auto_pad" and a.s not in (b"", b"NOTSET") for a in conv.attribute):

@@ -1,8 +1,9 @@
 """INT8 quantization with real calibration images, as two artifacts for two runtimes.
 
 * ``model.int8.qdq.onnx`` for TensorRT (explicit quantization, TensorRT 8.5 and later): symmetric int8
-  activations and per-channel int8 weights (axis 0), zero points 0, FP32 weights behind Q->DQ pairs, float bias,
-  no Q/DQ on Conv/Gemm outputs so that TensorRT can fuse bias, BN and activation itself.
+  activations and per-channel int8 weights (axis 0), zero points 0, FP32 weights behind Q->DQ pairs, float bias.
+  Q/DQ sit on the inputs of Conv/Gemm and Add, never between a Conv and its activation, so TensorRT fuses bias
+  and ReLU6 into the convolution (a Conv feeding another Conv or an Add is followed by that consumer's Q/DQ).
 * ``model.int8.cpu.onnx`` for ONNX Runtime on CPUs: uint8 activations with int8 per-channel weights (U8S8),
   which the VNNI/AVX2 kernels run about 2x faster than FP32, where S8S8 runs no faster than FP32.
 """
@@ -173,9 +174,11 @@ def check_tensorrt_qdq(model) -> list[str]:
         if node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
             continue
         scale = numpy_helper.to_array(inits[node.input[1]]) if node.input[1] in inits else None
-        zp_init = inits.get(node.input[2]) if len(node.input) > 2 else None
+        zp_init = inits.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
         if scale is not None and np.any(scale <= 0):
             problems.append(f"{node.name}: non-positive scale")
+        if len(node.input) < 3 or not node.input[2]:
+            problems.append(f"{node.name}: no zero point, so ONNX's default uint8 applies; TensorRT needs INT8")
         if zp_init is not None:
             if zp_init.data_type == TensorProto.INT32:
                 problems.append(f"{node.name}: int32 quantization (quantized bias breaks the TensorRT ONNX parser)")
@@ -210,6 +213,12 @@ def quantize(cfg: QuantizeConfig) -> dict:
         raise TledgeError(f"ONNX model {cfg.model} does not exist; run `tledge export` first")
     meta = read_metadata(cfg.model)
     pre = Preprocess.from_dict(meta["preprocess"])
+    if cfg.keep_float:
+        names = {n.name for n in onnx.load(str(cfg.model), load_external_data=False).graph.node}
+        unknown = [n for n in cfg.keep_float if n not in names]
+        if unknown:
+            convs = sorted(n for n in names if "Conv" in n or "Gemm" in n)
+            raise TledgeError(f"--keep-float names nodes that {cfg.model} does not have: {unknown}; for example {convs[:3]}")
     splits = load_splits(cfg.data, seed=cfg.seed)
     if splits.classes != meta["classes"]:
         raise TledgeError(f"{cfg.data} has classes {splits.classes}, the model was trained on {meta['classes']}")

@@ -182,6 +182,9 @@ def load_checkpoint(path: str | Path):
     payload = _torch_load(path)
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise TledgeError(f"{path} is not a tledge checkpoint (written by `tledge finetune`)")
+    missing = [k for k in ("arch", "classes", "preprocess", "state_dict") if k not in payload]
+    if missing:
+        raise TledgeError(f"tledge checkpoint {path} is incomplete (no {', '.join(missing)}); fine-tune again to rewrite it")
     model, _ = create_model(payload["arch"], weights="none", num_classes=len(payload["classes"]))
     try:
         model.load_state_dict(payload["state_dict"], strict=True)

@@ -1,0 +1,272 @@
+"""bench (accuracy, agreement, latency), write_report (report.md/json, SVG charts) and bundle (manifest.json)."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import shutil
+import xml.etree.ElementTree as ET
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from _trained_tiny import trained_pipeline
+from tledge.artifacts import sha256_file
+from tledge.bench import BenchConfig, bench
+from tledge.bundle import bundle
+from tledge.errors import TledgeError
+from tledge.export import read_metadata, set_metadata
+from tledge.report import write_report
+
+SVG = "{http://www.w3.org/2000/svg}"
+FAST = dict(iterations=10, rounds=2, warmup=1, throughput_batch=4)
+
+
+def _models(folder, cpu_name="int8-cpu"):
+    return {"fp32": folder / "model.fp32.onnx", "int8-tensorrt-qdq": folder / "model.int8.qdq.onnx", cpu_name: folder / "model.int8.cpu.onnx"}
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_dataset, tmp_path_factory):
+    return trained_pipeline(tiny_dataset, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def measured(trained, tiny_dataset, tmp_path_factory):
+    """bench of the three variants of the trained tiny model, batch 2; a variant name with XML specials."""
+    out = tmp_path_factory.mktemp("bench")
+    record = bench(BenchConfig(models=_models(trained, cpu_name="int8 <cpu> & 'co'"), data=tiny_dataset, out_dir=out, batch_size=2, threads=1, **FAST))
+    return out, record
+
+
+@pytest.fixture(scope="module")
+def build_folder(tiny_pipeline, tiny_dataset, tmp_path_factory):
+    """A copy of the shared pipeline folder (finetune/export/quantize records) plus bench, report and manifest."""
+    out = tmp_path_factory.mktemp("build") / "out"
+    shutil.copytree(tiny_pipeline, out)
+    bench(BenchConfig(models=_models(out), data=tiny_dataset, out_dir=out, **FAST))
+    summary = write_report(out)
+    (out / "extras").mkdir()
+    (out / "extras" / "notes.txt").write_text("kept with the build\n")
+    (out / ".hidden").write_text("not an artifact\n")
+    manifest = bundle(out)
+    return out, summary, manifest
+
+
+# --- bench ------------------------------------------------------------------------------------------------------
+
+
+def test_bench_record_shape(measured, trained):
+    out, record = measured
+    assert json.loads((out / "bench.json").read_text()) == record
+    assert record["reference"] == "fp32"
+    assert list(record["variants"]) == ["fp32", "int8-tensorrt-qdq", "int8 <cpu> & 'co'"]
+    assert record["evaluation"] == {"split": "test", "images": 18, "classes": 3}
+    assert record["input_shape"] == [2, 3, 32, 32]
+    for name, v in record["variants"].items():
+        assert 0.0 <= v["top1"] <= 1.0 and 0.0 <= v["agreement"] <= 1.0, name
+        lat = v["latency_ms"]
+        assert lat["batch"] == 2
+        assert 0 < lat["min"] <= lat["p50"] <= lat["p90"] <= lat["p99"], (name, lat)
+        assert lat["samples"] == 10  # 2 rounds x 5
+        assert v["throughput"]["batch"] == 4 and v["throughput"]["images_per_s"] > 0
+        assert v["bytes"] == (trained / v["path"]).stat().st_size
+        assert set(v["per_class_top1"]) == {"circle", "square", "stripes"}
+        assert v["speedup_vs_reference_p50"] > 0
+    ref = record["variants"]["fp32"]
+    assert ref["agreement"] == 1.0 and ref["top1_delta_pp"] == 0 and ref["mean_abs_logit_diff"] == 0
+    assert ref["speedup_vs_reference_p50"] == 1.0
+    assert record["variants"]["int8-tensorrt-qdq"]["precision"] == "int8-tensorrt"
+
+
+def test_bench_records_the_machine(measured):
+    _, record = measured
+    machine = record["machine"]
+    assert machine["usable_cpus"] >= 1 and machine["cpu"]
+    versions = machine["versions"]
+    assert versions["onnxruntime"] == ort.__version__
+    assert versions["torch"] == importlib.metadata.version("torch")
+    assert versions["onnx"] == onnx.__version__
+
+
+def test_bench_accuracy_matches_an_independent_computation(measured, trained, tiny_dataset):
+    from tledge.data import Preprocess, load_array, load_splits
+
+    _, record = measured
+    pre = Preprocess.from_dict(read_metadata(trained / "model.fp32.onnx")["preprocess"])
+    x, y = load_array(load_splits(tiny_dataset).test, pre)
+    logits = {}
+    for name, path in _models(trained, cpu_name="int8 <cpu> & 'co'").items():
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        logits[name] = np.concatenate([sess.run(None, {"input": x[i : i + 1]})[0] for i in range(len(x))])
+    ref_pred = logits["fp32"].argmax(1)
+    for name, out in logits.items():
+        v = record["variants"][name]
+        pred = out.argmax(1)
+        assert v["top1"] == pytest.approx(np.mean(pred == y), abs=1e-5), name
+        assert v["agreement"] == pytest.approx(np.mean(pred == ref_pred), abs=1e-5), name
+        assert v["mean_abs_logit_diff"] == pytest.approx(np.abs(out - logits["fp32"]).mean(), abs=1e-4), name
+        for k, cls in enumerate(["circle", "square", "stripes"]):
+            assert v["per_class_top1"][cls] == pytest.approx(np.mean(pred[y == k] == k), abs=1e-4), (name, cls)
+    # the trained model is better than chance-by-constant, so top-1 is a real measurement
+    assert len(set(ref_pred.tolist())) > 1
+
+
+def test_bench_max_images_caps_the_accuracy_set(trained, tiny_dataset, tmp_path):
+    record = bench(BenchConfig(models={"fp32": trained / "model.fp32.onnx"}, data=tiny_dataset, out_dir=tmp_path,
+                               max_images=5, iterations=2, rounds=1, warmup=0, throughput_batch=2))
+    assert record["evaluation"]["images"] == 5
+    top1 = record["variants"]["fp32"]["top1"]
+    assert abs(top1 * 5 - round(top1 * 5)) < 1e-3, "top-1 is a fraction of the 5 images"
+
+
+# --- bench: bad input -------------------------------------------------------------------------------------------
+
+
+def test_models_made_for_other_classes_are_refused(tiny_pipeline, tiny_dataset, tmp_path):
+    model = onnx.load(str(tiny_pipeline / "model.fp32.onnx"))
+    set_metadata(model, {**read_metadata(model), "classes": ["a", "b", "c"]})
+    onnx.save(model, str(tmp_path / "other.onnx"))
+    with pytest.raises(TledgeError, match="other classes"):
+        bench(BenchConfig(models={"fp32": tiny_pipeline / "model.fp32.onnx", "other": tmp_path / "other.onnx"},
+                          data=tiny_dataset, out_dir=tmp_path / "out", **FAST))
+    assert not (tmp_path / "out" / "bench.json").exists()
+
+
+def test_models_with_other_preprocessing_are_refused(tiny_pipeline, tiny_dataset, tmp_path):
+    model = onnx.load(str(tiny_pipeline / "model.fp32.onnx"))
+    meta = read_metadata(model)
+    set_metadata(model, {**meta, "preprocess": {**meta["preprocess"], "mean": [0.4, 0.4, 0.4]}})
+    onnx.save(model, str(tmp_path / "other.onnx"))
+    with pytest.raises(TledgeError, match="preprocessing"):
+        bench(BenchConfig(models={"fp32": tiny_pipeline / "model.fp32.onnx", "other": tmp_path / "other.onnx"},
+                          data=tiny_dataset, out_dir=tmp_path, **FAST))
+
+
+def test_dataset_with_other_classes_is_refused(tiny_pipeline, tmp_path):
+    from conftest import make_image_folder
+
+    other = make_image_folder(tmp_path / "other", {"train": 2, "val": 2}, classes=("cat", "dog", "fox"))
+    with pytest.raises(TledgeError, match="classes"):
+        bench(BenchConfig(models={"fp32": tiny_pipeline / "model.fp32.onnx"}, data=other, out_dir=tmp_path / "out", **FAST))
+    assert not (tmp_path / "out" / "bench.json").exists()
+
+
+def test_missing_model_is_refused(tiny_pipeline, tiny_dataset, tmp_path):
+    with pytest.raises(TledgeError, match="not found"):
+        bench(BenchConfig(models={"fp32": tiny_pipeline / "model.fp32.onnx", "x": tmp_path / "x.onnx"}, data=tiny_dataset, out_dir=tmp_path, **FAST))
+
+
+@pytest.mark.parametrize("kwargs", [dict(models={}), dict(iterations=0), dict(batch_size=0), dict(warmup=-1)])
+def test_bad_bench_settings_are_refused(kwargs, tmp_path):
+    base = dict(models={"a": tmp_path / "a.onnx"}, data=tmp_path, out_dir=tmp_path)
+    with pytest.raises(TledgeError):
+        BenchConfig(**{**base, **kwargs})
+
+
+# --- report -----------------------------------------------------------------------------------------------------
+
+
+def _svg(path):
+    root = ET.parse(path).getroot()  # raises on malformed XML
+    assert root.tag == f"{SVG}svg"
+    return root
+
+
+def test_report_files(measured):
+    out, record = measured
+    summary = write_report(out)
+    names = list(record["variants"])
+    md = (out / "report.md").read_text()
+    assert "| variant | runtime | top-1 | Δ top-1 (pp) | agreement with fp32 | p50 ms | p90 ms | p99 ms |" in md
+    rows = [line for line in md.splitlines() if line.startswith("| ") and not line.startswith("| variant")]
+    assert [r.split(" | ")[0][2:] for r in rows] == names
+    for name, row in zip(names, rows):
+        assert f"{record['variants'][name]['top1']:.4f}" in row
+    assert "**test** split (18 images, 3 classes)" in md
+    report = json.loads((out / "report.json").read_text())
+    assert report == summary
+    assert list(report["variants"]) == names
+    for name in names:
+        v, b = report["variants"][name], record["variants"][name]
+        assert v["top1"] == b["top1"] and v["agreement_with_reference"] == b["agreement"]
+        assert v["latency_ms"] == b["latency_ms"]
+    assert report["machine"]["versions"]["onnxruntime"] == ort.__version__
+    for chart in ("latency.svg", "accuracy.svg"):
+        root = _svg(out / chart)
+        assert len(root.findall(f"{SVG}rect")) == len(names)
+        labels = [t.text for t in root.findall(f"{SVG}text")]
+        for name in names:
+            assert name in labels, (chart, name)  # escaped in the file, intact after parsing
+    widths = [float(r.get("width")) for r in _svg(out / "latency.svg").findall(f"{SVG}rect")]
+    p50 = [record["variants"][n]["latency_ms"]["p50"] for n in names]
+    assert np.argmax(widths) == np.argmax(p50), "bar lengths follow the values"
+
+
+def test_report_with_stage_records(build_folder):
+    out, summary, _ = build_folder
+    md = (out / "report.md").read_text()
+    for heading in ("## Fine-tuning", "## Export", "## Quantization"):
+        assert heading in md
+    assert "24 calibration images" in md and "ONNX opset 17" in md
+    assert summary["export"]["opset"] == 17 and summary["quantize"]["calibration"]["images"] == 24
+    assert summary["finetune"]["model"]["arch"] == "test_efficientnet_lite"
+    for name in ("fp32", "int8-tensorrt-qdq", "int8-cpu"):
+        assert f"| {name} |" in md
+
+
+def test_report_needs_a_bench(tmp_path):
+    with pytest.raises(TledgeError, match="bench.json"):
+        write_report(tmp_path)
+    assert not (tmp_path / "report.md").exists()
+
+
+# --- bundle -----------------------------------------------------------------------------------------------------
+
+
+def test_manifest_lists_every_file_truthfully(build_folder):
+    out, _, manifest = build_folder
+    assert json.loads((out / "manifest.json").read_text()) == manifest
+    listed = {a["path"]: a for a in manifest["artifacts"]}
+    on_disk = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()} - {"manifest.json", ".hidden"}
+    assert set(listed) == on_disk
+    assert "extras/notes.txt" in listed
+    for required in ("model.pt", "model.fp32.onnx", "model.int8.qdq.onnx", "model.int8.cpu.onnx", "calibration.json",
+                     "report.json", "report.md", "bench.json", "latency.svg", "accuracy.svg"):
+        assert required in listed, required
+    for rel, entry in listed.items():
+        assert entry["sha256"] == sha256_file(out / rel), rel
+        assert entry["bytes"] == (out / rel).stat().st_size, rel
+    assert listed["model.int8.qdq.onnx"]["kind"].startswith("onnx-int8-qdq")
+    assert listed["bench.json"]["kind"] == "stage record" and listed["latency.svg"]["kind"] == "chart"
+
+
+def test_manifest_describes_the_input(build_folder):
+    _, _, manifest = build_folder
+    assert manifest["format"] == "tledge.manifest/1" and manifest["arch"] == "test_efficientnet_lite"
+    assert manifest["input"]["name"] == "input" and manifest["input"]["shape"] == ["batch", 3, 32, 32]
+    assert manifest["input"]["dtype"] == "float32" and manifest["input"]["layout"] == "NCHW"
+    assert manifest["output"]["name"] == "logits" and manifest["output"]["shape"] == ["batch", 3]
+    pre = manifest["preprocessing"]
+    assert pre["center_crop"] == 32 and pre["resize_shorter_side"] == 32
+    assert pre["mean"] == [0.5, 0.5, 0.5] and pre["std"] == [0.5, 0.5, 0.5] and pre["interpolation"] == "bilinear"
+    assert manifest["classes"] == ["circle", "square", "stripes"]
+    assert manifest["versions"]["onnxruntime"] == ort.__version__
+
+
+def test_bundle_again_after_a_change(build_folder):
+    out, _, _ = build_folder
+    (out / "extras" / "notes.txt").write_text("changed\n")
+    manifest = bundle(out)
+    entry = next(a for a in manifest["artifacts"] if a["path"] == "extras/notes.txt")
+    assert entry["sha256"] == sha256_file(out / "extras" / "notes.txt") and entry["bytes"] == len("changed\n")
+    assert "manifest.json" not in {a["path"] for a in manifest["artifacts"]}
+
+
+def test_bundle_without_fp32_model_is_refused(tiny_pipeline, tmp_path):
+    shutil.copy(tiny_pipeline / "model.int8.cpu.onnx", tmp_path)
+    with pytest.raises(TledgeError, match="model.fp32.onnx"):
+        bundle(tmp_path)
+    assert not (tmp_path / "manifest.json").exists()
