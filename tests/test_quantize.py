@@ -389,3 +389,32 @@ def test_checker_flags_a_missing_zero_point():
     graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
                               [helper.make_tensor_value_info("y", TensorProto.UINT8, None)], [numpy_helper.from_array(np.array(0.1, np.float32), "s")])
     assert any("no zero point" in p for p in check_tensorrt_qdq(helper.make_model(graph)))
+
+
+def test_entropy_calibration_is_not_min_max(tiny_pipeline, tiny_dataset):
+    """Regression: quantize_static's entropy defaults (128 bins for 128 levels) silently equal min-max."""
+    from tledge.data import Preprocess, load_array, load_splits
+    from tledge.quantize import compute_ranges
+
+    pre = Preprocess(size=32, resize=32, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    x, _ = load_array(load_splits(tiny_dataset).train[:24], pre)
+    model = tiny_pipeline / "model.fp32.onnx"
+    minmax = compute_ranges(model, "input", x, "minmax", symmetric=True)
+    entropy = compute_ranges(model, "input", x, "entropy", symmetric=True, bins=320)  # coarse: 33 candidates a tensor, fast
+    assert minmax.keys() == entropy.keys()
+    amax = {k: max(abs(lo), abs(hi)) for k, (lo, hi) in minmax.items()}
+    tighter = [k for k, (lo, hi) in entropy.items() if max(abs(lo), abs(hi)) < 0.95 * amax[k]]
+    assert tighter, "entropy calibration clipped no tensor: it is behaving like min-max"
+
+
+def test_reusing_calibration_json_reproduces_the_models_bit_for_bit(tiny_pipeline, tiny_dataset, tmp_path):
+    from tledge.quantize import QuantizeConfig, quantize
+
+    record = quantize(QuantizeConfig(model=tiny_pipeline / "model.fp32.onnx", data=tiny_dataset, out_dir=tmp_path,
+                                     calibration=tiny_pipeline / "calibration.json", targets=("cpu",)))
+    assert record["calibration"]["images"] == 24
+    first = json.loads((tiny_pipeline / "calibration.json").read_text())["images"]
+    assert json.loads((tmp_path / "calibration.json").read_text())["images"] == first
+    original = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(tiny_pipeline / "model.int8.cpu.onnx")).graph.initializer}
+    again = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(tmp_path / "model.int8.cpu.onnx")).graph.initializer}
+    assert original.keys() == again.keys() and all(np.array_equal(original[k], again[k]) for k in original)

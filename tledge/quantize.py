@@ -83,7 +83,9 @@ def _ort_method(method: str):
     return {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy, "percentile": CalibrationMethod.Percentile}[method]
 
 
-def compute_ranges(model: Path, input_name: str, x: np.ndarray, method: str, symmetric: bool, chunk: int = 32) -> dict[str, tuple[float, float]]:
+def compute_ranges(
+    model: Path, input_name: str, x: np.ndarray, method: str, symmetric: bool, chunk: int = 32, bins: int = 2048
+) -> dict[str, tuple[float, float]]:
     """Activation ranges ``{tensor: (min, max)}`` of every tensor in ``model`` over the calibration images ``x``.
 
     The histogram methods use 2048 bins; entropy searches thresholds over 128 levels a side, as TensorRT's
@@ -94,9 +96,9 @@ def compute_ranges(model: Path, input_name: str, x: np.ndarray, method: str, sym
 
     extra = {"symmetric": symmetric}
     if method == "entropy":
-        extra.update(num_bins=2048, num_quantized_bins=256)
+        extra.update(num_bins=bins, num_quantized_bins=256)
     elif method == "percentile":
-        extra.update(num_bins=2048, percentile=99.999)
+        extra.update(num_bins=bins, percentile=99.999)
     with tempfile.TemporaryDirectory(prefix="tledge-calib-") as tmp, _quiet_onnxruntime():
         calibrator = create_calibrator(
             str(model), None, augmented_model_path=str(Path(tmp) / "augmented.onnx"),
