@@ -223,9 +223,10 @@ def _train_stage(model, start: int, lr: float, cfg: FinetuneConfig, train, val, 
 MIN_LOSS_GAIN = 1e-3
 
 
-def _earns_its_keep(score: tuple[float, float], previous: tuple[float, float]) -> bool:
-    (acc, neg_loss), (prev_acc, prev_neg_loss) = score, previous
-    return acc > prev_acc or (acc == prev_acc and -neg_loss < -prev_neg_loss * (1 - MIN_LOSS_GAIN))
+def _earns_its_keep(stage: StageResult, previous: StageResult) -> bool:
+    if stage.val_accuracy != previous.val_accuracy:
+        return stage.val_accuracy > previous.val_accuracy
+    return stage.val_loss < previous.val_loss * (1 - MIN_LOSS_GAIN)
 
 
 def finetune(cfg: FinetuneConfig, splits: Splits | None = None) -> dict:
@@ -263,7 +264,7 @@ def finetune(cfg: FinetuneConfig, splits: Splits | None = None) -> dict:
     val_base = _cache_activations(model, splits.val, pre, base, cfg.batch_size, "caching val activations")
 
     stages: list[StageResult] = []
-    best_score = None
+    best: StageResult | None = None
     for k, thawed in enumerate(plan):
         start = depth - thawed
         name = "from-scratch" if from_scratch else "feature-extraction" if thawed == 0 else f"unfreeze-top-{thawed}"
@@ -271,30 +272,27 @@ def finetune(cfg: FinetuneConfig, splits: Splits | None = None) -> dict:
         val = (_run_blocks(model, val_base[0], base, start), val_base[1])
         previous = copy.deepcopy(model.state_dict())
         result = _train_stage(model, start, cfg.lr * cfg.lr_decay**k, cfg, train, val, name, train_bn=from_scratch)
-        score = (result.val_accuracy, -result.val_loss)
-        if best_score is not None and not _earns_its_keep(score, best_score):
+        stages.append(result)
+        if best is not None and not _earns_its_keep(result, best):
             result.accepted = False
             model.load_state_dict(previous)
-            stages.append(result)
             break  # validation did not earn this stage: keep the previous weights, thaw no further
-        best_score = score
-        stages.append(result)
+        best = result
     del train, val, train_base, val_base
 
     model.eval()
-    final = {"val_accuracy": best_score[0], "val_loss": -best_score[1]}
+    final = {"val_accuracy": best.val_accuracy, "val_loss": best.val_loss}
     if splits.test:
         test_x, test_y = _cache_activations(model, splits.test, pre, depth, cfg.batch_size, "evaluating test")
         acc, loss = _evaluate(model, depth, test_x, test_y, cfg.batch_size, torch.nn.CrossEntropyLoss())
         final.update(test_accuracy=acc, test_loss=loss)
 
     cfg.out.mkdir(parents=True, exist_ok=True)
-    kept = [s for s in stages if s.accepted]
     record = {
         "stage": "finetune",
         "config": cfg.to_dict(),
         "model": {"arch": cfg.model, "weights": cfg.weights, "weights_source": spec.weights_source if cfg.weights == "pretrained" else cfg.weights,
-                  "blocks": depth, "trainable_blocks": kept[-1].trainable_blocks, "parameters": sum(p.numel() for p in model.parameters())},
+                  "blocks": depth, "trainable_blocks": best.trainable_blocks, "parameters": sum(p.numel() for p in model.parameters())},
         "preprocess": pre.to_dict(),
         "dataset": splits.summary(),
         "stages": [asdict(s) for s in stages],
