@@ -41,3 +41,26 @@ def test_one_class_dataset_is_refused(tmp_path):
     proc = run_cli("build", "--data", data, "--out", tmp_path / "out", "--model", "test_efficientnet_lite", "--weights", "none", timeout=120)
     assert proc.returncode == 1 and "at least two" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+@pytest.mark.parametrize("command", ["quantize", "bench"])
+def test_corrupt_onnx_is_one_line_error(command, tiny_dataset, tmp_path):
+    bad = tmp_path / "model.onnx"
+    bad.write_text("not a model")
+    args = [command, bad, "--data", tiny_dataset, "--out-dir", tmp_path / "out"]
+    proc = run_cli(*args, timeout=120)
+    assert proc.returncode == 1 and "not a readable ONNX model" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [({"calib_method": "foo"}, "calibration method"), ({"num_calib": 0}, "num-calib"), ({"epochs": 0}, "epochs"),
+     ({"image_size": 4}, "image size"), ({"calibration": "/no/such/calibration.json"}, "does not exist")],
+)
+def test_build_settings_fail_before_any_work(kwargs, message, tmp_path):
+    from tledge.build import BuildConfig
+    from tledge.errors import TledgeError
+
+    with pytest.raises(TledgeError, match=message):
+        BuildConfig(out=tmp_path / "out", **kwargs)
+    assert not (tmp_path / "out").exists()

@@ -39,11 +39,23 @@ class BuildConfig:
     seed: int = 0
 
     def __post_init__(self):
+        from .quantize import CALIBRATION_METHODS
+
         object.__setattr__(self, "out", Path(self.out))
         if self.data is not None:
             object.__setattr__(self, "data", Path(self.data))
         if self.calibration is not None:
             object.__setattr__(self, "calibration", Path(self.calibration))
+        # Fail before minutes of training, not at the stage that would use the setting.
+        if self.calib_method not in CALIBRATION_METHODS:
+            raise TledgeError(f"calibration method must be one of {CALIBRATION_METHODS}, got {self.calib_method!r}")
+        for name in ("epochs", "num_calib", "bench_iterations"):
+            if getattr(self, name) < 1:
+                raise TledgeError(f"{name.replace('_', '-')} must be at least 1")
+        if self.image_size is not None and self.image_size < 8:
+            raise TledgeError(f"image size must be at least 8 pixels, got {self.image_size}")
+        if self.calibration is not None and not self.calibration.is_file():
+            raise TledgeError(f"calibration definition {self.calibration} does not exist")
 
     def to_dict(self) -> dict:
         return {k: (str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
@@ -74,6 +86,9 @@ def build(cfg: BuildConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     (out / MANIFEST).unlink(missing_ok=True)  # a manifest must never describe a half-rebuilt folder
 
+    from .models import get_spec
+
+    get_spec(cfg.model)  # an unknown model name fails now, not after the dataset is read
     default_data = cfg.data is None
     data = digits_dataset() if default_data else cfg.data
     image_size, resize = cfg.image_size, cfg.resize

@@ -51,11 +51,22 @@ class ExportConfig:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
 
 
-def read_metadata(model_or_path) -> dict:
-    """The tledge description stored in an ONNX model (a path or a loaded ModelProto)."""
+def load_onnx(path: str | Path, load_external_data: bool = True):
+    """``onnx.load`` with user errors for a missing or unreadable file instead of protobuf tracebacks."""
     import onnx
 
-    model = onnx.load(str(model_or_path), load_external_data=False) if isinstance(model_or_path, (str, Path)) else model_or_path
+    path = Path(path)
+    if not path.is_file():
+        raise TledgeError(f"ONNX model {path} does not exist")
+    try:
+        return onnx.load(str(path), load_external_data=load_external_data)
+    except Exception as exc:  # protobuf DecodeError, missing external data, ...
+        raise TledgeError(f"{path} is not a readable ONNX model ({type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else 'no details'})") from None
+
+
+def read_metadata(model_or_path) -> dict:
+    """The tledge description stored in an ONNX model (a path or a loaded ModelProto)."""
+    model = load_onnx(model_or_path, load_external_data=False) if isinstance(model_or_path, (str, Path)) else model_or_path
     for prop in model.metadata_props:
         if prop.key == METADATA_KEY:
             return json.loads(prop.value)

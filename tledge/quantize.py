@@ -208,7 +208,7 @@ def quantize(cfg: QuantizeConfig) -> dict:
     from .artifacts import write_json
     from .calibration import load_calibration_set, sample_calibration_set
     from .data import Preprocess, Sample, load_array, load_splits
-    from .export import read_metadata, set_metadata
+    from .export import load_onnx, read_metadata, set_metadata
 
     started = time.perf_counter()
     if not cfg.model.is_file():
@@ -216,7 +216,7 @@ def quantize(cfg: QuantizeConfig) -> dict:
     meta = read_metadata(cfg.model)
     pre = Preprocess.from_dict(meta["preprocess"])
     if cfg.keep_float:
-        names = {n.name for n in onnx.load(str(cfg.model), load_external_data=False).graph.node}
+        names = {n.name for n in load_onnx(cfg.model, load_external_data=False).graph.node}
         unknown = [n for n in cfg.keep_float if n not in names]
         if unknown:
             convs = sorted(n for n in names if "Conv" in n or "Gemm" in n)
