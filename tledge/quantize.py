@@ -115,8 +115,6 @@ def compute_ranges(
 def _quantize_one(target: str, src: Path, dst: Path, reader: _ArrayReader, ranges: dict, cfg: QuantizeConfig) -> None:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-    from .artifacts import atomic_path
-
     # Our ranges override what quantize_static's own (cheap, min-max) calibration pass finds.
     overrides = {name: [{"rmin": np.float32(lo), "rmax": np.float32(hi)}] for name, (lo, hi) in ranges.items()}
     if target == "tensorrt":
@@ -132,10 +130,10 @@ def _quantize_one(target: str, src: Path, dst: Path, reader: _ArrayReader, range
         kwargs = dict(activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                       extra_options={"WeightSymmetric": True, "TensorQuantOverrides": overrides})
     reader.rewind()
-    with atomic_path(dst) as tmp, _quiet_onnxruntime():
+    with _quiet_onnxruntime():
         try:
             quantize_static(
-                str(src), str(tmp), reader, quant_format=QuantFormat.QDQ, per_channel=True,
+                str(src), str(dst), reader, quant_format=QuantFormat.QDQ, per_channel=True,
                 calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=list(cfg.keep_float), **kwargs,
             )
         except TledgeError:
@@ -205,7 +203,7 @@ def quantize(cfg: QuantizeConfig) -> dict:
     require("onnxruntime.quantization", "pip install onnxruntime")
     import onnx
 
-    from .artifacts import write_json
+    from .artifacts import atomic_path, write_json
     from .calibration import load_calibration_set, sample_calibration_set
     from .data import Preprocess, Sample, load_array, load_splits
     from .export import load_onnx, read_metadata, set_metadata
@@ -230,23 +228,20 @@ def quantize(cfg: QuantizeConfig) -> dict:
         calib = sample_calibration_set(splits, cfg.num_images, cfg.seed)
     x, _ = load_array([Sample(p, 0) for p in calib.paths], pre)  # labels are not used by calibration
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
-    write_json(cfg.out_dir / "calibration.json", calib.to_dict(meta["classes"], pre.input_shape))
 
     outputs = {}
     for target in cfg.targets:
         dst = cfg.out_dir / TARGETS[target]
         # TensorRT's activations are symmetric int8, the CPU model's are asymmetric uint8: each gets its own ranges.
         ranges = compute_ranges(cfg.model, meta["input"], x, cfg.method, symmetric=target == "tensorrt")
-        _quantize_one(target, cfg.model, dst, _ArrayReader(meta["input"], x, cfg.batch_size), ranges, cfg)
-        proto = onnx.load(str(dst))
-        problems = check_tensorrt_qdq(proto) if target == "tensorrt" else []
-        if problems:
-            dst.unlink()
-            raise TledgeError(f"the TensorRT Q/DQ model breaks TensorRT's rules: {'; '.join(problems[:5])}")
-        set_metadata(proto, {**meta, "precision": f"int8-{target}", "calibration": "calibration.json", "calibration_method": cfg.method})
-        from .artifacts import atomic_path
-
+        # Quantize, check and label a temporary file; only a model that passed replaces dst, in one rename.
         with atomic_path(dst) as tmp:
+            _quantize_one(target, cfg.model, tmp, _ArrayReader(meta["input"], x, cfg.batch_size), ranges, cfg)
+            proto = onnx.load(str(tmp))
+            problems = check_tensorrt_qdq(proto) if target == "tensorrt" else []
+            if problems:
+                raise TledgeError(f"the TensorRT Q/DQ model breaks TensorRT's rules: {'; '.join(problems[:5])}")
+            set_metadata(proto, {**meta, "precision": f"int8-{target}", "calibration": "calibration.json", "calibration_method": cfg.method})
             onnx.save(proto, str(tmp))
         ops = [n.op_type for n in proto.graph.node]
         outputs[target] = {
@@ -257,6 +252,8 @@ def quantize(cfg: QuantizeConfig) -> dict:
             "dequantize_nodes": ops.count("DequantizeLinear"),
             "kept_float": list(cfg.keep_float),
         }
+    # Written after the models it describes exist, so it never names images that calibrated nothing on disk.
+    write_json(cfg.out_dir / "calibration.json", calib.to_dict(meta["classes"], pre.input_shape))
     record = {
         "stage": "quantize",
         "config": cfg.to_dict(),
