@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import __version__
 from .errors import TledgeError
 
 INPUT_NAME = "input"
@@ -237,19 +238,18 @@ def export_onnx(cfg: ExportConfig) -> dict:
             "arch": meta["arch"], "classes": meta["classes"], "preprocess": pre.to_dict(),
             "input": INPUT_NAME, "output": OUTPUT_NAME, "precision": "fp32", "max_batch": cfg.max_batch,
         })
-        proto.producer_name, proto.producer_version = "tledge", _tledge_version()
+        proto.producer_name, proto.producer_version = "tledge", __version__
         onnx.checker.check_model(proto)
         onnx.save(proto, str(tmp))
 
         x, source = _parity_inputs(cfg, pre, meta["classes"])
         ort_runner, torch_runner = OrtRunner(tmp), TorchRunner(model)
-        parity = compare_outputs(torch_runner, ort_runner, x)
-        if not parity["within_tolerance"](cfg.atol, cfg.rtol):
+        parity = compare_outputs(torch_runner, ort_runner, x, cfg.atol, cfg.rtol)
+        if not parity["within_tolerance"]:
             raise TledgeError(
                 f"ONNX Runtime disagrees with PyTorch beyond atol={cfg.atol}, rtol={cfg.rtol}: max |diff| "
                 f"{parity['max_abs_diff']:.3g}, top-1 agreement {parity['top1_agreement']:.4f}. The ONNX file was not written."
             )
-        del parity["within_tolerance"]
 
     record = {
         "stage": "export",
@@ -263,8 +263,11 @@ def export_onnx(cfg: ExportConfig) -> dict:
     return record
 
 
-def compare_outputs(reference, candidate, x: np.ndarray, batch_sizes: tuple[int, ...] = (1, 8)) -> dict:
-    """Run both runners on ``x`` in several batch sizes (dynamic batch must not change results) and compare."""
+def compare_outputs(reference, candidate, x: np.ndarray, atol: float, rtol: float, batch_sizes: tuple[int, ...] = (1, 8)) -> dict:
+    """Run both runners on ``x`` in several batch sizes (dynamic batch must not change results) and compare.
+
+    ``within_tolerance``: every logit of every batch size satisfies ``|candidate - reference| <= atol + rtol * |reference|``.
+    """
     ref = np.concatenate([reference(x[i : i + 8]) for i in range(0, len(x), 8)])
     diffs, agreement = [], []
     for bs in batch_sizes:
@@ -279,11 +282,5 @@ def compare_outputs(reference, candidate, x: np.ndarray, batch_sizes: tuple[int,
         "max_rel_diff": ratio,
         "top1_agreement": min(agreement),
         "batch_sizes": list(batch_sizes),
-        "within_tolerance": lambda atol, rtol: bool(np.all(diff <= atol + rtol * np.abs(ref))),
+        "within_tolerance": bool(np.all(diff <= atol + rtol * np.abs(ref))),
     }
-
-
-def _tledge_version() -> str:
-    from . import __version__
-
-    return __version__
