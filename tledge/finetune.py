@@ -21,7 +21,6 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
 
 from .data import Preprocess, Splits, iter_batches, load_splits
 from .errors import TledgeError

@@ -230,10 +230,15 @@ def quantize(cfg: QuantizeConfig) -> dict:
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
 
     outputs = {}
+    ranges_by_symmetry: dict[bool, dict] = {}
     for target in cfg.targets:
         dst = cfg.out_dir / TARGETS[target]
-        # TensorRT's activations are symmetric int8, the CPU model's are asymmetric uint8: each gets its own ranges.
-        ranges = compute_ranges(cfg.model, meta["input"], x, cfg.method, symmetric=target == "tensorrt")
+        # TensorRT's activations are symmetric int8, the CPU model's asymmetric uint8. Histogram methods must search
+        # thresholds for each; min-max ranges are the same raw extremes (the quantizer symmetrizes them): one pass.
+        symmetric = target == "tensorrt" and cfg.method != "minmax"
+        if symmetric not in ranges_by_symmetry:
+            ranges_by_symmetry[symmetric] = compute_ranges(cfg.model, meta["input"], x, cfg.method, symmetric=symmetric)
+        ranges = ranges_by_symmetry[symmetric]
         # Quantize, check and label a temporary file; only a model that passed replaces dst, in one rename.
         with atomic_path(dst) as tmp:
             _quantize_one(target, cfg.model, tmp, _ArrayReader(meta["input"], x, cfg.batch_size), ranges, cfg)
