@@ -97,11 +97,27 @@ def test_bench_accuracy_matches_an_independent_computation(measured, trained, ti
     _, record = measured
     pre = Preprocess.from_dict(read_metadata(trained / "model.fp32.onnx")["preprocess"])
     x, y = load_array(load_splits(tiny_dataset).test, pre)
-    logits = {}
-    for name, path in _models(trained, cpu_name="int8 <cpu> & 'co'").items():
-        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        logits[name] = np.concatenate([sess.run(None, {"input": x[i : i + 1]})[0] for i in range(len(x))])
+    def run(path, simulate):
+        options = ort.SessionOptions()
+        if simulate:  # Q/DQ as float ops: the int8 arithmetic an int32-accumulating engine computes
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        sess = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        return np.concatenate([sess.run(None, {"input": x[i : i + 1]})[0] for i in range(len(x))])
+
+    models = _models(trained, cpu_name="int8 <cpu> & 'co'")
+    # The TensorRT model's figures are its simulation's, never this CPU's int8 kernels'; the CPU model's are its
+    # real kernels', with the simulation beside them.
+    logits = {name: run(path, simulate=name == "int8-tensorrt-qdq") for name, path in models.items()}
     ref_pred = logits["fp32"].argmax(1)
+    for name in ("int8-tensorrt-qdq", "int8 <cpu> & 'co'"):
+        simulated = run(models[name], simulate=True)
+        sim = record["variants"][name]["simulated"]
+        assert sim["top1"] == pytest.approx(np.mean(simulated.argmax(1) == y), abs=1e-5), name
+        assert sim["agreement"] == pytest.approx(np.mean(simulated.argmax(1) == ref_pred), abs=1e-5), name
+    assert record["variants"]["int8-tensorrt-qdq"]["accuracy_method"].startswith("simulated")
+    cpu = record["variants"]["int8 <cpu> & 'co'"]
+    assert cpu["fused_vs_simulated"]["top1_agreement"] == pytest.approx(
+        np.mean(run(models["int8 <cpu> & 'co'"], simulate=True).argmax(1) == logits["int8 <cpu> & 'co'"].argmax(1)), abs=1e-5)
     for name, out in logits.items():
         v = record["variants"][name]
         pred = out.argmax(1)

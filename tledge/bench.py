@@ -1,7 +1,15 @@
 """Accuracy and latency of each model variant, side by side, on the same images and the same machine.
 
 Accuracy: top-1 on the held-out split (test if the dataset has one, else val) and prediction agreement with the
-FP32 reference. Latency: wall time of one ``run`` call at a fixed batch, measured in interleaved rounds so that
+FP32 reference. How each figure was computed depends on what the model is for:
+
+* a TensorRT Q/DQ model (``int8-tensorrt``): by simulating its quantized arithmetic (Q/DQ as float ops), which is
+  what TensorRT's int32-accumulating kernels compute; this CPU's int8 kernels would add their own errors;
+* a CPU INT8 model (``int8-cpu``): with this CPU's real int8 kernels (what a user of this CPU gets), next to the
+  simulation; when this CPU is outside the model's CPU target, or its kernels disagree with the simulation, the
+  record carries a warning;
+* anything else: as ONNX Runtime runs it.
+ Latency: wall time of one ``run`` call at a fixed batch, measured in interleaved rounds so that
 every variant sees the same machine conditions; p50/p90/p99 in milliseconds, plus throughput at a larger batch.
 """
 
@@ -57,6 +65,65 @@ class _Accumulator:
     per_class_correct: dict = field(default_factory=dict)
 
 
+ACCURACY_METHODS = {
+    "int8-tensorrt": "simulated: Q/DQ run as float ops (ONNX Runtime, graph optimizations off), the arithmetic of "
+                     "TensorRT's int32-accumulating INT8 kernels up to float rounding; not this CPU's int8 kernels",
+    "int8-cpu": "this CPU's int8 kernels (ONNX Runtime, optimized); the simulated arithmetic is given beside it",
+    "other": "ONNX Runtime on this CPU",
+}
+
+
+def _accumulate(a: _Accumulator, logits: np.ndarray, ref_logits: np.ndarray, y: np.ndarray) -> None:
+    pred = logits.argmax(1)
+    a.correct += int((pred == y).sum())
+    a.agree += int((pred == ref_logits.argmax(1)).sum())
+    a.count += len(y)
+    a.abs_logit_diff += float(np.abs(logits - ref_logits).mean()) * len(y)
+    for label, ok in zip(y.tolist(), (pred == y).tolist()):
+        hit, total = a.per_class_correct.get(label, (0, 0))
+        a.per_class_correct[label] = (hit + int(ok), total + 1)
+
+
+def _int8_checks(name: str, precision: str, meta: dict, cpu: dict, sim: _Accumulator | None, fused_vs_sim: list | None,
+                 fused: _Accumulator, ref_top1: float) -> dict:
+    """The simulated figures of an INT8 variant and, for a CPU model, whether this CPU computes it as meant."""
+    from .cpu_isa import CPU_TARGETS
+    from .quantize import FUSED_VS_SIMULATED_MIN_AGREEMENT
+
+    if sim is None:
+        return {}
+    out = {"simulated": {"top1": round(sim.correct / sim.count, 5), "top1_delta_pp": round((sim.correct / sim.count - ref_top1) * 100, 3),
+                         "agreement": round(sim.agree / sim.count, 5)}}
+    if precision != "int8-cpu":
+        return out
+    warnings = []
+    agreement = fused_vs_sim[0] / fused.count
+    out["fused_vs_simulated"] = {"top1_agreement": round(agreement, 5), "max_abs_logit_diff": round(fused_vs_sim[1], 6)}
+    target_name = meta.get("cpu_target")
+    target = CPU_TARGETS.get(target_name)
+    inside = target.covers(cpu["class"]) if target else None
+    out["cpu_target"] = {"name": target_name or "unrecorded", "this_cpu": cpu["class"], "inside_target": inside,
+                         "valid_on": sorted(target.classes) if target else None}
+    if target is None:
+        warnings.append(f"{name}: the model records no CPU target (made before tledge 0.1 tracked them); on CPUs without "
+                        "VNNI its full 8-bit weights can saturate int16. Re-quantize with --cpu-target portable")
+    elif not inside:
+        warnings.append(
+            f"{name}: THIS CPU ({cpu['class']}) IS OUTSIDE THE MODEL'S CPU TARGET '{target.name}' (valid on "
+            f"{', '.join(sorted(target.classes))}). Its accuracy here ({fused.correct / fused.count:.4f}) is not what the model "
+            f"computes on its target (simulated: {sim.correct / sim.count:.4f}); do not ship it to CPUs like this one. "
+            "Rebuild with --cpu-target portable for every CPU"
+        )
+    if (inside or target is None) and agreement < FUSED_VS_SIMULATED_MIN_AGREEMENT:
+        warnings.append(
+            f"{name}: this CPU's int8 kernels agree with the model's arithmetic on only {agreement:.1%} of the images: "
+            "the CPU computes this model wrongly"
+        )
+    if warnings:
+        out["warnings"] = warnings
+    return out
+
+
 def percentiles(samples_ms: list[float]) -> dict:
     a = np.asarray(samples_ms)
     return {
@@ -89,6 +156,7 @@ def bench(cfg: BenchConfig) -> dict:
     from .artifacts import write_json
     from .data import Preprocess, iter_batches, load_array, load_splits
     from .export import read_metadata
+    from .cpu_isa import this_cpu
     from .machine import machine_info
     from .runners import OrtRunner
 
@@ -108,25 +176,29 @@ def bench(cfg: BenchConfig) -> dict:
         raise TledgeError(f"{cfg.data} has classes {splits.classes}, the models were trained on {ref_meta['classes']}")
     samples = splits.evaluation[: cfg.max_images] if cfg.max_images else splits.evaluation
 
+    # Latency always times ONNX Runtime's optimized (fused) session; accuracy uses the method fit for the model.
     runners = {name: OrtRunner(path, threads=cfg.threads) for name, path in cfg.models.items()}
+    precisions = {name: metas[name].get("precision", "unknown") for name in cfg.models}
+    simulators = {name: OrtRunner(path, threads=cfg.threads, simulate_int8=True)
+                  for name, path in cfg.models.items() if precisions[name] in ("int8-tensorrt", "int8-cpu")}
+    accuracy_runners = {name: simulators[name] if precisions[name] == "int8-tensorrt" else runners[name] for name in runners}
 
     # Accuracy: every batch goes through every variant before the next is decoded (one pass over the images).
     acc = {name: _Accumulator() for name in runners}
+    simulated = {name: _Accumulator() for name in simulators}
+    fused_vs_simulated = {name: [0, 0.0] for name in simulators if precisions[name] == "int8-cpu"}  # agreeing, max diff
     batches = math.ceil(len(samples) / 32)
     for x, y in tqdm(iter_batches(samples, pre, 32), total=batches, desc="bench: accuracy", unit="batch", leave=False):
-        ref_logits = runners[reference](x)
-        ref_pred = ref_logits.argmax(1)
-        for name, runner in runners.items():
-            logits = ref_logits if name == reference else runner(x)
-            pred = logits.argmax(1)
-            a = acc[name]
-            a.correct += int((pred == y).sum())
-            a.agree += int((pred == ref_pred).sum())
-            a.count += len(y)
-            a.abs_logit_diff += float(np.abs(logits - ref_logits).mean()) * len(y)
-            for label, ok in zip(y.tolist(), (pred == y).tolist()):
-                hit, total = a.per_class_correct.get(label, (0, 0))
-                a.per_class_correct[label] = (hit + int(ok), total + 1)
+        ref_logits = accuracy_runners[reference](x)
+        outputs = {name: ref_logits if name == reference else runner(x) for name, runner in accuracy_runners.items()}
+        for name, logits in outputs.items():
+            _accumulate(acc[name], logits, ref_logits, y)
+        for name, simulator in simulators.items():
+            sim_logits = outputs[name] if accuracy_runners[name] is simulator else simulator(x)
+            _accumulate(simulated[name], sim_logits, ref_logits, y)
+            if name in fused_vs_simulated:
+                fused_vs_simulated[name][0] += int((sim_logits.argmax(1) == outputs[name].argmax(1)).sum())
+                fused_vs_simulated[name][1] = max(fused_vs_simulated[name][1], float(np.abs(sim_logits - outputs[name]).max()))
 
     # Latency: the same real images for every variant, interleaved rounds.
     lat_x, _ = load_array(samples[: max(cfg.batch_size, cfg.throughput_batch)], pre)
@@ -146,15 +218,20 @@ def bench(cfg: BenchConfig) -> dict:
 
     classes = ref_meta["classes"]
     ref_top1 = acc[reference].correct / acc[reference].count
-    variants = {}
+    cpu = this_cpu()
+    variants, warnings = {}, []
     for name, path in cfg.models.items():
         a = acc[name]
         top1 = a.correct / a.count
         wide_ms = float(np.median(through[name]))
+        checks = _int8_checks(name, precisions[name], metas[name], cpu, simulated.get(name), fused_vs_simulated.get(name), a, ref_top1)
+        warnings += checks.get("warnings", [])
         variants[name] = {
             "path": path.name,
-            "precision": metas[name].get("precision", "unknown"),
+            "precision": precisions[name],
             "runtime": f"onnxruntime {runners[name].session.get_providers()[0]}",
+            "accuracy_method": ACCURACY_METHODS[precisions[name] if precisions[name] in ACCURACY_METHODS else "other"],
+            **checks,
             "bytes": path.stat().st_size,
             "top1": round(top1, 5),
             "top1_delta_pp": round((top1 - ref_top1) * 100, 3),
@@ -176,6 +253,7 @@ def bench(cfg: BenchConfig) -> dict:
         "input_shape": [cfg.batch_size, *pre.input_shape],
         "threads": cfg.threads or "onnxruntime default",
         "machine": machine_info(),
+        "warnings": warnings,
         "variants": variants,
         "seconds": round(time.perf_counter() - started, 2),
     }

@@ -34,11 +34,13 @@ class BuildConfig:
     calibration: Path | None = None
     num_calib: int = 256
     calib_method: str = "minmax"
+    cpu_target: str = "portable"
     bench_iterations: int = 200
     threads: int | None = None
     seed: int = 0
 
     def __post_init__(self):
+        from .cpu_isa import CPU_TARGET_CHOICES
         from .quantize import CALIBRATION_METHODS
 
         object.__setattr__(self, "out", Path(self.out))
@@ -49,6 +51,8 @@ class BuildConfig:
         # Fail before minutes of training, not at the stage that would use the setting.
         if self.calib_method not in CALIBRATION_METHODS:
             raise TledgeError(f"calibration method must be one of {CALIBRATION_METHODS}, got {self.calib_method!r}")
+        if self.cpu_target not in CPU_TARGET_CHOICES:
+            raise TledgeError(f"--cpu-target must be one of {list(CPU_TARGET_CHOICES)}, got {self.cpu_target!r}")
         for name in ("epochs", "num_calib", "bench_iterations"):
             if getattr(self, name) < 1:
                 raise TledgeError(f"{name.replace('_', '-')} must be at least 1")
@@ -122,7 +126,7 @@ def build(cfg: BuildConfig) -> dict:
     t = stage(3, "quantize to INT8 with calibration images" + (f" pinned by {calibration}" if calibration else ""))
     quantize(QuantizeConfig(
         model=out / "model.fp32.onnx", data=data, out_dir=out, calibration=calibration, num_images=cfg.num_calib,
-        method=cfg.calib_method, seed=cfg.seed,
+        method=cfg.calib_method, cpu_target=cfg.cpu_target, seed=cfg.seed,
     ))
     timings["quantize"] = time.perf_counter() - t
     _log(f"      wrote {', '.join(TARGETS.values())} ({timings['quantize']:.0f} s)")

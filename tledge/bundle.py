@@ -14,11 +14,28 @@ KINDS = {
     "model.pt": "checkpoint (PyTorch, weights_only)",
     "model.fp32.onnx": "onnx-fp32",
     "model.int8.qdq.onnx": "onnx-int8-qdq (TensorRT explicit quantization)",
-    "model.int8.cpu.onnx": "onnx-int8 (ONNX Runtime CPU, U8S8)",
+    "model.int8.cpu.onnx": "onnx-int8 (ONNX Runtime CPU, U8S8; see cpu_target for the CPUs it is right on)",
     "calibration.json": "calibration set (image list with sha256)",
     "report.json": "report (machine-readable)",
     "report.md": "report (human-readable)",
 }
+
+
+def _cpu_target_entry(path: Path, out_dir: Path) -> dict:
+    """Which CPUs the CPU INT8 model is right on (from the file's own metadata) and where that was checked."""
+    from .artifacts import read_json
+    from .cpu_isa import CPU_TARGETS
+    from .export import read_metadata
+
+    name = read_metadata(path).get("cpu_target")
+    target = CPU_TARGETS.get(name)
+    entry = {"name": name or "unrecorded", "valid_on": sorted(target.classes) if target else None}
+    record = out_dir / "quantize.json"
+    cpu = read_json(record).get("models", {}).get("cpu", {}) if record.is_file() else {}
+    if cpu.get("path") == path.name and "validation" in cpu:
+        v = cpu["validation"]
+        entry["validated_on"] = {k: v[k] for k in ("cpu", "cpu_class", "int8_flags", "inside_target", "images", "top1_agreement") if k in v}
+    return entry
 
 
 def bundle(out_dir: str | Path) -> dict:
@@ -39,6 +56,8 @@ def bundle(out_dir: str | Path) -> dict:
     for path in files:
         entry = describe_file(path, out_dir)
         entry["kind"] = KINDS.get(entry["path"], "stage record" if path.suffix == ".json" else "chart" if path.suffix == ".svg" else "file")
+        if entry["path"] == "model.int8.cpu.onnx":
+            entry["cpu_target"] = _cpu_target_entry(path, out_dir)
         artifacts.append(entry)
     pre = meta["preprocess"]
     manifest = {

@@ -29,6 +29,12 @@ def _examples(*lines: str) -> str:
     return "Examples:\n\n\b\n" + "\n".join(f"  {line}" for line in lines)
 
 
+def _print_warnings(warnings: list[str]) -> None:
+    """Warnings about the figures go to stderr, where a CI log shows them even when stdout is parsed (--json)."""
+    for warning in warnings:
+        print(f"tledge: warning: {warning}", file=sys.stderr)
+
+
 def _parse_unfreeze(text: str) -> tuple[int, ...]:
     if text.strip().lower() in ("", "none", "0"):
         return ()
@@ -56,6 +62,7 @@ def build(
     calibration: Optional[Path] = typer.Option(None, help="Calibration definition (JSON image list with sha256) to reuse."),
     num_calib: int = typer.Option(256, help="Calibration images to sample when no definition is given."),
     calib_method: str = typer.Option("minmax", help="minmax (fast), percentile (99.999th) or entropy (KL, as TensorRT; slow: minutes)."),
+    cpu_target: str = typer.Option("portable", help="CPU INT8 model's target: portable (right on every x86 and ARM CPU; default), vnni (full 8-bit weights, only for CPUs with VNNI/AMX or ARM) or native (this machine's class)."),
     bench_iterations: int = typer.Option(200, help="Timed runs per variant."),
     threads: Optional[int] = typer.Option(None, help="CPU threads for ONNX Runtime (default: all)."),
     seed: int = typer.Option(0, help="Seed for splits, sampling and training."),
@@ -67,8 +74,10 @@ def build(
     summary = run_build(BuildConfig(
         out=out, data=data, model=model, weights=weights, image_size=image_size, resize=resize,
         unfreeze=_parse_unfreeze(unfreeze), epochs=epochs, patience=patience, calibration=calibration,
-        num_calib=num_calib, calib_method=calib_method, bench_iterations=bench_iterations, threads=threads, seed=seed,
+        num_calib=num_calib, calib_method=calib_method, cpu_target=cpu_target, bench_iterations=bench_iterations,
+        threads=threads, seed=seed,
     ))
+    _print_warnings(summary.get("warnings", []))
     if as_json:
         print(json.dumps(summary, indent=2))
     else:
@@ -133,6 +142,7 @@ def export(
     "tledge quantize out/model.fp32.onnx --data my_images --out-dir out",
     "tledge quantize out/model.fp32.onnx --data my_images --out-dir out --calibration calibration/release-1.json",
     "tledge quantize model.onnx --data my_images --out-dir out --target cpu --keep-float /blocks.0/blocks.0.0/Conv",
+    "tledge quantize model.onnx --data my_images --out-dir out --target cpu --cpu-target vnni   # VNNI/ARM fleet only",
 ))
 def quantize(
     model: Path = typer.Argument(..., help="FP32 ONNX written by `tledge export`."),
@@ -143,6 +153,7 @@ def quantize(
     method: str = typer.Option("minmax", help="minmax (fast), percentile (99.999th) or entropy (KL, as TensorRT; slow: minutes)."),
     target: List[str] = typer.Option(["tensorrt", "cpu"], help="tensorrt (Q/DQ S8S8) and/or cpu (U8S8); repeatable."),
     keep_float: List[str] = typer.Option([], help="ONNX node name to leave in float (per-layer fallback); repeatable."),
+    cpu_target: str = typer.Option("portable", help="CPU INT8 model's target: portable (right on every x86 and ARM CPU; default), vnni (full 8-bit weights, only for CPUs with VNNI/AMX or ARM) or native (this machine's class)."),
     seed: int = typer.Option(0, help="Sampling seed."),
 ):
     """Calibrate on real images; write a TensorRT Q/DQ INT8 ONNX and a CPU INT8 ONNX."""
@@ -150,10 +161,15 @@ def quantize(
 
     record = run(QuantizeConfig(
         model=model, data=data, out_dir=out_dir, calibration=calibration, num_images=num_calib, method=method,
-        targets=tuple(target), keep_float=tuple(keep_float), seed=seed,
+        targets=tuple(target), keep_float=tuple(keep_float), cpu_target=cpu_target, seed=seed,
     ))
     for t, info in record["models"].items():
         print(f"wrote {out_dir / info['path']} ({t}: activations {info['activations']}, weights {info['weights']})")
+        if "cpu_target" in info:
+            val = info["validation"]
+            print(f"  CPU target {info['cpu_target']['name']} (valid on {', '.join(info['cpu_target']['valid_on'])}); "
+                  f"this CPU ({val['cpu_class']}) {'computes it as simulated' if val['inside_target'] else 'is outside the target: not checked here'}"
+                  f" (agreement {val['top1_agreement']:.4f} on {val['images']} images)")
     print(f"calibration: {record['calibration']['images']} images listed in {out_dir / 'calibration.json'}")
 
 
@@ -190,7 +206,9 @@ def bench(
 
     run(BenchConfig(models=_parse_models(models), data=data, out_dir=out_dir, batch_size=batch_size,
                     throughput_batch=throughput_batch, iterations=iterations, threads=threads, max_images=max_images))
-    print(format_table(write_report(out_dir)))
+    summary = write_report(out_dir)
+    _print_warnings(summary.get("warnings", []))
+    print(format_table(summary))
     print(f"\nwrote {out_dir / 'bench.json'}, {out_dir / 'report.json'} and {out_dir / 'report.md'}")
 
 

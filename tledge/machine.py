@@ -27,9 +27,14 @@ def package_version(name: str) -> str | None:
 
 def machine_info() -> dict:
     """A JSON-ready description of this machine and the package versions, without importing the packages."""
+    from .cpu_isa import this_cpu
+
     onnxruntime = package_version("onnxruntime") or package_version("onnxruntime-gpu")
+    cpu = this_cpu()
     return {
         "cpu": cpu_name(),
+        "cpu_class": cpu["class"],  # decides whether a CPU INT8 model's figures hold here (tledge.cpu_isa)
+        "cpu_int8_flags": cpu["int8_flags"],
         "cpu_count": os.cpu_count(),
         "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "os": platform.platform(),

@@ -5,7 +5,13 @@
   Q/DQ sit on the inputs of Conv/Gemm and Add, never between a Conv and its activation, so TensorRT fuses bias
   and ReLU6 into the convolution (a Conv feeding another Conv or an Add is followed by that consumer's Q/DQ).
 * ``model.int8.cpu.onnx`` for ONNX Runtime on CPUs: uint8 activations with int8 per-channel weights (U8S8),
-  which the VNNI/AVX2 kernels run about 2x faster than FP32, where S8S8 runs no faster than FP32.
+  which the VNNI/AVX2 kernels run about 2x faster than FP32, where S8S8 runs no faster than FP32. Its CPU target
+  (:mod:`tledge.cpu_isa`) says which CPUs it computes correctly on: ``portable`` (the default) narrows the weights
+  of exactly those channels whose int8 pairs could saturate the int16 step of x86 kernels without VNNI
+  (:mod:`tledge.saturation`); ``vnni`` keeps full 8-bit weights for CPUs that accumulate in int32.
+
+The accuracy of a Q/DQ model is judged by simulating its quantized arithmetic (:class:`tledge.runners.OrtRunner`
+with ``simulate_int8=True``), never by this machine's int8 kernels alone.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .cpu_isa import CPU_TARGET_CHOICES, CpuTarget, resolve_cpu_target
 from .errors import TledgeError, require
 
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
@@ -44,6 +51,7 @@ class QuantizeConfig:
     targets: tuple[str, ...] = ("tensorrt", "cpu")
     keep_float: tuple[str, ...] = ()
     batch_size: int = 16
+    cpu_target: str = "portable"
 
     def __post_init__(self):
         for name in ("model", "data", "out_dir"):
@@ -55,6 +63,8 @@ class QuantizeConfig:
         unknown = sorted(set(self.targets) - set(TARGETS))
         if unknown or not self.targets:
             raise TledgeError(f"quantization targets must be among {sorted(TARGETS)}, got {list(self.targets)}")
+        if self.cpu_target not in CPU_TARGET_CHOICES:
+            raise TledgeError(f"--cpu-target must be one of {list(CPU_TARGET_CHOICES)}, got {self.cpu_target!r}")
 
     def to_dict(self) -> dict:
         return {k: (str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
@@ -112,11 +122,13 @@ def compute_ranges(
     return ranges
 
 
-def _quantize_one(target: str, src: Path, dst: Path, reader: _ArrayReader, ranges: dict, cfg: QuantizeConfig) -> None:
+def _quantize_one(target: str, src: Path, dst: Path, reader: _ArrayReader, ranges: dict, cfg: QuantizeConfig,
+                  weight_overrides: dict | None = None) -> None:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     # Our ranges override what quantize_static's own (cheap, min-max) calibration pass finds.
     overrides = {name: [{"rmin": np.float32(lo), "rmax": np.float32(hi)}] for name, (lo, hi) in ranges.items()}
+    overrides.update(weight_overrides or {})
     if target == "tensorrt":
         kwargs = dict(
             activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
@@ -160,6 +172,147 @@ def _quiet_onnxruntime():
         onnxruntime.set_default_logger_severity(2)
 
 
+def _attr(node, name: str, default):
+    return next((a.i for a in node.attribute if a.name == name), default)
+
+
+def _weight_layout(node) -> dict:
+    return {"group": _attr(node, "group", 1), "trans_b": bool(_attr(node, "transB", 0))}
+
+
+def _channel_axis(node) -> int:
+    return 0 if node.op_type == "Conv" or (node.op_type == "Gemm" and _attr(node, "transB", 0)) else 1
+
+
+def pair_safe_weight_overrides(model) -> tuple[dict, dict]:
+    """Per-channel weight ranges (TensorQuantOverrides) under which no int8 weight pair of the FP32 ``model`` can
+    saturate an int16 accumulator, and a summary of what was narrowed.
+
+    Only channels that could saturate with full-range weights get a narrower range (:func:`pair_safe_scales`);
+    depthwise convolutions never do.
+    """
+    from onnx import numpy_helper
+
+    from .saturation import INT8_MAX, gemm_rows, pair_safe_scales
+
+    inits = {i.name: i for i in model.graph.initializer}
+    overrides, narrowed, layers, channels = {}, {}, 0, 0
+    for node in model.graph.node:
+        if node.op_type not in ("Conv", "Gemm", "MatMul") or len(node.input) < 2 or node.input[1] not in inits:
+            continue
+        weight = numpy_helper.to_array(inits[node.input[1]])
+        rows = gemm_rows(node.op_type, weight, **_weight_layout(node))
+        if rows is None:
+            continue
+        layers += 1
+        channels += rows.shape[0]
+        scales, levels = pair_safe_scales(rows)
+        if (levels < INT8_MAX).any():
+            ranges = (scales.astype(np.float64) * INT8_MAX).astype(np.float32)
+            overrides[node.input[1]] = [{"axis": _channel_axis(node), "rmin": -ranges[0], "rmax": ranges[0]}] + [
+                {"rmin": -r, "rmax": r} for r in ranges[1:]
+            ]
+            narrowed[node.name] = {"channels": int((levels < INT8_MAX).sum()), "of": int(rows.shape[0]), "min_levels": int(levels.min())}
+    summary = {
+        "layers_checked": layers, "channels_checked": channels,
+        "narrowed_layers": len(narrowed), "narrowed_channels": sum(v["channels"] for v in narrowed.values()),
+        "layers": narrowed,
+    }
+    return overrides, summary
+
+
+def _quantized_weights(model):
+    """(node, weight DequantizeLinear node) for every Conv/Gemm/MatMul whose weight is a dequantized int8 initializer."""
+    from onnx import TensorProto
+
+    inits = {i.name: i for i in model.graph.initializer}
+    producer = {o: n for n in model.graph.node for o in n.output}
+    for node in model.graph.node:
+        if node.op_type not in ("Conv", "Gemm", "MatMul") or len(node.input) < 2:
+            continue
+        dq = producer.get(node.input[1])
+        if dq is not None and dq.op_type == "DequantizeLinear" and dq.input[0] in inits and inits[dq.input[0]].data_type == TensorProto.INT8:
+            yield node, dq, inits
+
+
+def make_weights_pair_safe(model, fp32_model) -> int:
+    """Rewrite the int8 weights of ``model`` (a CPU Q/DQ model) so that no pair can saturate int16; returns the
+    number of weights changed.
+
+    Each weight is re-rounded from its FP32 value with the model's own per-channel scale, and the pairs that
+    would still saturate are moved onto the limit (:func:`tledge.saturation.quantize_pair_safe`).
+    """
+    from onnx import numpy_helper
+
+    from .saturation import from_gemm_rows, gemm_rows, quantize_pair_safe
+
+    float_weights = {i.name: i for i in fp32_model.graph.initializer}
+    fp32_nodes = {n.name: n for n in fp32_model.graph.node}
+    changed = 0
+    for node, dq, inits in _quantized_weights(model):
+        source = fp32_nodes.get(node.name)
+        if source is None or source.input[1] not in float_weights:
+            raise TledgeError(f"cannot find the FP32 weight of {node.name} to make it safe for x86 int8 kernels")
+        weight = numpy_helper.to_array(float_weights[source.input[1]])
+        layout = _weight_layout(node)
+        rows = gemm_rows(node.op_type, weight, **layout)
+        if rows is None:
+            continue
+        scale = np.broadcast_to(numpy_helper.to_array(inits[dq.input[1]]).astype(np.float64), (rows.shape[0],))
+        q = from_gemm_rows(node.op_type, quantize_pair_safe(rows.astype(np.float64), scale), weight.shape, layout["trans_b"])
+        old = numpy_helper.to_array(inits[dq.input[0]])
+        changed += int((old != q).sum())
+        inits[dq.input[0]].CopyFrom(numpy_helper.from_array(q, dq.input[0]))
+    return changed
+
+
+def check_int16_saturation(model) -> list[str]:
+    """Layers of an int8 model whose weights can saturate the int16 step of x86 kernels without VNNI; empty = safe.
+
+    >>> check_int16_saturation(onnx.load("out/model.int8.cpu.onnx"))  # doctest: +SKIP
+    []
+    """
+    from onnx import numpy_helper
+
+    from .saturation import gemm_rows, saturating_channels
+
+    problems = []
+    for node, dq, inits in _quantized_weights(model):
+        rows = gemm_rows(node.op_type, numpy_helper.to_array(inits[dq.input[0]]), **_weight_layout(node))
+        if rows is not None:
+            bad = int(saturating_channels(rows).sum())
+            if bad:
+                problems.append(f"{node.name}: {bad} of {rows.shape[0]} output channels have int8 weight pairs that can saturate int16")
+    return problems
+
+
+def compare_fused_with_simulation(path: Path, x: np.ndarray, batch: int = 32) -> dict:
+    """This CPU's fused int8 kernels against the simulated arithmetic of the same Q/DQ model, on images ``x``."""
+    from .runners import OrtRunner
+
+    fused, simulated = OrtRunner(path), OrtRunner(path, simulate_int8=True)
+    a = np.concatenate([fused(x[i : i + batch]) for i in range(0, len(x), batch)])
+    b = np.concatenate([simulated(x[i : i + batch]) for i in range(0, len(x), batch)])
+    spread = float(np.abs(b).max()) or 1.0
+    return {
+        "images": len(x),
+        "top1_agreement": round(float(np.mean(a.argmax(1) == b.argmax(1))), 5),
+        "max_abs_logit_diff": round(float(np.abs(a - b).max()), 6),
+        "max_abs_logit_diff_relative": round(float(np.abs(a - b).max()) / spread, 6),
+    }
+
+
+# Fused and simulated int8 arithmetic differ only where a float sum rounds across a quantization step; a
+# saturating kernel moves logits by a sizeable share of their range and flips predictions (measured: 20-50% of them).
+FUSED_VS_SIMULATED_MIN_AGREEMENT = 0.97
+FUSED_VS_SIMULATED_MAX_RELATIVE_DIFF = 0.2
+
+
+def fused_matches_simulation(check: dict) -> bool:
+    return (check["top1_agreement"] >= FUSED_VS_SIMULATED_MIN_AGREEMENT
+            and check["max_abs_logit_diff_relative"] <= FUSED_VS_SIMULATED_MAX_RELATIVE_DIFF)
+
+
 def check_tensorrt_qdq(model) -> list[str]:
     """What TensorRT would reject or mis-handle in a Q/DQ model; an empty list means it is fine.
 
@@ -193,6 +346,29 @@ def check_tensorrt_qdq(model) -> list[str]:
         if per_channel and node.input[0] in inits and axis != 0:
             problems.append(f"{node.name}: per-channel weight axis {axis}, TensorRT wants 0")
     return problems
+
+
+def _cpu_target_record(target: CpuTarget, reason: str) -> dict:
+    return {"name": target.name, "requested": reason, "description": target.description, "valid_on": sorted(target.classes)}
+
+
+def _validate_on_this_cpu(path: Path, x: np.ndarray, target: CpuTarget, max_images: int = 128) -> dict:
+    """Run the CPU model's fused kernels here against its simulation; refuse a model that this CPU, inside its
+    target, computes wrongly. Outside the target the figures are recorded, not judged."""
+    from .cpu_isa import this_cpu
+    from .machine import cpu_name
+
+    cpu = this_cpu()
+    check = compare_fused_with_simulation(path, x[:max_images])
+    covered = target.covers(cpu["class"])
+    record = {"cpu": cpu_name(), "cpu_class": cpu["class"], "int8_flags": cpu["int8_flags"], "inside_target": covered, **check}
+    if covered and not fused_matches_simulation(check):
+        raise TledgeError(
+            f"the CPU INT8 model computes wrongly on this CPU ({cpu['class']}): its int8 kernels agree with the model's "
+            f"arithmetic on {check['top1_agreement']:.1%} of {check['images']} calibration images. This ONNX Runtime's "
+            "kernels do not match tledge's saturation model; report it, and use --cpu-target portable meanwhile"
+        )
+    return record
 
 
 def quantize(cfg: QuantizeConfig) -> dict:
@@ -229,6 +405,7 @@ def quantize(cfg: QuantizeConfig) -> dict:
     x, _ = load_array([Sample(p, 0) for p in calib.paths], pre)  # labels are not used by calibration
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
 
+    cpu_target, cpu_target_reason = resolve_cpu_target(cfg.cpu_target)
     outputs = {}
     ranges_by_symmetry: dict[bool, dict] = {}
     for target in cfg.targets:
@@ -239,23 +416,39 @@ def quantize(cfg: QuantizeConfig) -> dict:
         if symmetric not in ranges_by_symmetry:
             ranges_by_symmetry[symmetric] = compute_ranges(cfg.model, meta["input"], x, cfg.method, symmetric=symmetric)
         ranges = ranges_by_symmetry[symmetric]
+        weight_overrides, extra_meta, info = None, {}, {}
+        if target == "cpu":
+            info["cpu_target"] = _cpu_target_record(cpu_target, cpu_target_reason)
+            extra_meta["cpu_target"] = cpu_target.name
+            if not cpu_target.full_range_weights:
+                weight_overrides, info["narrowing"] = pair_safe_weight_overrides(onnx.load(str(cfg.model)))
         # Quantize, check and label a temporary file; only a model that passed replaces dst, in one rename.
         with atomic_path(dst) as tmp:
-            _quantize_one(target, cfg.model, tmp, _ArrayReader(meta["input"], x, cfg.batch_size), ranges, cfg)
+            _quantize_one(target, cfg.model, tmp, _ArrayReader(meta["input"], x, cfg.batch_size), ranges, cfg, weight_overrides)
             proto = onnx.load(str(tmp))
-            problems = check_tensorrt_qdq(proto) if target == "tensorrt" else []
-            if problems:
-                raise TledgeError(f"the TensorRT Q/DQ model breaks TensorRT's rules: {'; '.join(problems[:5])}")
-            set_metadata(proto, {**meta, "precision": f"int8-{target}", "calibration": "calibration.json", "calibration_method": cfg.method})
+            if target == "tensorrt":
+                problems = check_tensorrt_qdq(proto)
+                if problems:
+                    raise TledgeError(f"the TensorRT Q/DQ model breaks TensorRT's rules: {'; '.join(problems[:5])}")
+            elif not cpu_target.full_range_weights:
+                info["narrowing"]["pairs_moved_to_limit"] = make_weights_pair_safe(proto, onnx.load(str(cfg.model)))
+                problems = check_int16_saturation(proto)
+                if problems:  # a bug in tledge, not the user's: say so rather than ship a wrong model
+                    raise TledgeError(f"internal error: the portable CPU model can still saturate int16: {'; '.join(problems[:3])}")
+            set_metadata(proto, {**meta, "precision": f"int8-{target}", "calibration": "calibration.json", "calibration_method": cfg.method, **extra_meta})
             onnx.save(proto, str(tmp))
+            if target == "cpu":
+                info["validation"] = _validate_on_this_cpu(tmp, x, cpu_target)
         ops = [n.op_type for n in proto.graph.node]
         outputs[target] = {
             "path": dst.name,
             "activations": "int8 symmetric" if target == "tensorrt" else "uint8 asymmetric",
-            "weights": "int8 symmetric per-channel",
+            "weights": "int8 symmetric per-channel" if target == "tensorrt" or cpu_target.full_range_weights
+            else "int8 symmetric per-channel, narrowed where an int16 pair could saturate",
             "quantize_nodes": ops.count("QuantizeLinear"),
             "dequantize_nodes": ops.count("DequantizeLinear"),
             "kept_float": list(cfg.keep_float),
+            **info,
         }
     # Written after the models it describes exist, so it never names images that calibrated nothing on disk.
     write_json(cfg.out_dir / "calibration.json", calib.to_dict(meta["classes"], pre.input_shape))

@@ -34,9 +34,12 @@ def _summary(records: dict) -> dict:
                 "latency_ms": v["latency_ms"],
                 "throughput": v["throughput"],
                 "speedup_vs_reference_p50": v["speedup_vs_reference_p50"],
+                "accuracy_method": v.get("accuracy_method"),
+                **{k: v[k] for k in ("simulated", "fused_vs_simulated", "cpu_target", "warnings") if k in v},
             }
             for name, v in bench["variants"].items()
         },
+        "warnings": bench.get("warnings", []),
     }
     if "finetune" in records:
         ft = records["finetune"]
@@ -76,6 +79,8 @@ def _markdown(summary: dict, extra: dict | None) -> str:
     m = summary["machine"]
     ev = summary["evaluation"]
     lines = ["# tledge report", ""]
+    for warning in summary.get("warnings", []):
+        lines += [f"> **WARNING:** {warning}", ""]
     if extra and extra.get("build"):
         b = extra["build"]
         lines += [f"Build of `{b['model']}` on `{b['data']}` in {b['seconds']:.0f} s.", ""]
@@ -98,7 +103,29 @@ def _markdown(summary: dict, extra: dict | None) -> str:
         "",
         f"Latency: batch {summary['input_shape'][0]}, {next(iter(summary['variants'].values()))['latency_ms']['samples']} timed runs per variant in interleaved rounds.",
         "The TensorRT Q/DQ model is built for TensorRT; on the ONNX Runtime CPU provider its latency says nothing about",
-        "a GPU engine (CPUs run symmetric int8 activations slowly). Its accuracy is what INT8 TensorRT should reproduce.",
+        "a GPU engine (CPUs run symmetric int8 activations slowly).",
+        "",
+        "How each accuracy figure was computed:",
+        "",
+    ]
+    for name, v in summary["variants"].items():
+        line = f"- **{name}**: {v.get('accuracy_method') or 'ONNX Runtime on this CPU'}."
+        if "simulated" in v and v.get("precision") == "int8-cpu":
+            sim = v["simulated"]
+            line += f" Simulated: top-1 {sim['top1']:.4f}, agreement {sim['agreement']:.4f}"
+            if "fused_vs_simulated" in v:
+                line += f"; this CPU's kernels agree with the simulation on {v['fused_vs_simulated']['top1_agreement']:.4f} of the images"
+            line += "."
+        if "cpu_target" in v:
+            t = v["cpu_target"]
+            where = "inside" if t["inside_target"] else "OUTSIDE" if t["inside_target"] is False else "unknown for"
+            line += f" CPU target `{t['name']}`; this CPU ({t['this_cpu']}) is {where} it."
+        lines.append(line)
+    lines += [
+        "",
+        f"CPU: {m['cpu']}, int8 class `{m.get('cpu_class', 'unknown')}` (flags: {', '.join(m.get('cpu_int8_flags') or []) or 'none'}). "
+        "CPU INT8 speed, and whether full 8-bit weights are computed correctly, depend on this class: x86 CPUs without "
+        "VNNI add int8 products into saturating int16.",
         "",
         "![latency](latency.svg)",
         "",
@@ -134,6 +161,17 @@ def _markdown(summary: dict, extra: dict | None) -> str:
         lines += ["## Quantization", "", f"{q['calibration']['images']} calibration images ({q['calibration']['method']}, listed with sha256 in `calibration.json`).", ""]
         for target, info in q["models"].items():
             lines.append(f"- `{info['path']}` ({target}): activations {info['activations']}, weights {info['weights']}.")
+            if "cpu_target" in info:
+                t = info["cpu_target"]
+                lines.append(f"  CPU target `{t['name']}` ({t['requested']}): {t['description']}.")
+                if "narrowing" in info:
+                    n = info["narrowing"]
+                    lines.append(f"  {n['narrowed_channels']} of {n['channels_checked']} output channels in {n['narrowed_layers']} of "
+                                 f"{n['layers_checked']} layers narrowed; {n.get('pairs_moved_to_limit', 0)} weights moved onto the pair limit.")
+                if "validation" in info:
+                    val = info["validation"]
+                    lines.append(f"  Checked on {val['cpu']} ({val['cpu_class']}, {'inside' if val['inside_target'] else 'outside'} the target): "
+                                 f"fused kernels agree with the simulation on {val['top1_agreement']:.4f} of {val['images']} calibration images.")
         lines.append("")
     return "\n".join(lines)
 

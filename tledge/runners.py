@@ -29,17 +29,27 @@ class TorchRunner:
 
 
 class OrtRunner:
-    """An ONNX model in ONNX Runtime. ``threads=None`` lets ONNX Runtime use every core."""
+    """An ONNX model in ONNX Runtime. ``threads=None`` lets ONNX Runtime use every core.
+
+    ``simulate_int8=True`` turns graph optimizations off, so a Q/DQ model runs as written: every
+    DequantizeLinear, convolution and QuantizeLinear in float. That is the arithmetic of an int8 engine that
+    accumulates in int32 (TensorRT, VNNI, ARM), up to float rounding, whatever this CPU's int8 kernels do. With
+    optimizations on (the default) ONNX Runtime fuses Q/DQ into this CPU's own int8 kernels.
+    """
 
     name = "onnxruntime"
 
-    def __init__(self, path: str | os.PathLike, threads: int | None = None, providers: tuple[str, ...] = ("CPUExecutionProvider",)):
+    def __init__(self, path: str | os.PathLike, threads: int | None = None, providers: tuple[str, ...] = ("CPUExecutionProvider",),
+                 simulate_int8: bool = False):
         ort = require("onnxruntime", "pip install onnxruntime   (or onnxruntime-gpu)")
         path = Path(path)
         if not path.is_file():
             raise TledgeError(f"ONNX model {path} does not exist")
         options = ort.SessionOptions()
         options.log_severity_level = 3  # errors only; ORT's warnings about unused initializers are noise here
+        if simulate_int8:
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        self.simulate_int8 = simulate_int8
         if threads:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
