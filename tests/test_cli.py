@@ -91,6 +91,8 @@ def test_usage_error_is_exit_2():
 @pytest.mark.parametrize("args, message", [
     (["quantize", "m.onnx", "--data", "d", "--out-dir", "o", "--target", "tpu"], "targets"),
     (["quantize", "m.onnx", "--data", "d", "--out-dir", "o", "--method", "kl"], "calibration method"),
+    (["quantize", "m.onnx", "--data", "d", "--out-dir", "o", "--cpu-target", "avx2"], "--cpu-target must be one of"),
+    (["build", "--cpu-target", "fastest"], "--cpu-target must be one of"),
     (["bench", "a.onnx", "a.onnx", "--data", "d", "--out-dir", "o"], "two models are named"),
     (["bench", "x/model.fp32.onnx", "--data", "d", "--out-dir", "o", "--iterations", "0"], "at least 1"),
 ])
@@ -170,7 +172,10 @@ def test_build_report(built, tiny_dataset):
         lat = v["latency_ms"]
         assert 0 < lat["p50"] <= lat["p90"] <= lat["p99"] and lat["batch"] == 1, name
     assert report["variants"]["fp32"]["agreement_with_reference"] == 1.0
-    assert report["machine"]["versions"]["onnxruntime"] and report["machine"]["versions"]["torch"]
+    assert report["variants"]["int8-tensorrt-qdq"]["accuracy_method"].startswith("simulated")
+    assert report["variants"]["int8-cpu"]["cpu_target"]["name"] == "portable"
+    assert report["variants"]["int8-cpu"]["cpu_target"]["inside_target"] is True and report["warnings"] == []
+    assert report["machine"]["cpu_class"] and report["machine"]["versions"]["onnxruntime"] and report["machine"]["versions"]["torch"]
     assert report["build"]["model"] == "test_efficientnet_lite" and report["build"]["data"] == str(tiny_dataset)
     assert report["build"]["config"]["unfreeze"] == [2] and report["build"]["config"]["num_calib"] == 12
     md = (out / "report.md").read_text()
@@ -187,3 +192,6 @@ def test_build_manifest_matches_the_files(built):
         assert entry["sha256"] == sha256_file(out / name), name
         assert entry["bytes"] == (out / name).stat().st_size, name
     assert manifest["input"]["shape"] == ["batch", 3, 32, 32] and manifest["classes"] == ["circle", "square", "stripes"]
+    target = listed["model.int8.cpu.onnx"]["cpu_target"]
+    assert target["name"] == "portable" and "x86-avx2" in target["valid_on"] and "arm64" in target["valid_on"]
+    assert target["validated_on"]["inside_target"] is True and target["validated_on"]["top1_agreement"] >= 0.97
