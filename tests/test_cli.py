@@ -194,4 +194,4 @@ def test_build_manifest_matches_the_files(built):
     assert manifest["input"]["shape"] == ["batch", 3, 32, 32] and manifest["classes"] == ["circle", "square", "stripes"]
     target = listed["model.int8.cpu.onnx"]["cpu_target"]
     assert target["name"] == "portable" and "x86-avx2" in target["valid_on"] and "arm64" in target["valid_on"]
-    assert target["validated_on"]["inside_target"] is True and target["validated_on"]["top1_agreement"] >= 0.97
+    assert target["validated_on"]["inside_target"] is True and target["validated_on"]["top1_agreement"] >= 0.9

@@ -293,24 +293,32 @@ def compare_fused_with_simulation(path: Path, x: np.ndarray, batch: int = 32) ->
     fused, simulated = OrtRunner(path), OrtRunner(path, simulate_int8=True)
     a = np.concatenate([fused(x[i : i + batch]) for i in range(0, len(x), batch)])
     b = np.concatenate([simulated(x[i : i + batch]) for i in range(0, len(x), batch)])
-    spread = float(np.abs(b).max()) or 1.0
+    return fused_vs_simulated_figures(a, b)
+
+
+def fused_vs_simulated_figures(fused: np.ndarray, simulated: np.ndarray) -> dict:
+    """Agreement of the two and their mean logit difference relative to the logits' mean spread around each
+    image's mean (1.0: the difference is as large as the signal)."""
+    spread = float(np.abs(simulated - simulated.mean(1, keepdims=True)).mean()) or 1.0
+    diff = np.abs(fused - simulated)
     return {
-        "images": len(x),
-        "top1_agreement": round(float(np.mean(a.argmax(1) == b.argmax(1))), 5),
-        "max_abs_logit_diff": round(float(np.abs(a - b).max()), 6),
-        "max_abs_logit_diff_relative": round(float(np.abs(a - b).max()) / spread, 6),
+        "images": len(fused),
+        "top1_agreement": round(float(np.mean(fused.argmax(1) == simulated.argmax(1))), 5),
+        "max_abs_logit_diff": round(float(diff.max()), 6),
+        "mean_abs_logit_diff_relative": round(float(diff.mean()) / spread, 6),
     }
 
 
-# Fused and simulated int8 arithmetic differ only where a float sum rounds across a quantization step; a
-# saturating kernel moves logits by a sizeable share of their range and flips predictions (measured: 20-50% of them).
-FUSED_VS_SIMULATED_MIN_AGREEMENT = 0.97
-FUSED_VS_SIMULATED_MAX_RELATIVE_DIFF = 0.2
+# Fused kernels and the simulation differ only where a float sum rounds across a quantization step, which on a
+# deep net moves logits by about 6% of their spread (EfficientNet-Lite0, digits: 0.056); a kernel that saturates
+# int16 moves them by about as much as the signal (0.86 there) and flips 20-50% of the predictions.
+FUSED_VS_SIMULATED_MAX_RELATIVE_DIFF = 0.25
+FUSED_VS_SIMULATED_MIN_AGREEMENT = 0.9
 
 
 def fused_matches_simulation(check: dict) -> bool:
     return (check["top1_agreement"] >= FUSED_VS_SIMULATED_MIN_AGREEMENT
-            and check["max_abs_logit_diff_relative"] <= FUSED_VS_SIMULATED_MAX_RELATIVE_DIFF)
+            and check["mean_abs_logit_diff_relative"] <= FUSED_VS_SIMULATED_MAX_RELATIVE_DIFF)
 
 
 def check_tensorrt_qdq(model) -> list[str]:
