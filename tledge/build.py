@@ -35,12 +35,14 @@ class BuildConfig:
     num_calib: int = 256
     calib_method: str = "minmax"
     cpu_target: str = "portable"
+    trt_version: str = "10.3.0"
     bench_iterations: int = 200
     threads: int | None = None
     seed: int = 0
 
     def __post_init__(self):
         from .cpu_isa import CPU_TARGET_CHOICES
+        from .trt_cache import version_code
         from .quantize import CALIBRATION_METHODS
 
         object.__setattr__(self, "out", Path(self.out))
@@ -53,6 +55,7 @@ class BuildConfig:
             raise TledgeError(f"calibration method must be one of {CALIBRATION_METHODS}, got {self.calib_method!r}")
         if self.cpu_target not in CPU_TARGET_CHOICES:
             raise TledgeError(f"--cpu-target must be one of {list(CPU_TARGET_CHOICES)}, got {self.cpu_target!r}")
+        version_code(self.trt_version)
         for name in ("epochs", "num_calib", "bench_iterations"):
             if getattr(self, name) < 1:
                 raise TledgeError(f"{name.replace('_', '-')} must be at least 1")
@@ -126,10 +129,10 @@ def build(cfg: BuildConfig) -> dict:
     t = stage(3, "quantize to INT8 with calibration images" + (f" pinned by {calibration}" if calibration else ""))
     quantize(QuantizeConfig(
         model=out / "model.fp32.onnx", data=data, out_dir=out, calibration=calibration, num_images=cfg.num_calib,
-        method=cfg.calib_method, cpu_target=cfg.cpu_target, seed=cfg.seed,
+        method=cfg.calib_method, cpu_target=cfg.cpu_target, trt_version=cfg.trt_version, seed=cfg.seed,
     ))
     timings["quantize"] = time.perf_counter() - t
-    _log(f"      wrote {', '.join(TARGETS.values())} ({timings['quantize']:.0f} s)")
+    _log(f"      wrote {', '.join(TARGETS.values())}, calibration.cache ({timings['quantize']:.0f} s)")
 
     t = stage(4, "benchmark accuracy and latency")
     models = {"fp32": out / "model.fp32.onnx", "int8-tensorrt-qdq": out / TARGETS["tensorrt"], "int8-cpu": out / TARGETS["cpu"]}

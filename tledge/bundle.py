@@ -16,6 +16,7 @@ KINDS = {
     "model.int8.qdq.onnx": "onnx-int8-qdq (TensorRT explicit quantization)",
     "model.int8.cpu.onnx": "onnx-int8 (ONNX Runtime CPU, U8S8; see cpu_target for the CPUs it is right on)",
     "calibration.json": "calibration set (image list with sha256)",
+    "calibration.cache": "TensorRT calibration cache (implicit INT8, TensorRT 8.5-10.x; header names the version)",
     "report.json": "report (machine-readable)",
     "report.md": "report (human-readable)",
 }

@@ -63,6 +63,7 @@ def build(
     num_calib: int = typer.Option(256, help="Calibration images to sample when no definition is given."),
     calib_method: str = typer.Option("minmax", help="minmax (fast), percentile (99.999th) or entropy (KL, as TensorRT; slow: minutes)."),
     cpu_target: str = typer.Option("portable", help="CPU INT8 model's target: portable (right on every x86 and ARM CPU; default), vnni (full 8-bit weights, only for CPUs with VNNI/AMX or ARM) or native (this machine's class)."),
+    trt_version: str = typer.Option("10.3.0", help="TensorRT version named in calibration.cache (implicit INT8, 8.5 to 10.x): 8.5.2 JetPack 5.1, 8.6.2 JetPack 6.0, 10.3.0 JetPack 6.1/6.2."),
     bench_iterations: int = typer.Option(200, help="Timed runs per variant."),
     threads: Optional[int] = typer.Option(None, help="CPU threads for ONNX Runtime (default: all)."),
     seed: int = typer.Option(0, help="Seed for splits, sampling and training."),
@@ -74,7 +75,7 @@ def build(
     summary = run_build(BuildConfig(
         out=out, data=data, model=model, weights=weights, image_size=image_size, resize=resize,
         unfreeze=_parse_unfreeze(unfreeze), epochs=epochs, patience=patience, calibration=calibration,
-        num_calib=num_calib, calib_method=calib_method, cpu_target=cpu_target, bench_iterations=bench_iterations,
+        num_calib=num_calib, calib_method=calib_method, cpu_target=cpu_target, trt_version=trt_version, bench_iterations=bench_iterations,
         threads=threads, seed=seed,
     ))
     _print_warnings(summary.get("warnings", []))
@@ -82,7 +83,7 @@ def build(
         print(json.dumps(summary, indent=2))
     else:
         print(format_table(summary))
-        print(f"\nResults in {out}/: report.md, report.json, manifest.json, model.fp32.onnx, model.int8.qdq.onnx (TensorRT), model.int8.cpu.onnx")
+        print(f"\nResults in {out}/: report.md, report.json, manifest.json, model.fp32.onnx, model.int8.qdq.onnx and calibration.cache (TensorRT), model.int8.cpu.onnx")
 
 
 @app.command(epilog=_examples(
@@ -154,6 +155,7 @@ def quantize(
     target: List[str] = typer.Option(["tensorrt", "cpu"], help="tensorrt (Q/DQ S8S8) and/or cpu (U8S8); repeatable."),
     keep_float: List[str] = typer.Option([], help="ONNX node name to leave in float (per-layer fallback); repeatable."),
     cpu_target: str = typer.Option("portable", help="CPU INT8 model's target: portable (right on every x86 and ARM CPU; default), vnni (full 8-bit weights, only for CPUs with VNNI/AMX or ARM) or native (this machine's class)."),
+    trt_version: str = typer.Option("10.3.0", help="TensorRT version named in calibration.cache (implicit INT8, 8.5 to 10.x): 8.5.2 JetPack 5.1, 8.6.2 JetPack 6.0, 10.3.0 JetPack 6.1/6.2."),
     seed: int = typer.Option(0, help="Sampling seed."),
 ):
     """Calibrate on real images; write a TensorRT Q/DQ INT8 ONNX and a CPU INT8 ONNX."""
@@ -161,7 +163,7 @@ def quantize(
 
     record = run(QuantizeConfig(
         model=model, data=data, out_dir=out_dir, calibration=calibration, num_images=num_calib, method=method,
-        targets=tuple(target), keep_float=tuple(keep_float), cpu_target=cpu_target, seed=seed,
+        targets=tuple(target), keep_float=tuple(keep_float), cpu_target=cpu_target, trt_version=trt_version, seed=seed,
     ))
     for t, info in record["models"].items():
         print(f"wrote {out_dir / info['path']} ({t}: activations {info['activations']}, weights {info['weights']})")
@@ -170,6 +172,9 @@ def quantize(
             print(f"  CPU target {info['cpu_target']['name']} (valid on {', '.join(info['cpu_target']['valid_on'])}); "
                   f"this CPU ({val['cpu_class']}) {'computes it as simulated' if val['inside_target'] else 'is outside the target: not checked here'}"
                   f" (agreement {val['top1_agreement']:.4f} on {val['images']} images)")
+        if "calibration_cache" in info:
+            c = info["calibration_cache"]
+            print(f"wrote {out_dir / c['path']} (TensorRT {c['trt_version']} implicit INT8, {c['tensors']} tensors)")
     print(f"calibration: {record['calibration']['images']} images listed in {out_dir / 'calibration.json'}")
 
 

@@ -28,6 +28,7 @@ import numpy as np
 
 from .cpu_isa import CPU_TARGET_CHOICES, CpuTarget, resolve_cpu_target
 from .errors import TledgeError, require
+from .trt_cache import version_code
 
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 TARGETS = {"tensorrt": "model.int8.qdq.onnx", "cpu": "model.int8.cpu.onnx"}
@@ -52,6 +53,7 @@ class QuantizeConfig:
     keep_float: tuple[str, ...] = ()
     batch_size: int = 16
     cpu_target: str = "portable"
+    trt_version: str = "10.3.0"  # header of calibration.cache (JetPack 6.1/6.2); retarget it for another version
 
     def __post_init__(self):
         for name in ("model", "data", "out_dir"):
@@ -65,6 +67,8 @@ class QuantizeConfig:
             raise TledgeError(f"quantization targets must be among {sorted(TARGETS)}, got {list(self.targets)}")
         if self.cpu_target not in CPU_TARGET_CHOICES:
             raise TledgeError(f"--cpu-target must be one of {list(CPU_TARGET_CHOICES)}, got {self.cpu_target!r}")
+        if "tensorrt" in self.targets:
+            version_code(self.trt_version)  # a bad or unsupported version fails before calibration
 
     def to_dict(self) -> dict:
         return {k: (str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
@@ -356,6 +360,25 @@ def check_tensorrt_qdq(model) -> list[str]:
     return problems
 
 
+TRT_CACHE = "calibration.cache"
+
+
+def _write_trt_cache(cfg: QuantizeConfig, qdq_model, ranges: dict[str, tuple[float, float]]) -> dict:
+    """``calibration.cache`` for TensorRT's implicit INT8 path, from the ranges that made the Q/DQ model.
+
+    Every calibrated tensor gets ``amax / 127`` (the Q/DQ model's activation scale where it has one), except the
+    outputs of nodes kept in float, which TensorRT then leaves out of INT8.
+    """
+    from .artifacts import write_text
+    from .trt_cache import DEFAULT_CALIBRATOR, format_cache
+
+    kept = {o for n in qdq_model.graph.node if n.name in cfg.keep_float for o in n.output}
+    amax = {name: max(abs(lo), abs(hi)) for name, (lo, hi) in ranges.items() if name not in kept}
+    write_text(cfg.out_dir / TRT_CACHE, format_cache(amax, cfg.trt_version))
+    return {"path": TRT_CACHE, "trt_version": cfg.trt_version, "version_code": version_code(cfg.trt_version),
+            "calibrator": DEFAULT_CALIBRATOR, "tensors": len(amax)}
+
+
 def _cpu_target_record(target: CpuTarget, reason: str) -> dict:
     return {"name": target.name, "requested": reason, "description": target.description, "valid_on": sorted(target.classes)}
 
@@ -447,6 +470,8 @@ def quantize(cfg: QuantizeConfig) -> dict:
             onnx.save(proto, str(tmp))
             if target == "cpu":
                 info["validation"] = _validate_on_this_cpu(tmp, x, cpu_target)
+        if target == "tensorrt":  # after the model it belongs to is in place
+            info["calibration_cache"] = _write_trt_cache(cfg, proto, ranges)
         ops = [n.op_type for n in proto.graph.node]
         outputs[target] = {
             "path": dst.name,
