@@ -376,7 +376,7 @@ def test_keep_float_leaves_named_convs_unquantized(tiny_pipeline, tiny_dataset, 
     middle = [n for n in fp32.of("Conv") if n.name != first.name][len(fp32.of("Conv")) // 2]
     keep = (first.name, middle.name)
     record = quantize(QuantizeConfig(model=tiny_pipeline / FP32, data=tiny_dataset, out_dir=tmp_path, num_images=6,
-                                     targets=("tensorrt",), keep_float=keep))
+                                     targets=("tensorrt",), keep_float=keep, fallback_layers=0))
     assert record["models"]["tensorrt"]["kept_float"] == list(keep)
     g = Graph(tmp_path / QDQ)
     convs = {n.name: n for n in g.of("Conv")}

@@ -92,3 +92,19 @@ def load_calibration_set(definition: str | Path, root: str | Path, classes: list
     if not images:
         raise TledgeError(f"calibration set {definition} lists no images")
     return CalibrationSet(root, images, {**spec.get("sampling", {}), "definition": definition.name})
+
+
+# Fewer images than this leave activation ranges to chance (TensorRT's samples calibrate on about 500).
+RECOMMENDED_MIN_IMAGES = 128
+
+
+def calibration_warnings(calib: CalibrationSet, classes: list[str]) -> list[str]:
+    """What makes a calibration set unrepresentative: too few images, or classes it never shows."""
+    warnings = []
+    if len(calib.images) < RECOMMENDED_MIN_IMAGES:
+        warnings.append(f"calibration uses {len(calib.images)} images; {RECOMMENDED_MIN_IMAGES} or more give steadier INT8 ranges")
+    seen = {Path(rel).parent.name for rel, _ in calib.images}
+    missing = [c for c in classes if c not in seen]
+    if missing:
+        warnings.append(f"the calibration images show no example of {len(missing)} class(es): {', '.join(missing[:10])}")
+    return warnings

@@ -1,0 +1,171 @@
+"""The INT8 drift budget: judged by simulation on validation images, met by keeping the most sensitive layers in
+float, and said loudly when it cannot be met."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from _trained_tiny import trained_pipeline
+from tledge.quantize import QuantizeConfig, quantize
+from tledge.runners import OrtRunner
+from tledge.sensitivity import bypass_quantization, quantized_layers, rank_layers, simulate
+
+FP32 = "model.fp32.onnx"
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_dataset, tmp_path_factory):
+    return trained_pipeline(tiny_dataset, tmp_path_factory)
+
+
+def _val(data):
+    from tledge.data import load_array, load_splits
+    from tledge.models import get_spec
+
+    return load_array(load_splits(data).val, get_spec("test_efficientnet_lite").preprocess)
+
+
+@pytest.fixture(scope="module")
+def sensitive(trained, tmp_path_factory):
+    """The trained tiny model with one layer made sensitive to INT8, its FP32 function unchanged: one output channel
+    of a convolution is scaled up 1000x and the next convolution's weights for it down 1000x. The activation between
+    them then has one channel 1000x the others, so a per-tensor INT8 range flattens every other channel to zero."""
+    model = onnx.load(str(trained / FP32))
+    inits = {i.name: i for i in model.graph.initializer}
+    consumers = {}
+    for n in model.graph.node:
+        for name in n.input:
+            consumers.setdefault(name, []).append(n)
+
+    def plain_conv(n):
+        return n.op_type == "Conv" and all(a.i == 1 for a in n.attribute if a.name == "group")
+
+    producer = next(n for n in model.graph.node if plain_conv(n) and n.input[1] in inits
+                    and len(consumers.get(n.output[0], [])) == 1 and plain_conv(consumers[n.output[0]][0]))
+    consumer = consumers[producer.output[0]][0]
+    w, b = numpy_helper.to_array(inits[producer.input[1]]).copy(), numpy_helper.to_array(inits[producer.input[2]]).copy()
+    w[0] *= 1000
+    b[0] *= 1000
+    wc = numpy_helper.to_array(inits[consumer.input[1]]).copy()
+    wc[:, 0] /= 1000
+    for name, array in ((producer.input[1], w), (producer.input[2], b), (consumer.input[1], wc)):
+        inits[name].CopyFrom(numpy_helper.from_array(array, name))
+    out = tmp_path_factory.mktemp("sensitive")
+    onnx.save(model, str(out / FP32))
+    return out / FP32, consumer.name
+
+
+LOOSE = dict(max_top1_drop_pp=5.0, min_agreement=0.9)  # what the 4-epoch tiny model meets without the planted layer
+
+
+def test_the_planted_layer_leaves_fp32_unchanged(trained, sensitive, tiny_dataset):
+    x, _ = _val(tiny_dataset)
+    np.testing.assert_allclose(OrtRunner(sensitive[0])(x), OrtRunner(trained / FP32)(x), rtol=1e-3, atol=1e-3)
+
+
+def test_bypassing_every_layer_gives_back_fp32(trained, tiny_dataset):
+    """On the calibration images (inside every calibrated range) a model with every layer bypassed is FP32 again."""
+    from tledge.data import Sample, load_array
+    from tledge.models import get_spec
+
+    paths = [tiny_dataset / e["path"] for e in json.loads((trained / "calibration.json").read_text())["images"]]
+    x, _ = load_array([Sample(p, 0) for p in paths], get_spec("test_efficientnet_lite").preprocess)
+    fp32 = onnx.load(str(trained / FP32))
+    reference = OrtRunner(trained / FP32)(x)
+    for name in ("model.int8.qdq.onnx", "model.int8.cpu.onnx"):  # FP32 weights behind Q/DQ, and int8 weights
+        model = onnx.load(str(trained / name))
+        quantized_error = np.abs(simulate(model, x) - reference).mean()
+        assert quantized_error > 1e-3, "the INT8 model differs from FP32"
+        restored = simulate(bypass_quantization(model, fp32, quantized_layers(model)), x)
+        # only the saturation limits stay, and the calibration images lie inside them (up to the zero point's rounding)
+        assert np.abs(restored - reference).mean() < 0.02 * quantized_error, name
+        np.testing.assert_allclose(restored, reference, rtol=1e-3, atol=1e-2, err_msg=name)
+
+
+def test_the_search_finds_the_sensitive_layer(sensitive, tiny_dataset, tmp_path):
+    path, planted = sensitive
+    quantize(QuantizeConfig(model=path, data=tiny_dataset, out_dir=tmp_path, num_images=24, targets=("tensorrt",), fallback_layers=0))
+    x, _ = _val(tiny_dataset)
+    ranked = rank_layers(onnx.load(str(tmp_path / "model.int8.qdq.onnx")), onnx.load(str(path)), x, OrtRunner(path)(x))
+    assert ranked[0]["node"] == planted, ranked[:3]
+    assert ranked[0]["gain"] > 5 * max(ranked[1]["gain"], 1e-6)
+
+
+@pytest.mark.parametrize("target", ["tensorrt", "cpu"])
+def test_fallback_keeps_the_sensitive_layer_in_float_and_meets_the_budget(target, sensitive, tiny_dataset, tmp_path):
+    path, planted = sensitive
+    record = quantize(QuantizeConfig(model=path, data=tiny_dataset, out_dir=tmp_path, num_images=24, targets=(target,), **LOOSE))
+    info = record["models"][target]
+    fallback = info["fallback"]
+    assert fallback["tried"][0]["layers"] == 0 and not fallback["tried"][0]["met"], "without fallback the planted layer breaks the budget"
+    assert fallback["most_sensitive"][0]["node"] == planted
+    assert planted in info["kept_float"] and info["kept_float"] == fallback["kept_float_added"]
+    assert info["drift"]["met"] and info["drift"]["split"] == "val" and info["drift"]["method"].startswith("simulated")
+    assert record["warnings"] == [w for w in record["warnings"] if "DRIFT BUDGET" not in w]
+    # the file on disk is the chosen one: its planted layer reads float input, and its figures are the record's
+    model = onnx.load(str(tmp_path / f"model.int8.{'qdq' if target == 'tensorrt' else 'cpu'}.onnx"))
+    producer = {o: n.op_type for n in model.graph.node for o in n.output}
+    node = next(n for n in model.graph.node if n.name == planted)
+    assert producer.get(node.input[0]) != "DequantizeLinear"
+    x, y = _val(tiny_dataset)
+    reference = OrtRunner(path)(x)
+    logits = simulate(model, x)
+    assert info["drift"]["agreement"] == pytest.approx(np.mean(logits.argmax(1) == reference.argmax(1)), abs=1e-5)
+    if target == "cpu":
+        cost = fallback["latency_cost"]
+        assert cost["p50_ms"]["with_fallback"] > 0 and cost["slowdown"] > 0
+
+
+def test_a_missed_budget_is_said_and_the_models_are_still_written(sensitive, tiny_dataset, tmp_path):
+    path, _ = sensitive
+    record = quantize(QuantizeConfig(model=path, data=tiny_dataset, out_dir=tmp_path, num_images=24, fallback_layers=0, **LOOSE))
+    missed = [w for w in record["warnings"] if "INT8 DRIFT BUDGET MISSED" in w]
+    assert len(missed) == 2 and missed[0].startswith("tensorrt:") and missed[1].startswith("cpu:")
+    assert "agreement" in missed[0] and "budget: drop <= 5.0 pt" in missed[0]
+    for target in ("tensorrt", "cpu"):
+        assert not record["models"][target]["drift"]["met"] and "fallback" not in record["models"][target]
+    assert (tmp_path / "model.int8.qdq.onnx").is_file() and (tmp_path / "model.int8.cpu.onnx").is_file()
+    assert json.loads((tmp_path / "quantize.json").read_text())["warnings"] == record["warnings"]
+
+
+def test_a_model_within_budget_gets_no_fallback(trained, tiny_dataset, tmp_path):
+    record = quantize(QuantizeConfig(model=trained / FP32, data=tiny_dataset, out_dir=tmp_path, num_images=24,
+                                     targets=("tensorrt",), max_top1_drop_pp=100, min_agreement=0))
+    info = record["models"]["tensorrt"]
+    assert info["drift"]["met"] and "fallback" not in info and info["kept_float"] == []
+    assert 0 <= info["drift"]["agreement"] <= 1 and info["drift"]["images"] == 18
+
+
+def test_calibration_warnings(trained, tiny_dataset, tmp_path):
+    record = quantize(QuantizeConfig(model=trained / FP32, data=tiny_dataset, out_dir=tmp_path, num_images=2,
+                                     targets=("cpu",), fallback_layers=0))
+    assert any("calibration uses 2 images" in w for w in record["warnings"])
+    assert any("no example of 1 class(es)" in w for w in record["warnings"]), record["warnings"]
+
+
+def test_a_kept_layer_of_the_cpu_model_stays_float_inside_onnxruntime(trained, tiny_dataset, tmp_path):
+    """ONNX Runtime's default optimizations quantize, per tensor, the float weights of a Conv that reads a
+    DequantizeLinear (its WeightBiasQuantization pass). A layer tledge keeps in float must not be rewritten so."""
+    import onnxruntime as ort
+
+    kept = "/blocks.1/_project_conv/Conv"
+    quantize(QuantizeConfig(model=trained / FP32, data=tiny_dataset, out_dir=tmp_path, num_images=24, targets=("cpu",),
+                            keep_float=(kept,), fallback_layers=0))
+    options = ort.SessionOptions()
+    # the pass runs at the basic level (the default, "all", adds layout changes that rename float convs); the
+    # comparison below runs at the default level
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(tmp_path / "model.int8.cpu.onnx"), options, providers=["CPUExecutionProvider"])
+    optimized = onnx.load(str(tmp_path / "optimized.onnx"))
+    producer = {o: n.op_type for n in optimized.graph.node for o in n.output}
+    node = next(n for n in optimized.graph.node if n.name == kept)
+    assert node.op_type == "Conv" and producer.get(node.input[1]) != "DequantizeLinear", [producer.get(i) for i in node.input]
+    x, _ = _val(tiny_dataset)
+    fused, simulated = OrtRunner(tmp_path / "model.int8.cpu.onnx")(x), OrtRunner(tmp_path / "model.int8.cpu.onnx", simulate_int8=True)(x)
+    assert np.abs(fused - simulated).mean() < 0.02 * np.abs(simulated - simulated.mean(1, keepdims=True)).mean()

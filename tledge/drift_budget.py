@@ -1,0 +1,133 @@
+"""INT8 within a drift budget: check each quantized model against FP32 on the validation split, and when it misses,
+keep the layers that cost the most accuracy in float until it meets the budget.
+
+Every figure here is the *simulated* INT8 arithmetic (Q/DQ as float ops; :mod:`tledge.sensitivity`), so it is the
+same on every machine and is what TensorRT or a correct CPU kernel computes. Validation images are used, never the
+test split, which stays for the report.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+FALLBACK_STEPS = (1, 2, 4, 8, 16, 32, 64)
+
+
+def drift_figures(logits: np.ndarray, reference: np.ndarray, labels: np.ndarray) -> dict:
+    ref_top1 = float(np.mean(reference.argmax(1) == labels))
+    top1 = float(np.mean(logits.argmax(1) == labels))
+    return {
+        "top1_fp32": round(ref_top1, 5),
+        "top1": round(top1, 5),
+        "top1_drop_pp": round((ref_top1 - top1) * 100, 3),
+        "agreement": round(float(np.mean(logits.argmax(1) == reference.argmax(1))), 5),
+    }
+
+
+def describe_drift(d: dict) -> str:
+    return (f"top-1 {d['top1']:.4f} vs FP32 {d['top1_fp32']:.4f} ({-d['top1_drop_pp']:+.2f} pt), agreement {d['agreement']:.4f} "
+            f"on {d['images']} {d['split']} images; budget: drop <= {d['budget']['max_top1_drop_pp']} pt, agreement >= {d['budget']['min_agreement']}")
+
+
+class DriftBudget:
+    """The budget of a quantize run, with the validation images and FP32 logits it is judged on (loaded once)."""
+
+    def __init__(self, cfg, splits, preprocess):
+        self.cfg = cfg
+        self.split_name = "val"
+        self.samples = splits.val
+        self.preprocess = preprocess
+        self._x = self._y = self._reference = None
+
+    def _load(self):
+        if self._x is None:
+            from .data import load_array
+            from .runners import OrtRunner
+
+            self._x, self._y = load_array(self.samples, self.preprocess)
+            runner = OrtRunner(self.cfg.model)
+            self._reference = np.concatenate([runner(self._x[i : i + 32]) for i in range(0, len(self._x), 32)])
+        return self._x, self._y, self._reference
+
+    def images(self) -> np.ndarray:
+        return self._load()[0]
+
+    def evaluate(self, path: Path) -> dict:
+        from .sensitivity import simulate
+        import onnx
+
+        x, y, reference = self._load()
+        figures = drift_figures(simulate(onnx.load(str(path)), x), reference, y)
+        met = figures["top1_drop_pp"] <= self.cfg.max_top1_drop_pp + 1e-9 and figures["agreement"] >= self.cfg.min_agreement - 1e-9
+        return {**figures, "images": len(x), "split": self.split_name, "method": "simulated INT8 arithmetic",
+                "budget": {"max_top1_drop_pp": self.cfg.max_top1_drop_pp, "min_agreement": self.cfg.min_agreement}, "met": met}
+
+    def meet(self, make: Callable, work: Path, fp32_model, target: str) -> tuple[Path, tuple[str, ...], dict, dict | None]:
+        """Build the model with the user's float layers; if it misses the budget, keep the most sensitive layers in
+        float too (1, 2, 4, ... up to ``fallback_layers``) and take the first that meets it, else the closest.
+
+        ``make(keep_float, path)`` writes a checked model and returns it. Returns the chosen file, its float layers,
+        its drift record and what the fallback tried (None when it did not run).
+        """
+        from .sensitivity import rank_layers
+
+        started = time.perf_counter()
+        base_keep = tuple(self.cfg.keep_float)
+        first = work / f"{target}-0.onnx"
+        first_model = make(base_keep, first)
+        drift = self.evaluate(first)
+        if drift["met"] or self.cfg.fallback_layers == 0:
+            return first, base_keep, drift, None
+
+        x, _, reference = self._load()
+        n = min(self.cfg.sensitivity_images, len(x))
+        ranked = [r for r in rank_layers(first_model, fp32_model, x[:n], reference[:n]) if r["gain"] > 0 and r["node"] not in base_keep]
+        tried = [{"layers": 0, **{k: drift[k] for k in ("top1", "top1_drop_pp", "agreement", "met")}}]
+        best = (first, base_keep, drift)
+        for k in FALLBACK_STEPS:
+            k = min(k, self.cfg.fallback_layers, len(ranked))
+            if k <= tried[-1]["layers"]:
+                break
+            keep = base_keep + tuple(r["node"] for r in ranked[:k])
+            path = work / f"{target}-{k}.onnx"
+            make(keep, path)
+            d = self.evaluate(path)
+            tried.append({"layers": k, **{key: d[key] for key in ("top1", "top1_drop_pp", "agreement", "met")}})
+            if d["met"] or (d["agreement"], -d["top1_drop_pp"]) > (best[2]["agreement"], -best[2]["top1_drop_pp"]):
+                best = (path, keep, d)
+            if d["met"]:
+                break
+        chosen, keep, drift = best
+        fallback = {
+            "ranked_on": f"{n} {self.split_name} images, logit error with one layer in float (relative to FP32's variance)",
+            "most_sensitive": ranked[:10],
+            "tried": tried,
+            "kept_float_added": list(keep[len(base_keep):]),
+            "seconds": round(time.perf_counter() - started, 1),
+        }
+        if target == "cpu" and keep != base_keep:
+            fallback["latency_cost"] = _latency_cost(first, chosen, x[:1])
+        return chosen, keep, drift, fallback
+
+
+def _latency_cost(before: Path, after: Path, x: np.ndarray, rounds: int = 5, per_round: int = 20) -> dict:
+    """Batch-1 p50 latency of the CPU model before and after the fallback, timed in interleaved rounds."""
+    from .runners import OrtRunner
+
+    runners = {"without_fallback": OrtRunner(before), "with_fallback": OrtRunner(after)}
+    times = {name: [] for name in runners}
+    for r in runners.values():
+        r(x)
+    for _ in range(rounds):
+        for name, r in runners.items():
+            for _ in range(per_round):
+                t0 = time.perf_counter()
+                r(x)
+                times[name].append((time.perf_counter() - t0) * 1000)
+    p50 = {name: round(float(np.median(t)), 4) for name, t in times.items()}
+    return {"batch": 1, "p50_ms": p50, "slowdown": round(p50["with_fallback"] / p50["without_fallback"], 3),
+            "note": "measured on the machine that quantized; TensorRT's cost of float layers shows only in the engine"}
