@@ -174,7 +174,14 @@ def test_build_report(built, tiny_dataset):
     assert report["variants"]["fp32"]["agreement_with_reference"] == 1.0
     assert report["variants"]["int8-tensorrt-qdq"]["accuracy_method"].startswith("simulated")
     assert report["variants"]["int8-cpu"]["cpu_target"]["name"] == "portable"
-    assert report["variants"]["int8-cpu"]["cpu_target"]["inside_target"] is True and report["warnings"] == []
+    assert report["variants"]["int8-cpu"]["cpu_target"]["inside_target"] is True
+    assert not [w for w in report["warnings"] if "CPU TARGET" in w or "WRONGLY" in w]
+    # a 3-epoch scratch model cannot keep 99% agreement in INT8: the miss is said in the report, the record and stderr
+    quantize_record = json.loads((out / "quantize.json").read_text())
+    missed = [w for w in quantize_record["warnings"] if "INT8 DRIFT BUDGET MISSED" in w]
+    assert missed and all(w in report["warnings"] for w in missed)
+    assert all(f"tledge: warning: {w}" in proc.stderr for w in missed)
+    assert "> **WARNING:** " + missed[0] in (out / "report.md").read_text()
     assert report["machine"]["cpu_class"] and report["machine"]["versions"]["onnxruntime"] and report["machine"]["versions"]["torch"]
     assert report["build"]["model"] == "test_efficientnet_lite" and report["build"]["data"] == str(tiny_dataset)
     assert report["build"]["config"]["unfreeze"] == [2] and report["build"]["config"]["num_calib"] == 12

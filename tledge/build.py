@@ -36,6 +36,9 @@ class BuildConfig:
     calib_method: str = "minmax"
     cpu_target: str = "portable"
     trt_version: str = "10.3.0"
+    max_top1_drop_pp: float = 0.3
+    min_agreement: float = 0.99
+    fallback_layers: int = 16
     bench_iterations: int = 200
     threads: int | None = None
     seed: int = 0
@@ -56,6 +59,8 @@ class BuildConfig:
         if self.cpu_target not in CPU_TARGET_CHOICES:
             raise TledgeError(f"--cpu-target must be one of {list(CPU_TARGET_CHOICES)}, got {self.cpu_target!r}")
         version_code(self.trt_version)
+        if not 0 <= self.max_top1_drop_pp <= 100 or not 0 <= self.min_agreement <= 1 or self.fallback_layers < 0:
+            raise TledgeError("the drift budget needs 0 <= max top-1 drop <= 100, 0 <= min agreement <= 1 and fallback layers >= 0")
         for name in ("epochs", "num_calib", "bench_iterations"):
             if getattr(self, name) < 1:
                 raise TledgeError(f"{name.replace('_', '-')} must be at least 1")
@@ -127,11 +132,16 @@ def build(cfg: BuildConfig) -> dict:
     _log(f"      max |logit diff| {ex['parity']['max_abs_diff']:.2e} on {ex['parity']['inputs']} ({timings['export']:.0f} s)")
 
     t = stage(3, "quantize to INT8 with calibration images" + (f" pinned by {calibration}" if calibration else ""))
-    quantize(QuantizeConfig(
+    q = quantize(QuantizeConfig(
         model=out / "model.fp32.onnx", data=data, out_dir=out, calibration=calibration, num_images=cfg.num_calib,
         method=cfg.calib_method, cpu_target=cfg.cpu_target, trt_version=cfg.trt_version, seed=cfg.seed,
+        max_top1_drop_pp=cfg.max_top1_drop_pp, min_agreement=cfg.min_agreement, fallback_layers=cfg.fallback_layers,
     ))
     timings["quantize"] = time.perf_counter() - t
+    for info in q["models"].values():
+        d = info["drift"]
+        _log(f"      {info['path']}: val top-1 {-d['top1_drop_pp']:+.2f} pt, agreement {d['agreement']:.4f} (simulated), budget "
+             f"{'met' if d['met'] else 'MISSED'}" + (f", {len(info['kept_float'])} layer(s) kept in float" if info["kept_float"] else ""))
     _log(f"      wrote {', '.join(TARGETS.values())}, calibration.cache ({timings['quantize']:.0f} s)")
 
     t = stage(4, "benchmark accuracy and latency")

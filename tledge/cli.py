@@ -64,6 +64,9 @@ def build(
     calib_method: str = typer.Option("minmax", help="minmax (fast), percentile (99.999th) or entropy (KL, as TensorRT; slow: minutes)."),
     cpu_target: str = typer.Option("portable", help="CPU INT8 model's target: portable (right on every x86 and ARM CPU; default), vnni (full 8-bit weights, only for CPUs with VNNI/AMX or ARM) or native (this machine's class)."),
     trt_version: str = typer.Option("10.3.0", help="TensorRT version named in calibration.cache (implicit INT8, 8.5 to 10.x): 8.5.2 JetPack 5.1, 8.6.2 JetPack 6.0, 10.3.0 JetPack 6.1/6.2."),
+    max_top1_drop: float = typer.Option(0.3, help="Drift budget: most top-1 an INT8 model may lose against FP32 on the validation split, in points."),
+    min_agreement: float = typer.Option(0.99, help="Drift budget: least share of validation predictions an INT8 model must share with FP32."),
+    fallback_layers: int = typer.Option(16, help="Most layers kept in float to meet the drift budget (0: check and report only)."),
     bench_iterations: int = typer.Option(200, help="Timed runs per variant."),
     threads: Optional[int] = typer.Option(None, help="CPU threads for ONNX Runtime (default: all)."),
     seed: int = typer.Option(0, help="Seed for splits, sampling and training."),
@@ -75,7 +78,8 @@ def build(
     summary = run_build(BuildConfig(
         out=out, data=data, model=model, weights=weights, image_size=image_size, resize=resize,
         unfreeze=_parse_unfreeze(unfreeze), epochs=epochs, patience=patience, calibration=calibration,
-        num_calib=num_calib, calib_method=calib_method, cpu_target=cpu_target, trt_version=trt_version, bench_iterations=bench_iterations,
+        num_calib=num_calib, calib_method=calib_method, cpu_target=cpu_target, trt_version=trt_version,
+        max_top1_drop_pp=max_top1_drop, min_agreement=min_agreement, fallback_layers=fallback_layers, bench_iterations=bench_iterations,
         threads=threads, seed=seed,
     ))
     _print_warnings(summary.get("warnings", []))
@@ -144,6 +148,7 @@ def export(
     "tledge quantize out/model.fp32.onnx --data my_images --out-dir out --calibration calibration/release-1.json",
     "tledge quantize model.onnx --data my_images --out-dir out --target cpu --keep-float /blocks.0/blocks.0.0/Conv",
     "tledge quantize model.onnx --data my_images --out-dir out --target cpu --cpu-target vnni   # VNNI/ARM fleet only",
+    "tledge quantize model.onnx --data my_images --out-dir out --max-top1-drop 0.5 --min-agreement 0.98",
 ))
 def quantize(
     model: Path = typer.Argument(..., help="FP32 ONNX written by `tledge export`."),
@@ -156,6 +161,9 @@ def quantize(
     keep_float: List[str] = typer.Option([], help="ONNX node name to leave in float (per-layer fallback); repeatable."),
     cpu_target: str = typer.Option("portable", help="CPU INT8 model's target: portable (right on every x86 and ARM CPU; default), vnni (full 8-bit weights, only for CPUs with VNNI/AMX or ARM) or native (this machine's class)."),
     trt_version: str = typer.Option("10.3.0", help="TensorRT version named in calibration.cache (implicit INT8, 8.5 to 10.x): 8.5.2 JetPack 5.1, 8.6.2 JetPack 6.0, 10.3.0 JetPack 6.1/6.2."),
+    max_top1_drop: float = typer.Option(0.3, help="Drift budget: most top-1 an INT8 model may lose against FP32 on the validation split, in points."),
+    min_agreement: float = typer.Option(0.99, help="Drift budget: least share of validation predictions an INT8 model must share with FP32."),
+    fallback_layers: int = typer.Option(16, help="Most layers kept in float to meet the drift budget (0: check and report only)."),
     seed: int = typer.Option(0, help="Sampling seed."),
 ):
     """Calibrate on real images; write a TensorRT Q/DQ INT8 ONNX and a CPU INT8 ONNX."""
@@ -163,8 +171,10 @@ def quantize(
 
     record = run(QuantizeConfig(
         model=model, data=data, out_dir=out_dir, calibration=calibration, num_images=num_calib, method=method,
-        targets=tuple(target), keep_float=tuple(keep_float), cpu_target=cpu_target, trt_version=trt_version, seed=seed,
+        targets=tuple(target), keep_float=tuple(keep_float), cpu_target=cpu_target, trt_version=trt_version,
+        max_top1_drop_pp=max_top1_drop, min_agreement=min_agreement, fallback_layers=fallback_layers, seed=seed,
     ))
+    _print_warnings(record["warnings"])
     for t, info in record["models"].items():
         print(f"wrote {out_dir / info['path']} ({t}: activations {info['activations']}, weights {info['weights']})")
         if "cpu_target" in info:
@@ -172,6 +182,9 @@ def quantize(
             print(f"  CPU target {info['cpu_target']['name']} (valid on {', '.join(info['cpu_target']['valid_on'])}); "
                   f"this CPU ({val['cpu_class']}) {'computes it as simulated' if val['inside_target'] else 'is outside the target: not checked here'}"
                   f" (agreement {val['top1_agreement']:.4f} on {val['images']} images)")
+        d = info["drift"]
+        print(f"  drift on {d['images']} {d['split']} images (simulated): top-1 {-d['top1_drop_pp']:+.2f} pt, agreement {d['agreement']:.4f}"
+              f" -> budget {'met' if d['met'] else 'MISSED'}" + (f"; kept in float: {', '.join(info['kept_float'])}" if info["kept_float"] else ""))
         if "calibration_cache" in info:
             c = info["calibration_cache"]
             print(f"wrote {out_dir / c['path']} (TensorRT {c['trt_version']} implicit INT8, {c['tensors']} tensors)")

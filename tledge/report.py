@@ -39,7 +39,7 @@ def _summary(records: dict) -> dict:
             }
             for name, v in bench["variants"].items()
         },
-        "warnings": bench.get("warnings", []),
+        "warnings": records.get("quantize", {}).get("warnings", []) + bench.get("warnings", []),
     }
     if "finetune" in records:
         ft = records["finetune"]
@@ -160,20 +160,42 @@ def _markdown(summary: dict, extra: dict | None) -> str:
         q = summary["quantize"]
         lines += ["## Quantization", "", f"{q['calibration']['images']} calibration images ({q['calibration']['method']}, listed with sha256 in `calibration.json`).", ""]
         for target, info in q["models"].items():
-            lines.append(f"- `{info['path']}` ({target}): activations {info['activations']}, weights {info['weights']}.")
-            if "cpu_target" in info:
-                t = info["cpu_target"]
-                lines.append(f"  CPU target `{t['name']}` ({t['requested']}): {t['description']}.")
-                if "narrowing" in info:
-                    n = info["narrowing"]
-                    lines.append(f"  {n['narrowed_channels']} of {n['channels_checked']} output channels in {n['narrowed_layers']} of "
-                                 f"{n['layers_checked']} layers narrowed; {n.get('pairs_moved_to_limit', 0)} weights moved onto the pair limit.")
-                if "validation" in info:
-                    val = info["validation"]
-                    lines.append(f"  Checked on {val['cpu']} ({val['cpu_class']}, {'inside' if val['inside_target'] else 'outside'} the target): "
-                                 f"fused kernels agree with the simulation on {val['top1_agreement']:.4f} of {val['images']} calibration images.")
+            lines += _quantized_model_lines(target, info)
         lines.append("")
     return "\n".join(lines)
+
+
+def _quantized_model_lines(target: str, info: dict) -> list[str]:
+    """One INT8 model in the report: its format, drift budget, fallback, and what is special to its runtime."""
+    lines = [f"- `{info['path']}` ({target}): activations {info['activations']}, weights {info['weights']}."]
+    if "cpu_target" in info:
+        t = info["cpu_target"]
+        lines.append(f"  CPU target `{t['name']}` ({t['requested']}): {t['description']}.")
+    if "narrowing" in info:
+        n = info["narrowing"]
+        lines.append(f"  {n['narrowed_channels']} of {n['channels_checked']} output channels in {n['narrowed_layers']} of "
+                     f"{n['layers_checked']} layers narrowed; {n.get('pairs_moved_to_limit', 0)} weights moved onto the pair limit.")
+    if "drift" in info:
+        d = info["drift"]
+        lines.append(f"  Drift budget on {d['images']} {d['split']} images ({d['method']}): top-1 {d['top1']:.4f} vs FP32 "
+                     f"{d['top1_fp32']:.4f}, agreement {d['agreement']:.4f}: **{'met' if d['met'] else 'MISSED'}** "
+                     f"(drop <= {d['budget']['max_top1_drop_pp']} pt, agreement >= {d['budget']['min_agreement']}).")
+    if info.get("fallback"):
+        f = info["fallback"]
+        tried = ", ".join(f"{t['layers']} layers: agreement {t['agreement']:.4f}" for t in f["tried"])
+        added = ", ".join(f"`{n}`" for n in f["kept_float_added"]) or "none"
+        lines.append(f"  Per-layer fallback kept {len(f['kept_float_added'])} layer(s) in float ({added}); tried {tried}.")
+        if "latency_cost" in f:
+            c = f["latency_cost"]
+            lines.append(f"  Their cost on this CPU: batch-1 p50 {c['p50_ms']['without_fallback']:.2f} -> {c['p50_ms']['with_fallback']:.2f} ms ({c['slowdown']:.2f}x).")
+    if "calibration_cache" in info:
+        c = info["calibration_cache"]
+        lines.append(f"  `{c['path']}`: TensorRT {c['trt_version']} implicit-INT8 cache ({c['tensors']} tensors; retarget it for another version).")
+    if "validation" in info:
+        v = info["validation"]
+        lines.append(f"  Checked on {v['cpu']} ({v['cpu_class']}, {'inside' if v['inside_target'] else 'outside'} the target): "
+                     f"fused kernels agree with the simulation on {v['top1_agreement']:.4f} of {v['images']} validation images.")
+    return lines
 
 
 def write_report(out_dir: str | Path, extra: dict | None = None) -> dict:
