@@ -59,7 +59,7 @@ class QuantizeConfig:
     max_top1_drop_pp: float = 0.3
     min_agreement: float = 0.99
     fallback_layers: int = 16  # most layers kept in float to meet the budget; 0 checks and reports only
-    sensitivity_images: int = 64  # validation images that rank the layers (the budget uses all of them)
+    sensitivity_images: int = 32  # validation images that rank the layers (the budget uses all of them)
 
     def __post_init__(self):
         for name in ("model", "data", "out_dir"):

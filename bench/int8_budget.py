@@ -1,0 +1,123 @@
+"""INT8 drift side by side: ONNX Runtime's plain defaults vs tledge's calibration methods vs tledge's drift budget.
+
+For one fine-tuned FP32 model (a `tledge build` folder) and its dataset, in one run:
+
+* `ort-defaults`: `onnxruntime.quantization.quantize_static` with its defaults (QDQ, per-tensor, MinMax, U8S8) on
+  the same calibration images: the plain approach;
+* `tledge-<method>`: tledge's TensorRT Q/DQ and portable CPU models for each fixed method, no fallback;
+* `tledge-budget`: tledge's default (min-max, drift budget with per-layer fallback).
+
+Every accuracy figure is the simulated INT8 arithmetic (the same on every machine): drift against FP32 on the
+validation split (what the budget judges) and on the test split (held out from every choice). The CPU models'
+batch-1 speed-up over FP32 is timed here, interleaved, and depends on this CPU.
+
+    python bench/int8_budget.py --build tledge-out --data ~/.cache/tledge/datasets/digits-v1 --out bench/int8_budget-digits.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from tledge.cpu_isa import this_cpu
+from tledge.data import Preprocess, load_array, load_splits
+from tledge.export import read_metadata
+from tledge.machine import machine_info
+from tledge.quantize import QuantizeConfig, _ArrayReader, _quiet_onnxruntime, quantize
+from tledge.runners import OrtRunner
+
+
+def logits(path: Path, x: np.ndarray, simulate: bool) -> np.ndarray:
+    runner = OrtRunner(path, simulate_int8=simulate)
+    return np.concatenate([runner(x[i : i + 32]) for i in range(0, len(x), 32)])
+
+
+def drift(out: np.ndarray, ref: np.ndarray, y: np.ndarray) -> dict:
+    return {"top1": float(np.mean(out.argmax(1) == y)), "drop_pp": float((np.mean(ref.argmax(1) == y) - np.mean(out.argmax(1) == y)) * 100),
+            "agreement": float(np.mean(out.argmax(1) == ref.argmax(1)))}
+
+
+def p50_ms(paths: dict[str, Path], x: np.ndarray, rounds: int = 5, per_round: int = 40) -> dict[str, float]:
+    runners = {k: OrtRunner(p) for k, p in paths.items()}
+    times = {k: [] for k in runners}
+    for r in runners.values():
+        r(x)
+    for _ in range(rounds):
+        for k, r in runners.items():
+            for _ in range(per_round):
+                t0 = time.perf_counter()
+                r(x)
+                times[k].append((time.perf_counter() - t0) * 1000)
+    return {k: float(np.median(v)) for k, v in times.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--build", type=Path, required=True)
+    ap.add_argument("--data", type=Path, required=True)
+    ap.add_argument("--methods", default="minmax,percentile", help="fixed methods to compare (entropy takes minutes)")
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+
+    fp32 = args.build / "model.fp32.onnx"
+    meta = read_metadata(fp32)
+    pre = Preprocess.from_dict(meta["preprocess"])
+    splits = load_splits(args.data)
+    sets = {name: load_array(getattr(splits, name), pre) for name in ("val", "test") if getattr(splits, name)}
+    refs = {name: logits(fp32, x, False) for name, (x, _) in sets.items()}
+    calibration = args.build / "calibration.json"
+    calib_paths = {e["path"] for e in json.loads(calibration.read_text())["images"]}
+    calib_x, _ = load_array([s for s in splits.train if s.path.relative_to(splits.root).as_posix() in calib_paths], pre)
+    work = Path(tempfile.mkdtemp(prefix="tledge-bench-int8-budget-"))
+
+    variants: dict[str, dict] = {}  # name -> {"files": {target: path}, "seconds": s, "kept": {target: n}}
+    t0 = time.perf_counter()
+    from onnxruntime.quantization import QuantFormat, quantize_static
+
+    with _quiet_onnxruntime():
+        quantize_static(str(fp32), str(work / "ort-defaults.onnx"), _ArrayReader(meta["input"], calib_x, 16), quant_format=QuantFormat.QDQ)
+    variants["ort-defaults"] = {"files": {"cpu": work / "ort-defaults.onnx"}, "seconds": time.perf_counter() - t0, "kept": {"cpu": 0}}
+    runs = [(f"tledge-{m}", dict(method=m, fallback_layers=0)) for m in args.methods.split(",")] + [("tledge-budget", {})]
+    for name, options in runs:
+        t0 = time.perf_counter()
+        record = quantize(QuantizeConfig(model=fp32, data=args.data, out_dir=work / name, calibration=calibration, **options))
+        variants[name] = {
+            "files": {"tensorrt": work / name / "model.int8.qdq.onnx", "cpu": work / name / "model.int8.cpu.onnx"},
+            "seconds": time.perf_counter() - t0,
+            "kept": {t: len(m["kept_float"]) for t, m in record["models"].items()},
+        }
+
+    rows = []
+    for name, v in variants.items():
+        for target, path in v["files"].items():
+            row = {"variant": name, "target": target, "layers_in_float": v["kept"][target], "quantize_s": round(v["seconds"], 1)}
+            for split, (x, y) in sets.items():
+                row[split] = drift(logits(path, x, True), refs[split], y)
+            rows.append(row)
+    cpu_files = {f"{r['variant']}": variants[r["variant"]]["files"]["cpu"] for r in rows if r["target"] == "cpu"}
+    latency = p50_ms({"fp32": fp32, **cpu_files}, sets["val"][0][:1])
+    for r in rows:
+        if r["target"] == "cpu":
+            r["speedup_b1"] = round(latency["fp32"] / latency[r["variant"]], 3)
+
+    cpu = {**this_cpu(), "name": machine_info()["cpu"]}
+    print(f"CPU: {cpu['name']} class {cpu['class']} flags {cpu['int8_flags']}; onnxruntime {machine_info()['versions']['onnxruntime']}; "
+          f"val {len(sets['val'][0])} / test {len(sets.get('test', sets['val'])[0])} images, input {list(pre.input_shape)}")
+    print("| variant | model | layers in float | val drop (pt) | val agreement | test top-1 | test drop (pt) | test agreement | CPU speed-up b1 | quantize s |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        test = r.get("test", r["val"])
+        print(f"| {r['variant']} | {r['target']} | {r['layers_in_float']} | {r['val']['drop_pp']:+.2f} | {r['val']['agreement']:.4f} | "
+              f"{test['top1']:.4f} | {test['drop_pp']:+.2f} | {test['agreement']:.4f} | "
+              f"{str(r['speedup_b1']) + 'x' if 'speedup_b1' in r else 'n/a'} | {r['quantize_s']} |")
+    if args.out:
+        args.out.write_text(json.dumps({"cpu": cpu, "versions": machine_info()["versions"], "rows": rows}, indent=2, default=str) + "\n")
+
+
+if __name__ == "__main__":
+    main()
