@@ -170,7 +170,8 @@ def _quantized_model_lines(target: str, info: dict) -> list[str]:
     lines = [f"- `{info['path']}` ({target}): activations {info['activations']}, weights {info['weights']}."]
     if "cpu_target" in info:
         t = info["cpu_target"]
-        lines.append(f"  CPU target `{t['name']}` ({t['requested']}): {t['description']}.")
+        requested = f" ({t['requested']})" if t["requested"] != t["name"] else ""
+        lines.append(f"  CPU target `{t['name']}`{requested}: {t['description']}.")
     if "narrowing" in info:
         n = info["narrowing"]
         lines.append(f"  {n['narrowed_channels']} of {n['channels_checked']} output channels in {n['narrowed_layers']} of "
@@ -184,7 +185,8 @@ def _quantized_model_lines(target: str, info: dict) -> list[str]:
         f = info["fallback"]
         tried = ", ".join(f"{t['layers']} layers: agreement {t['agreement']:.4f}" for t in f["tried"])
         added = ", ".join(f"`{n}`" for n in f["kept_float_added"]) or "none"
-        lines.append(f"  Per-layer fallback kept {len(f['kept_float_added'])} layer(s) in float ({added}); tried {tried}.")
+        stopped = f" Stopped: {f['stopped']}." if f.get("stopped") else ""
+        lines.append(f"  Per-layer fallback kept {len(f['kept_float_added'])} layer(s) in float ({added}); tried {tried}.{stopped}")
         if "latency_cost" in f:
             c = f["latency_cost"]
             lines.append(f"  Their cost on this CPU: batch-1 p50 {c['p50_ms']['without_fallback']:.2f} -> {c['p50_ms']['with_fallback']:.2f} ms ({c['slowdown']:.2f}x).")
