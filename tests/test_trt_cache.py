@@ -96,3 +96,23 @@ def test_a_trt_version_without_implicit_int8_fails_before_any_work(tiny_pipeline
         QuantizeConfig(model=tiny_pipeline / "model.fp32.onnx", data=tiny_dataset, out_dir=tmp_path, trt_version="11.0")
     # the CPU model alone needs no TensorRT version
     QuantizeConfig(model=tiny_pipeline / "model.fp32.onnx", data=tiny_dataset, out_dir=tmp_path, targets=("cpu",), trt_version="11.0")
+
+
+def test_every_cpu_activation_scale_comes_from_tledges_ranges(tiny_pipeline, tiny_dataset):
+    """quantize_static sees one batch only; each activation scale must still come from the ranges of all images."""
+    from tledge.data import Sample, load_array
+    from tledge.models import get_spec
+    from tledge.quantize import compute_ranges
+
+    calib = json.loads((tiny_pipeline / "calibration.json").read_text())
+    x, _ = load_array([Sample(tiny_dataset / e["path"], 0) for e in calib["images"]], get_spec("test_efficientnet_lite").preprocess)
+    ranges = compute_ranges(tiny_pipeline / "model.fp32.onnx", "input", x, "minmax", symmetric=False)
+    model = onnx.load(str(tiny_pipeline / "model.int8.cpu.onnx"))
+    inits = {i.name: i for i in model.graph.initializer}
+    activations = [n for n in model.graph.node if n.op_type == "QuantizeLinear" and n.input[0] not in inits]
+    assert len(activations) > 10
+    for q in activations:
+        name = q.input[0].removesuffix("_QuantizeLinear_Input")  # onnxruntime renames a quantized graph output
+        lo, hi = ranges[name]
+        expected = (max(hi, 0.0) - min(lo, 0.0)) / 255  # onnxruntime's uint8 asymmetric scale
+        assert float(numpy_helper.to_array(inits[q.input[1]])) == pytest.approx(expected, rel=1e-5), q.input[0]
