@@ -169,3 +169,14 @@ def test_a_kept_layer_of_the_cpu_model_stays_float_inside_onnxruntime(trained, t
     x, _ = _val(tiny_dataset)
     fused, simulated = OrtRunner(tmp_path / "model.int8.cpu.onnx")(x), OrtRunner(tmp_path / "model.int8.cpu.onnx", simulate_int8=True)(x)
     assert np.abs(fused - simulated).mean() < 0.02 * np.abs(simulated - simulated.mean(1, keepdims=True)).mean()
+
+
+def test_the_budget_is_judged_on_a_bounded_spread_of_validation_images(trained, tiny_dataset, tmp_path):
+    record = quantize(QuantizeConfig(model=trained / FP32, data=tiny_dataset, out_dir=tmp_path, num_images=24,
+                                     targets=("tensorrt",), fallback_layers=0, budget_images=5))
+    assert record["models"]["tensorrt"]["drift"]["images"] == 5
+    from tledge.data import load_splits
+    from tledge.drift_budget import DriftBudget
+
+    budget = DriftBudget(QuantizeConfig(model=trained / FP32, data=tiny_dataset, out_dir=tmp_path, budget_images=5), load_splits(tiny_dataset), None)
+    assert len({s.label for s in budget.samples}) == 3, "every class is in the spread"

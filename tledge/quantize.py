@@ -59,7 +59,8 @@ class QuantizeConfig:
     max_top1_drop_pp: float = 0.3
     min_agreement: float = 0.99
     fallback_layers: int = 16  # most layers kept in float to meet the budget; 0 checks and reports only
-    sensitivity_images: int = 32  # validation images that rank the layers (the budget uses all of them)
+    sensitivity_images: int = 32  # validation images that rank the layers
+    budget_images: int = 1000  # most validation images the budget is judged on (evenly spaced; bounds memory)
 
     def __post_init__(self):
         for name in ("model", "data", "out_dir"):
@@ -77,8 +78,8 @@ class QuantizeConfig:
             version_code(self.trt_version)  # a bad or unsupported version fails before calibration
         if not 0 <= self.max_top1_drop_pp <= 100 or not 0 <= self.min_agreement <= 1:
             raise TledgeError("the drift budget needs 0 <= max top-1 drop <= 100 (points) and 0 <= min agreement <= 1")
-        if self.fallback_layers < 0 or self.sensitivity_images < 1 or self.num_images < 1 or self.batch_size < 1:
-            raise TledgeError("fallback layers must be >= 0; sensitivity images, calibration images and batch size >= 1")
+        if self.fallback_layers < 0 or min(self.sensitivity_images, self.budget_images, self.num_images, self.batch_size) < 1:
+            raise TledgeError("fallback layers must be >= 0; sensitivity, budget and calibration images and batch size >= 1")
 
     def to_dict(self) -> dict:
         return {k: (str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
