@@ -180,3 +180,21 @@ def test_the_budget_is_judged_on_a_bounded_spread_of_validation_images(trained, 
 
     budget = DriftBudget(QuantizeConfig(model=trained / FP32, data=tiny_dataset, out_dir=tmp_path, budget_images=5), load_splits(tiny_dataset), None)
     assert len({s.label for s in budget.samples}) == 3, "every class is in the spread"
+
+
+def test_auto_method_picks_the_candidate_closest_to_fp32(trained, tiny_dataset, tmp_path):
+    from tledge.drift_budget import score
+    from tledge.export import read_metadata
+
+    record = quantize(QuantizeConfig(model=trained / FP32, data=tiny_dataset, out_dir=tmp_path, num_images=24,
+                                     method="auto", fallback_layers=0))
+    for target, name in (("tensorrt", "model.int8.qdq.onnx"), ("cpu", "model.int8.cpu.onnx")):
+        info = record["models"][target]
+        choice = info["method_choice"]
+        assert set(choice["candidates"]) == {"minmax", "percentile"}
+        best = max(score(c) for c in choice["candidates"].values())
+        assert score(choice["candidates"][choice["chosen"]]) == best
+        assert info["calibration_method"] == choice["chosen"] == read_metadata(tmp_path / name)["calibration_method"]
+        # the written model is the chosen candidate: its figures are the chosen one's
+        assert info["drift"]["agreement"] == choice["candidates"][choice["chosen"]]["agreement"]
+    assert record["calibration"]["method"] == "auto"

@@ -112,7 +112,7 @@ class DriftBudget:
                     stopped = f"{k} float layers made the CPU model slower than FP32"
                     break
             # A larger fallback must earn its cost: better by more than one image, or within the budget.
-            if d["met"] or _score(d) > _score(best[2]) + one_image:
+            if d["met"] or score(d) > score(best[2]) + one_image:
                 best = (path, keep, d)
             if d["met"]:
                 break
@@ -131,7 +131,7 @@ class DriftBudget:
         return chosen, keep, drift, fallback
 
 
-def _score(d: dict) -> float:
+def score(d: dict) -> float:
     """Agreement with FP32 less the top-1 lost, both as fractions of the images."""
     return d["agreement"] - d["top1_drop_pp"] / 100
 

@@ -31,7 +31,9 @@ from .cpu_isa import CPU_TARGET_CHOICES, CpuTarget, resolve_cpu_target
 from .errors import TledgeError, require
 from .trt_cache import version_code
 
-CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
+CALIBRATION_METHODS = ("minmax", "entropy", "percentile", "auto")
+# What "auto" chooses between, per model, by validation drift (entropy takes minutes and lost to both here).
+AUTO_CANDIDATES = ("minmax", "percentile")
 TARGETS = {"tensorrt": "model.int8.qdq.onnx", "cpu": "model.int8.cpu.onnx"}
 
 
@@ -374,6 +376,20 @@ def check_tensorrt_qdq(model) -> list[str]:
     return problems
 
 
+def _choose_method(make, budget, work: Path, keep_float: tuple[str, ...]) -> tuple[str, dict]:
+    """``auto``: the calibration method whose model (before any fallback) stays closest to FP32 on validation."""
+    from .drift_budget import score
+
+    figures = {}
+    for method in AUTO_CANDIDATES:
+        path = work / f"auto-{method}.onnx"
+        make(keep_float, path, method)
+        figures[method] = {k: v for k, v in budget.evaluate(path).items() if k in ("top1", "top1_drop_pp", "agreement")}
+        path.unlink()
+    best = max(AUTO_CANDIDATES, key=lambda m: (score(figures[m]), -AUTO_CANDIDATES.index(m)))  # a tie goes to min-max
+    return best, {"candidates": figures, "chosen": best, "by": "agreement with FP32 minus top-1 lost, validation, simulated"}
+
+
 TRT_CACHE = "calibration.cache"
 
 
@@ -457,35 +473,39 @@ def quantize(cfg: QuantizeConfig) -> dict:
     budget = DriftBudget(cfg, splits, pre)
     fp32_proto = onnx.load(str(cfg.model))
     outputs = {}
-    ranges_by_symmetry: dict[bool, dict] = {}
-    for target in cfg.targets:
-        dst = cfg.out_dir / TARGETS[target]
+    computed_ranges: dict[tuple[str, bool], dict] = {}
+
+    def ranges_for(target: str, method: str) -> dict:
         # TensorRT's activations are symmetric int8, the CPU model's asymmetric uint8. Histogram methods must search
         # thresholds for each; min-max ranges are the same raw extremes (the quantizer symmetrizes them): one pass.
-        symmetric = target == "tensorrt" and cfg.method != "minmax"
-        if symmetric not in ranges_by_symmetry:
-            ranges_by_symmetry[symmetric] = compute_ranges(cfg.model, meta["input"], x, cfg.method, symmetric=symmetric)
-        ranges = ranges_by_symmetry[symmetric]
+        key = (method, target == "tensorrt" and method != "minmax")
+        if key not in computed_ranges:
+            computed_ranges[key] = compute_ranges(cfg.model, meta["input"], x, method, symmetric=key[1])
+        return computed_ranges[key]
+
+    for target in cfg.targets:
+        dst = cfg.out_dir / TARGETS[target]
         weight_overrides, extra_meta, info = None, {}, {}
+        pairs_moved: dict[Path, int] = {}  # per candidate file: the record describes the one chosen
         if target == "cpu":
             info["cpu_target"] = _cpu_target_record(cpu_target, cpu_target_reason)
             extra_meta["cpu_target"] = cpu_target.name
             if not cpu_target.full_range_weights:
                 weight_overrides, info["narrowing"] = pair_safe_weight_overrides(fp32_proto)
 
-        def make(keep_float: tuple[str, ...], path: Path):
+        def make(keep_float: tuple[str, ...], path: Path, method: str):
             """Quantize with ``keep_float`` in float, check the result against its runtime's rules, label it."""
-            # Every activation range comes from `ranges` (TensorQuantOverrides); quantize_static's own calibration
-            # pass only has to see the graph run, so one batch is enough (the cache test checks the scales).
-            _quantize_one(target, cfg.model, path, _ArrayReader(meta["input"], x[: cfg.batch_size], cfg.batch_size), ranges, cfg,
-                          weight_overrides, keep_float)
+            # Every activation range comes from tledge's ranges (TensorQuantOverrides); quantize_static's own
+            # calibration pass only has to see the graph run, so one batch is enough (a test checks the scales).
+            _quantize_one(target, cfg.model, path, _ArrayReader(meta["input"], x[: cfg.batch_size], cfg.batch_size),
+                          ranges_for(target, method), cfg, weight_overrides, keep_float)
             proto = onnx.load(str(path))
             if target == "tensorrt":
                 problems = check_tensorrt_qdq(proto)
                 if problems:
                     raise TledgeError(f"the TensorRT Q/DQ model breaks TensorRT's rules: {'; '.join(problems[:5])}")
             elif not cpu_target.full_range_weights:
-                info["narrowing"]["pairs_moved_to_limit"] = make_weights_pair_safe(proto, fp32_proto)
+                pairs_moved[path] = make_weights_pair_safe(proto, fp32_proto)
                 problems = check_int16_saturation(proto)
                 if problems:  # a bug in tledge, not the user's: say so rather than ship a wrong model
                     raise TledgeError(f"internal error: the portable CPU model can still saturate int16: {'; '.join(problems[:3])}")
@@ -495,22 +515,29 @@ def quantize(cfg: QuantizeConfig) -> dict:
                 # the quantizer's range as a Clip (it may stand in for a ReLU6 that ONNX Runtime dropped), no rounding.
                 proto = bypass_quantization(proto, fp32_proto, list(keep_float))
             set_metadata(proto, {**meta, "precision": f"int8-{target}", "calibration": "calibration.json",
-                                 "calibration_method": cfg.method, "kept_float": list(keep_float), **extra_meta})
+                                 "calibration_method": method, "kept_float": list(keep_float), **extra_meta})
             onnx.save(proto, str(path))
             return proto
 
         # Candidates live in a private folder; only the chosen model replaces dst, in one rename.
         with tempfile.TemporaryDirectory(prefix=".tledge-quantize-", dir=cfg.out_dir) as work:
-            chosen, keep_float, info["drift"], fallback = budget.meet(make, Path(work), fp32_proto, target)
+            method = cfg.method
+            if method == "auto":
+                method, info["method_choice"] = _choose_method(make, budget, Path(work), tuple(cfg.keep_float))
+            info["calibration_method"] = method
+            chosen, keep_float, info["drift"], fallback = budget.meet(
+                lambda keep, path: make(keep, path, method), Path(work), fp32_proto, target)
             if fallback:
                 info["fallback"] = fallback
+            if chosen in pairs_moved:
+                info["narrowing"]["pairs_moved_to_limit"] = pairs_moved[chosen]
             with atomic_path(dst) as tmp:
                 shutil.copyfile(chosen, tmp)
                 if target == "cpu":
                     info["validation"] = _validate_on_this_cpu(tmp, budget.images(), cpu_target)
         proto = onnx.load(str(dst))
         if target == "tensorrt":  # after the model it belongs to is in place
-            info["calibration_cache"] = _write_trt_cache(cfg, proto, ranges, keep_float)
+            info["calibration_cache"] = _write_trt_cache(cfg, proto, ranges_for(target, method), keep_float)
         ops = [n.op_type for n in proto.graph.node]
         outputs[target] = {
             "path": dst.name,

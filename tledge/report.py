@@ -167,7 +167,12 @@ def _markdown(summary: dict, extra: dict | None) -> str:
 
 def _quantized_model_lines(target: str, info: dict) -> list[str]:
     """One INT8 model in the report: its format, drift budget, fallback, and what is special to its runtime."""
-    lines = [f"- `{info['path']}` ({target}): activations {info['activations']}, weights {info['weights']}."]
+    method = f", ranges by {info['calibration_method']}" if "calibration_method" in info else ""
+    lines = [f"- `{info['path']}` ({target}): activations {info['activations']}, weights {info['weights']}{method}."]
+    if "method_choice" in info:
+        c = info["method_choice"]["candidates"]
+        lines.append("  Calibration method chosen on validation: " + ", ".join(
+            f"{m} agreement {f['agreement']:.4f}, top-1 {-f['top1_drop_pp']:+.2f} pt" for m, f in c.items()) + ".")
     if "cpu_target" in info:
         t = info["cpu_target"]
         requested = f" ({t['requested']})" if t["requested"] != t["name"] else ""
