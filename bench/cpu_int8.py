@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tledge.bench import interleaved_p50
 from tledge.cpu_isa import this_cpu
 from tledge.data import Preprocess, load_array, load_splits
 from tledge.export import read_metadata
@@ -31,24 +32,12 @@ from tledge.runners import OrtRunner
 
 
 def evaluate(path: Path, x: np.ndarray, simulate: bool) -> np.ndarray:
-    runner = OrtRunner(path, simulate_int8=simulate)
-    return np.concatenate([runner(x[i : i + 32]) for i in range(0, len(x), 32)])
+    return OrtRunner(path, simulate_int8=simulate).run_batches(x)
 
 
 def latency_p50(paths: dict[str, Path], x: np.ndarray, batch: int, rounds: int = 5, per_round: int = 40) -> dict[str, float]:
     runners = {name: OrtRunner(p) for name, p in paths.items()}
-    xb = np.ascontiguousarray(x[:batch])
-    times = {name: [] for name in runners}
-    for r in runners.values():
-        for _ in range(5):
-            r(xb)
-    for _ in range(rounds):  # interleaved, so every variant sees the same machine conditions
-        for name, r in runners.items():
-            for _ in range(per_round):
-                t0 = time.perf_counter()
-                r(xb)
-                times[name].append((time.perf_counter() - t0) * 1000)
-    return {name: float(np.median(t)) for name, t in times.items()}
+    return interleaved_p50(runners, np.ascontiguousarray(x[:batch]), rounds=rounds, per_round=per_round, warmup=5)
 
 
 def ort_reduce_range(fp32: Path, dst: Path, input_name: str, calib: np.ndarray) -> None:

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tledge.bench import interleaved_p50
 from tledge.cpu_isa import this_cpu
 from tledge.data import Preprocess, load_array, load_splits
 from tledge.export import read_metadata
@@ -33,8 +34,7 @@ from tledge.runners import OrtRunner
 
 
 def logits(path: Path, x: np.ndarray, simulate: bool) -> np.ndarray:
-    runner = OrtRunner(path, simulate_int8=simulate)
-    return np.concatenate([runner(x[i : i + 32]) for i in range(0, len(x), 32)])
+    return OrtRunner(path, simulate_int8=simulate).run_batches(x)
 
 
 def drift(out: np.ndarray, ref: np.ndarray, y: np.ndarray) -> dict:
@@ -43,17 +43,7 @@ def drift(out: np.ndarray, ref: np.ndarray, y: np.ndarray) -> dict:
 
 
 def p50_ms(paths: dict[str, Path], x: np.ndarray, rounds: int = 5, per_round: int = 40) -> dict[str, float]:
-    runners = {k: OrtRunner(p) for k, p in paths.items()}
-    times = {k: [] for k in runners}
-    for r in runners.values():
-        r(x)
-    for _ in range(rounds):
-        for k, r in runners.items():
-            for _ in range(per_round):
-                t0 = time.perf_counter()
-                r(x)
-                times[k].append((time.perf_counter() - t0) * 1000)
-    return {k: float(np.median(v)) for k, v in times.items()}
+    return interleaved_p50({k: OrtRunner(p) for k, p in paths.items()}, x, rounds=rounds, per_round=per_round, warmup=1)
 
 
 def main() -> None:

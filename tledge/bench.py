@@ -9,7 +9,8 @@ FP32 reference. How each figure was computed depends on what the model is for:
   simulation; when this CPU is outside the model's CPU target, or its kernels disagree with the simulation, the
   record carries a warning;
 * anything else: as ONNX Runtime runs it.
- Latency: wall time of one ``run`` call at a fixed batch, measured in interleaved rounds so that
+
+Latency: wall time of one ``run`` call at a fixed batch, measured in interleaved rounds so that
 every variant sees the same machine conditions; p50/p90/p99 in milliseconds, plus throughput at a larger batch.
 """
 
@@ -134,6 +135,18 @@ def percentiles(samples_ms: list[float]) -> dict:
         "min": round(float(a.min()), 4),
         "samples": len(a),
     }
+
+
+def interleaved_p50(runners: dict, x: np.ndarray, rounds: int, per_round: int, warmup: int) -> dict[str, float]:
+    """p50 latency in ms of each runner on ``x``, after ``warmup`` calls each, timed in interleaved rounds so that
+    every runner sees the same machine conditions."""
+    for runner in runners.values():
+        _time_calls(runner, x, warmup)
+    times = {name: [] for name in runners}
+    for _ in range(rounds):
+        for name, runner in runners.items():
+            times[name] += _time_calls(runner, x, per_round)
+    return {name: float(np.median(t)) for name, t in times.items()}
 
 
 def _time_calls(runner, x: np.ndarray, n: int) -> list[float]:

@@ -51,8 +51,7 @@ class DriftBudget:
             from .runners import OrtRunner
 
             self._x, self._y = load_array(self.samples, self.preprocess)
-            runner = OrtRunner(self.cfg.model)
-            self._reference = np.concatenate([runner(self._x[i : i + 32]) for i in range(0, len(self._x), 32)])
+            self._reference = OrtRunner(self.cfg.model).run_batches(self._x)
         return self._x, self._y, self._reference
 
     def images(self) -> np.ndarray:
@@ -142,24 +141,16 @@ def _speedup(fp32: Path, int8: Path, x: np.ndarray) -> float:
 
 
 def _p50_interleaved(paths: dict[str, Path], x: np.ndarray, rounds: int, per_round: int) -> dict[str, float]:
-    """Batch p50 latency in ms of each model, timed in interleaved rounds after warm-up (a new ONNX Runtime session
+    """Batch p50 latency in ms of each model, single-threaded, after 10 warm-up calls (a new ONNX Runtime session
     runs its first calls up to twice as slow)."""
+    from .bench import interleaved_p50
     from .runners import OrtRunner
 
     # One thread: two sessions' spinning thread pools would steal the two cores from each other and make the
     # ratio swing by +-40% between repeats; single-threaded it repeats within a few percent.
     runners = {name: OrtRunner(p, threads=1) for name, p in paths.items()}
-    times = {name: [] for name in runners}
-    for r in runners.values():
-        for _ in range(10):
-            r(x)
-    for _ in range(rounds):
-        for name, r in runners.items():
-            for _ in range(per_round):
-                t0 = time.perf_counter()
-                r(x)
-                times[name].append((time.perf_counter() - t0) * 1000)
-    return {name: round(float(np.median(t)), 4) for name, t in times.items()}
+    p50 = interleaved_p50(runners, x, rounds=rounds, per_round=per_round, warmup=10)
+    return {name: round(ms, 4) for name, ms in p50.items()}
 
 
 def _latency_cost(before: Path, after: Path, x: np.ndarray) -> dict:

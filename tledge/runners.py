@@ -5,7 +5,6 @@ Each backend's heavy import happens when a runner is made, never when tledge is 
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -39,11 +38,14 @@ class OrtRunner:
 
     name = "onnxruntime"
 
-    def __init__(self, path: str | os.PathLike, threads: int | None = None, providers: tuple[str, ...] = ("CPUExecutionProvider",),
+    def __init__(self, path, threads: int | None = None, providers: tuple[str, ...] = ("CPUExecutionProvider",),
                  simulate_int8: bool = False):
+        """``path``: an ONNX file, or an in-memory ``onnx.ModelProto`` (an edited model that was never saved)."""
         ort = require("onnxruntime", "pip install onnxruntime   (or onnxruntime-gpu)")
-        path = Path(path)
-        if not path.is_file():
+        in_memory = hasattr(path, "SerializeToString")
+        source = path.SerializeToString() if in_memory else str(path)
+        path = None if in_memory else Path(path)
+        if path is not None and not path.is_file():
             raise TledgeError(f"ONNX model {path} does not exist")
         options = ort.SessionOptions()
         options.log_severity_level = 3  # errors only; ORT's warnings about unused initializers are noise here
@@ -57,9 +59,9 @@ class OrtRunner:
         if missing:
             raise TledgeError(f"ONNX Runtime here has no {missing}; available: {ort.get_available_providers()}")
         try:
-            self.session = ort.InferenceSession(str(path), options, providers=list(providers))
+            self.session = ort.InferenceSession(source, options, providers=list(providers))
         except Exception as exc:  # ORT raises its own exception types for a corrupt or unsupported model
-            raise TledgeError(f"ONNX Runtime cannot load {path}: {str(exc).splitlines()[0]}") from None
+            raise TledgeError(f"ONNX Runtime cannot load {path or 'the model'}: {str(exc).splitlines()[0]}") from None
         self.input = self.session.get_inputs()[0]
         self.output_name = self.session.get_outputs()[0].name
         self.path = path
@@ -70,3 +72,7 @@ class OrtRunner:
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         return self.session.run([self.output_name], {self.input.name: np.ascontiguousarray(x, dtype=np.float32)})[0]
+
+    def run_batches(self, x: np.ndarray, batch: int = 32) -> np.ndarray:
+        """Logits of every image in ``x``, run ``batch`` at a time (memory stays bounded on large arrays)."""
+        return np.concatenate([self(x[i : i + batch]) for i in range(0, len(x), batch)])

@@ -106,14 +106,9 @@ def bypass_quantization(model, fp32_model, node_names) -> object:
 
 def simulate(model, x: np.ndarray, batch: int = 32) -> np.ndarray:
     """Logits of an in-memory Q/DQ model with Q/DQ run as float ops (see :class:`tledge.runners.OrtRunner`)."""
-    import onnxruntime as ort
+    from .runners import OrtRunner
 
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.log_severity_level = 3
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
-    return np.concatenate([session.run(None, {name: x[i : i + batch]})[0] for i in range(0, len(x), batch)])
+    return OrtRunner(model, simulate_int8=True).run_batches(x, batch)
 
 
 def logit_error(logits: np.ndarray, reference: np.ndarray) -> float:
