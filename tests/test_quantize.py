@@ -411,19 +411,14 @@ def test_checker_flags_a_missing_zero_point():
     assert any("no zero point" in p for p in check_tensorrt_qdq(helper.make_model(graph)))
 
 
-def test_entropy_calibration_is_not_min_max(tiny_pipeline, tiny_dataset):
+def test_entropy_calibration_is_not_min_max(tiny_pipeline):
     """Regression: quantize_static's entropy defaults (128 bins for 128 levels) silently equal min-max."""
-    from tledge.data import Preprocess, load_array, load_splits
-    from tledge.quantize import compute_ranges
+    from tledge.calib_stats import STATS_FILE, CalibrationStats
 
-    pre = Preprocess(size=32, resize=32, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
-    x, _ = load_array(load_splits(tiny_dataset).train[:24], pre)
-    model = tiny_pipeline / "model.fp32.onnx"
-    minmax = compute_ranges(model, "input", x, "minmax", symmetric=True)
-    entropy = compute_ranges(model, "input", x, "entropy", symmetric=True, bins=320)  # coarse: 33 candidates a tensor, fast
+    stats = CalibrationStats.load(tiny_pipeline / STATS_FILE)
+    minmax, entropy = stats.ranges("minmax", symmetric=True), stats.ranges("entropy", symmetric=True)
     assert minmax.keys() == entropy.keys()
-    amax = {k: max(abs(lo), abs(hi)) for k, (lo, hi) in minmax.items()}
-    tighter = [k for k, (lo, hi) in entropy.items() if max(abs(lo), abs(hi)) < 0.95 * amax[k]]
+    tighter = [k for k, (lo, hi) in entropy.items() if hi < 0.95 * minmax[k][1]]
     assert tighter, "entropy calibration clipped no tensor: it is behaving like min-max"
 
 

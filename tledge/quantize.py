@@ -31,10 +31,9 @@ from .cpu_isa import CPU_TARGET_CHOICES, CpuTarget, resolve_cpu_target
 from .errors import TledgeError, require
 from .trt_cache import version_code
 
-CALIBRATION_METHODS = ("minmax", "entropy", "percentile", "auto")
+CALIBRATION_METHODS = ("minmax", "entropy", "percentile", "mse", "auto")
 # What "auto" chooses between, per model, by validation drift (entropy takes minutes and lost to both here).
 AUTO_CANDIDATES = ("minmax", "percentile")
-TARGETS = {"tensorrt": "model.int8.qdq.onnx", "cpu": "model.int8.cpu.onnx"}
 
 
 @dataclass(frozen=True)
@@ -104,72 +103,166 @@ class _ArrayReader:
         self.pos = 0
 
 
-def _ort_method(method: str):
-    from onnxruntime.quantization import CalibrationMethod
+def _quantize_static(src: Path, dst: Path, reader: _ArrayReader, overrides: dict, keep_float: tuple[str, ...], **kwargs) -> None:
+    """ONNX Runtime's quantizer with every range given (``TensorQuantOverrides``): its own calibration pass only has
+    to see the graph run, so one batch is enough (a test checks that the scales are ours)."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, quantize_static
 
-    return {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy, "percentile": CalibrationMethod.Percentile}[method]
-
-
-def compute_ranges(
-    model: Path, input_name: str, x: np.ndarray, method: str, symmetric: bool, chunk: int = 32, bins: int = 2048
-) -> dict[str, tuple[float, float]]:
-    """Activation ranges ``{tensor: (min, max)}`` of every tensor in ``model`` over the calibration images ``x``.
-
-    The histogram methods use 2048 bins; entropy searches thresholds over 128 levels a side, as TensorRT's
-    entropy calibrator does (ONNX Runtime's quantize_static would use 128 bins for 128 levels, which leaves a
-    single candidate and makes "entropy" the same as min-max). Images go through in chunks, so memory stays flat.
-    """
-    from onnxruntime.quantization import create_calibrator
-
-    extra = {"symmetric": symmetric}
-    if method == "entropy":
-        extra.update(num_bins=bins, num_quantized_bins=256)
-    elif method == "percentile":
-        extra.update(num_bins=bins, percentile=99.999)
-    with tempfile.TemporaryDirectory(prefix="tledge-calib-") as tmp, _quiet_onnxruntime():
-        calibrator = create_calibrator(
-            str(model), None, augmented_model_path=str(Path(tmp) / "augmented.onnx"),
-            calibrate_method=_ort_method(method), extra_options=extra,
-        )
-        for start in range(0, len(x), chunk):
-            calibrator.collect_data(_ArrayReader(input_name, x[start : start + chunk], 8))
-        tensors = calibrator.compute_data()
-        ranges = {name: (float(np.min(data.range_value[0])), float(np.max(data.range_value[1]))) for name, data in tensors.data.items()}
-        del calibrator  # its ONNX Runtime session holds the augmented model open inside tmp
-    return ranges
-
-
-def _quantize_one(target: str, src: Path, dst: Path, reader: _ArrayReader, ranges: dict, weight_overrides: dict | None,
-                  keep_float: tuple[str, ...]) -> None:
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-
-    # Our ranges override what quantize_static's own (cheap, min-max) calibration pass finds.
-    overrides = {name: [{"rmin": np.float32(lo), "rmax": np.float32(hi)}] for name, (lo, hi) in ranges.items()}
-    overrides.update(weight_overrides or {})
-    if target == "tensorrt":
-        kwargs = dict(
-            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-            extra_options={
-                "ActivationSymmetric": True, "WeightSymmetric": True, "AddQDQPairToWeight": True,
-                "QuantizeBias": False, "OpTypesToExcludeOutputQuantization": ["Conv", "Gemm"],
-                "TensorQuantOverrides": overrides,
-            },
-        )
-    else:
-        kwargs = dict(activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                      extra_options={"WeightSymmetric": True, "TensorQuantOverrides": overrides})
+    kwargs["extra_options"] = {**kwargs.get("extra_options", {}), "TensorQuantOverrides": overrides}
     reader.rewind()
     with _quiet_onnxruntime():
         try:
-            quantize_static(
-                str(src), str(dst), reader, quant_format=QuantFormat.QDQ, per_channel=True,
-                calibrate_method=CalibrationMethod.MinMax,
-                nodes_to_exclude=list(keep_float), **kwargs,
-            )
+            quantize_static(str(src), str(dst), reader, quant_format=QuantFormat.QDQ, per_channel=True,
+                            calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=list(keep_float), **kwargs)
         except TledgeError:
             raise
         except Exception as exc:  # ORT raises bare Exceptions/ValueErrors for unsupported graphs
-            raise TledgeError(f"ONNX Runtime could not quantize {src} for {target}: {type(exc).__name__}: {exc}") from None
+            raise TledgeError(f"ONNX Runtime could not quantize {src}: {type(exc).__name__}: {exc}") from None
+
+
+def _activation_overrides(ranges: dict[str, tuple[float, float]]) -> dict:
+    return {name: [{"rmin": np.float32(lo), "rmax": np.float32(hi)}] for name, (lo, hi) in ranges.items()}
+
+
+class Recipe:
+    """How one INT8 artifact is made: calibration statistics (as ranges) plus the layers kept in float in, a checked
+    model out. Subclasses say what differs between runtimes; :func:`quantize` never asks which one it has."""
+
+    target: str  # the name in QuantizeConfig.targets
+    path: str  # file name in the build folder
+    symmetric_activations: bool
+    activations: str
+    weights: str
+
+    def prepare(self, fp32_proto) -> dict:
+        """Once per build, before any candidate: facts for the record."""
+        return {}
+
+    def quantize(self, src: Path, dst: Path, reader: _ArrayReader, ranges: dict, keep_float: tuple[str, ...]) -> None:
+        raise NotImplementedError
+
+    def finish(self, proto, fp32_proto, keep_float: tuple[str, ...]) -> tuple[object, dict]:
+        """Check a fresh candidate against its runtime's rules and fix what the quantizer cannot express."""
+        return proto, {}
+
+    def metadata(self) -> dict:
+        return {}
+
+    def validate(self, path: Path, images: np.ndarray) -> dict:
+        """The chosen model, before it replaces the previous one: refuse it here if it must not ship."""
+        return {}
+
+    def companions(self, cfg: "QuantizeConfig", dst: Path, ranges: dict, keep_float: tuple[str, ...]) -> dict:
+        """Once the chosen model is in place: the files that go with it."""
+        return {}
+
+
+class TensorRTQDQ(Recipe):
+    """Explicit quantization for TensorRT 8.5 and later, plus ``calibration.cache`` for its implicit INT8 path."""
+
+    target, path, symmetric_activations = "tensorrt", "model.int8.qdq.onnx", True
+    activations, weights = "int8 symmetric", "int8 symmetric per-channel"
+
+    def quantize(self, src, dst, reader, ranges, keep_float):
+        from onnxruntime.quantization import QuantType
+
+        # Q/DQ only on Conv/Gemm inputs: a Conv's output stays float so TensorRT fuses bias and ReLU6 into it.
+        _quantize_static(src, dst, reader, _activation_overrides(ranges), keep_float,
+                         activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                         extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "AddQDQPairToWeight": True,
+                                        "QuantizeBias": False, "OpTypesToExcludeOutputQuantization": ["Conv", "Gemm"]})
+
+    def finish(self, proto, fp32_proto, keep_float):
+        problems = check_tensorrt_qdq(proto)
+        if problems:
+            raise TledgeError(f"the TensorRT Q/DQ model breaks TensorRT's rules: {'; '.join(problems[:5])}")
+        return proto, {}
+
+    def companions(self, cfg, dst, ranges, keep_float):
+        import onnx
+
+        return {"calibration_cache": TensorRTCalibrationCache(cfg.trt_version).write(cfg.out_dir, onnx.load(str(dst)), ranges, keep_float)}
+
+
+class CpuInt8(Recipe):
+    """ONNX Runtime on CPUs: uint8 activations, int8 per-channel weights, correct on every CPU of ``cpu_target``."""
+
+    target, path, symmetric_activations = "cpu", "model.int8.cpu.onnx", False
+    activations = "uint8 asymmetric"
+
+    def __init__(self, cpu_target: CpuTarget, reason: str):
+        self.cpu_target, self.reason = cpu_target, reason
+        self.weight_overrides: dict = {}
+        self.weights = ("int8 symmetric per-channel" if cpu_target.full_range_weights
+                        else "int8 symmetric per-channel, narrowed where an int16 pair could saturate")
+
+    def prepare(self, fp32_proto):
+        info = {"cpu_target": _cpu_target_record(self.cpu_target, self.reason)}
+        if not self.cpu_target.full_range_weights:
+            self.weight_overrides, info["narrowing"] = pair_safe_weight_overrides(fp32_proto)
+        return info
+
+    def quantize(self, src, dst, reader, ranges, keep_float):
+        from onnxruntime.quantization import QuantType
+
+        _quantize_static(src, dst, reader, {**_activation_overrides(ranges), **self.weight_overrides}, keep_float,
+                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, extra_options={"WeightSymmetric": True})
+
+    def finish(self, proto, fp32_proto, keep_float):
+        from .sensitivity import bypass_quantization
+
+        facts = {}
+        if not self.cpu_target.full_range_weights:
+            facts["pairs_moved_to_limit"] = make_weights_pair_safe(proto, fp32_proto)
+            problems = check_int16_saturation(proto)
+            if problems:  # a bug in tledge, not the user's: say so rather than ship a wrong model
+                raise TledgeError(f"internal error: the portable CPU model can still saturate int16: {'; '.join(problems[:3])}")
+        if keep_float:
+            # ONNX Runtime quantizes the weights of a float Conv that reads a DequantizeLinear on its own, per
+            # tensor (its WeightBiasQuantization pass, on by default), so a kept layer must read a float tensor:
+            # the quantizer's range as a Clip (it may stand in for a ReLU6 that ONNX Runtime dropped), no rounding.
+            proto = bypass_quantization(proto, fp32_proto, list(keep_float))
+        return proto, facts
+
+    def metadata(self):
+        return {"cpu_target": self.cpu_target.name}
+
+    def validate(self, path, images):
+        return {"validation": _validate_on_this_cpu(path, images, self.cpu_target)}
+
+
+class TensorRTCalibrationCache:
+    """``calibration.cache`` for TensorRT's implicit INT8 path, from the ranges that made the Q/DQ model.
+
+    Every calibrated tensor gets ``amax / 127`` (the Q/DQ model's activation scale where it has one), except the
+    outputs of nodes kept in float, which TensorRT then leaves out of INT8.
+    """
+
+    path = "calibration.cache"
+
+    def __init__(self, trt_version: str):
+        self.trt_version = trt_version
+
+    def write(self, out_dir: Path, qdq_model, ranges: dict[str, tuple[float, float]], keep_float: tuple[str, ...]) -> dict:
+        from .artifacts import write_text
+        from .trt_cache import DEFAULT_CALIBRATOR, format_cache
+
+        kept = {o for n in qdq_model.graph.node if n.name in keep_float for o in n.output}
+        amax = {name: max(abs(lo), abs(hi)) for name, (lo, hi) in ranges.items() if name not in kept}
+        write_text(out_dir / self.path, format_cache(amax, self.trt_version))
+        return {"path": self.path, "trt_version": self.trt_version, "version_code": version_code(self.trt_version),
+                "calibrator": DEFAULT_CALIBRATOR, "tensors": len(amax)}
+
+
+TARGETS = {recipe.target: recipe.path for recipe in (TensorRTQDQ, CpuInt8)}  # target name -> file in the build folder
+TRT_CACHE = TensorRTCalibrationCache.path
+
+
+def make_recipes(cfg: "QuantizeConfig") -> list[Recipe]:
+    """The recipe of each requested target, in the order asked."""
+    cpu_target, reason = resolve_cpu_target(cfg.cpu_target)
+    made = {"tensorrt": lambda: TensorRTQDQ(), "cpu": lambda: CpuInt8(cpu_target, reason)}
+    return [made[t]() for t in cfg.targets]
 
 
 @contextlib.contextmanager
@@ -388,25 +481,6 @@ def _choose_method(make, budget, work: Path, keep_float: tuple[str, ...]) -> tup
     return best, {"candidates": figures, "chosen": best, "by": "agreement with FP32 minus top-1 lost, validation, simulated"}
 
 
-TRT_CACHE = "calibration.cache"
-
-
-def _write_trt_cache(cfg: QuantizeConfig, qdq_model, ranges: dict[str, tuple[float, float]], keep_float: tuple[str, ...]) -> dict:
-    """``calibration.cache`` for TensorRT's implicit INT8 path, from the ranges that made the Q/DQ model.
-
-    Every calibrated tensor gets ``amax / 127`` (the Q/DQ model's activation scale where it has one), except the
-    outputs of nodes kept in float, which TensorRT then leaves out of INT8.
-    """
-    from .artifacts import write_text
-    from .trt_cache import DEFAULT_CALIBRATOR, format_cache
-
-    kept = {o for n in qdq_model.graph.node if n.name in keep_float for o in n.output}
-    amax = {name: max(abs(lo), abs(hi)) for name, (lo, hi) in ranges.items() if name not in kept}
-    write_text(cfg.out_dir / TRT_CACHE, format_cache(amax, cfg.trt_version))
-    return {"path": TRT_CACHE, "trt_version": cfg.trt_version, "version_code": version_code(cfg.trt_version),
-            "calibrator": DEFAULT_CALIBRATOR, "tensors": len(amax)}
-
-
 def _cpu_target_record(target: CpuTarget, reason: str) -> dict:
     return {"name": target.name, "requested": reason, "description": target.description, "valid_on": sorted(target.classes)}
 
@@ -440,11 +514,11 @@ def quantize(cfg: QuantizeConfig) -> dict:
     import onnx
 
     from .artifacts import atomic_path, write_json
+    from .calib_stats import STATS_FILE, calibrate, calibration_key
     from .calibration import calibration_warnings, load_calibration_set, sample_calibration_set
     from .data import Preprocess, Sample, load_array, load_splits
     from .drift_budget import DriftBudget, describe_drift
     from .export import load_onnx, read_metadata, set_metadata
-    from .sensitivity import bypass_quantization
 
     started = time.perf_counter()
     if not cfg.model.is_file():
@@ -467,53 +541,24 @@ def quantize(cfg: QuantizeConfig) -> dict:
     x, _ = load_array([Sample(p, 0) for p in calib.paths], pre)  # labels are not used by calibration
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
 
-    cpu_target, cpu_target_reason = resolve_cpu_target(cfg.cpu_target)
     budget = DriftBudget(cfg, splits, pre)
     fp32_proto = onnx.load(str(cfg.model))
+    # One pass of the calibration images through the FP32 model; every method below is a choice over its statistics.
+    key = calibration_key(cfg.model, [digest for _, digest in calib.images])
+    stats, stats_reused = calibrate(cfg.model, x, key, cfg.out_dir / STATS_FILE)
+    one_batch = _ArrayReader(meta["input"], x[: cfg.batch_size], cfg.batch_size)
     outputs = {}
-    computed_ranges: dict[tuple[str, bool], dict] = {}
+    for recipe in make_recipes(cfg):
+        dst = cfg.out_dir / recipe.path
+        info = recipe.prepare(fp32_proto)
+        facts: dict[Path, dict] = {}  # per candidate file: the record describes the one chosen
 
-    def ranges_for(target: str, method: str) -> dict:
-        # TensorRT's activations are symmetric int8, the CPU model's asymmetric uint8. Histogram methods must search
-        # thresholds for each; min-max ranges are the same raw extremes (the quantizer symmetrizes them): one pass.
-        key = (method, target == "tensorrt" and method != "minmax")
-        if key not in computed_ranges:
-            computed_ranges[key] = compute_ranges(cfg.model, meta["input"], x, method, symmetric=key[1])
-        return computed_ranges[key]
-
-    for target in cfg.targets:
-        dst = cfg.out_dir / TARGETS[target]
-        weight_overrides, extra_meta, info = None, {}, {}
-        pairs_moved: dict[Path, int] = {}  # per candidate file: the record describes the one chosen
-        if target == "cpu":
-            info["cpu_target"] = _cpu_target_record(cpu_target, cpu_target_reason)
-            extra_meta["cpu_target"] = cpu_target.name
-            if not cpu_target.full_range_weights:
-                weight_overrides, info["narrowing"] = pair_safe_weight_overrides(fp32_proto)
-
-        def make(keep_float: tuple[str, ...], path: Path, method: str):
+        def make(keep_float: tuple[str, ...], path: Path, method: str, recipe=recipe, facts=facts):
             """Quantize with ``keep_float`` in float, check the result against its runtime's rules, label it."""
-            # Every activation range comes from tledge's ranges (TensorQuantOverrides); quantize_static's own
-            # calibration pass only has to see the graph run, so one batch is enough (a test checks the scales).
-            _quantize_one(target, cfg.model, path, _ArrayReader(meta["input"], x[: cfg.batch_size], cfg.batch_size),
-                          ranges_for(target, method), weight_overrides, keep_float)
-            proto = onnx.load(str(path))
-            if target == "tensorrt":
-                problems = check_tensorrt_qdq(proto)
-                if problems:
-                    raise TledgeError(f"the TensorRT Q/DQ model breaks TensorRT's rules: {'; '.join(problems[:5])}")
-            elif not cpu_target.full_range_weights:
-                pairs_moved[path] = make_weights_pair_safe(proto, fp32_proto)
-                problems = check_int16_saturation(proto)
-                if problems:  # a bug in tledge, not the user's: say so rather than ship a wrong model
-                    raise TledgeError(f"internal error: the portable CPU model can still saturate int16: {'; '.join(problems[:3])}")
-            if target == "cpu" and keep_float:
-                # ONNX Runtime quantizes the weights of a float Conv that reads a DequantizeLinear on its own, per
-                # tensor (its WeightBiasQuantization pass, on by default), so a kept layer must read a float tensor:
-                # the quantizer's range as a Clip (it may stand in for a ReLU6 that ONNX Runtime dropped), no rounding.
-                proto = bypass_quantization(proto, fp32_proto, list(keep_float))
-            set_metadata(proto, {**meta, "precision": f"int8-{target}", "calibration": "calibration.json",
-                                 "calibration_method": method, "kept_float": list(keep_float), **extra_meta})
+            recipe.quantize(cfg.model, path, one_batch, stats.ranges(method, recipe.symmetric_activations), keep_float)
+            proto, facts[path] = recipe.finish(onnx.load(str(path)), fp32_proto, keep_float)
+            set_metadata(proto, {**meta, "precision": f"int8-{recipe.target}", "calibration": "calibration.json",
+                                 "calibration_method": method, "kept_float": list(keep_float), **recipe.metadata()})
             onnx.save(proto, str(path))
             return proto
 
@@ -524,24 +569,21 @@ def quantize(cfg: QuantizeConfig) -> dict:
                 method, info["method_choice"] = _choose_method(make, budget, Path(work), tuple(cfg.keep_float))
             info["calibration_method"] = method
             chosen, keep_float, info["drift"], fallback = budget.meet(
-                lambda keep, path: make(keep, path, method), Path(work), fp32_proto, target)
+                lambda keep, path: make(keep, path, method), Path(work), fp32_proto, recipe.target)
             if fallback:
                 info["fallback"] = fallback
-            if chosen in pairs_moved:
-                info["narrowing"]["pairs_moved_to_limit"] = pairs_moved[chosen]
+            if "narrowing" in info:
+                info["narrowing"].update(facts.get(chosen, {}))
             with atomic_path(dst) as tmp:
                 shutil.copyfile(chosen, tmp)
-                if target == "cpu":
-                    info["validation"] = _validate_on_this_cpu(tmp, budget.images(), cpu_target)
+                info.update(recipe.validate(tmp, budget.images()))
+        info.update(recipe.companions(cfg, dst, stats.ranges(method, recipe.symmetric_activations), keep_float))
         proto = onnx.load(str(dst))
-        if target == "tensorrt":  # after the model it belongs to is in place
-            info["calibration_cache"] = _write_trt_cache(cfg, proto, ranges_for(target, method), keep_float)
         ops = [n.op_type for n in proto.graph.node]
-        outputs[target] = {
+        outputs[recipe.target] = {
             "path": dst.name,
-            "activations": "int8 symmetric" if target == "tensorrt" else "uint8 asymmetric",
-            "weights": "int8 symmetric per-channel" if target == "tensorrt" or cpu_target.full_range_weights
-            else "int8 symmetric per-channel, narrowed where an int16 pair could saturate",
+            "activations": recipe.activations,
+            "weights": recipe.weights,
             "quantize_nodes": ops.count("QuantizeLinear"),
             "dequantize_nodes": ops.count("DequantizeLinear"),
             "kept_float": list(keep_float),
@@ -554,7 +596,8 @@ def quantize(cfg: QuantizeConfig) -> dict:
     record = {
         "stage": "quantize",
         "config": cfg.to_dict(),
-        "calibration": {"path": "calibration.json", "images": len(calib.images), "method": cfg.method, "sampling": calib.sampling},
+        "calibration": {"path": "calibration.json", "images": len(calib.images), "method": cfg.method, "sampling": calib.sampling,
+                        "statistics": {"path": STATS_FILE, "tensors": len(stats.names), "reused": stats_reused}},
         "budget": {"max_top1_drop_pp": cfg.max_top1_drop_pp, "min_agreement": cfg.min_agreement, "split": budget.split_name},
         "models": outputs,
         "warnings": warnings,
