@@ -62,6 +62,7 @@ class QuantizeConfig:
     fallback_layers: int = 16  # most layers kept in float to meet the budget; 0 checks and reports only
     sensitivity_images: int = 32  # validation images that rank the layers
     budget_images: int = 1000  # most validation images the budget is judged on (evenly spaced; bounds memory)
+    bias_correction: bool = False  # shift each quantized layer's bias by its mean weight-rounding error
 
     def __post_init__(self):
         for name in ("model", "data", "out_dir"):
@@ -514,6 +515,7 @@ def quantize(cfg: QuantizeConfig) -> dict:
     import onnx
 
     from .artifacts import atomic_path, write_json
+    from .bias_correction import correct_bias
     from .calib_stats import STATS_FILE, calibrate, calibration_key
     from .calibration import calibration_warnings, load_calibration_set, sample_calibration_set
     from .data import Preprocess, Sample, load_array, load_splits
@@ -557,6 +559,8 @@ def quantize(cfg: QuantizeConfig) -> dict:
             """Quantize with ``keep_float`` in float, check the result against its runtime's rules, label it."""
             recipe.quantize(cfg.model, path, one_batch, stats.ranges(method, recipe.symmetric_activations), keep_float)
             proto, facts[path] = recipe.finish(onnx.load(str(path)), fp32_proto, keep_float)
+            if cfg.bias_correction:
+                facts[path]["bias_correction"] = correct_bias(proto, fp32_proto, stats.channel_mean)
             set_metadata(proto, {**meta, "precision": f"int8-{recipe.target}", "calibration": "calibration.json",
                                  "calibration_method": method, "kept_float": list(keep_float), **recipe.metadata()})
             onnx.save(proto, str(path))
@@ -572,8 +576,11 @@ def quantize(cfg: QuantizeConfig) -> dict:
                 lambda keep, path: make(keep, path, method), Path(work), fp32_proto, recipe.target)
             if fallback:
                 info["fallback"] = fallback
+            chosen_facts = dict(facts.get(chosen, {}))
+            if "bias_correction" in chosen_facts:
+                info["bias_correction"] = chosen_facts.pop("bias_correction")
             if "narrowing" in info:
-                info["narrowing"].update(facts.get(chosen, {}))
+                info["narrowing"].update(chosen_facts)
             with atomic_path(dst) as tmp:
                 shutil.copyfile(chosen, tmp)
                 info.update(recipe.validate(tmp, budget.images()))
