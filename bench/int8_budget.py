@@ -4,8 +4,12 @@ For one fine-tuned FP32 model (a `tledge build` folder) and its dataset, in one 
 
 * `ort-defaults`: `onnxruntime.quantization.quantize_static` with its defaults (QDQ, per-tensor, MinMax, U8S8) on
   the same calibration images: the plain approach;
-* `tledge-<method>`: tledge's TensorRT Q/DQ and portable CPU models for each fixed method, no fallback;
-* `tledge-budget`: tledge's default (min-max, drift budget with per-layer fallback).
+* `tledge-<method>`: tledge's TensorRT Q/DQ and portable CPU models for each fixed method, no fallback
+  (`+bc`: with bias correction);
+* `tledge-budget`: tledge's default (min-max, drift budget with per-layer fallback);
+* `tledge-auto`: method chosen per model on validation, then the drift budget.
+
+Every tledge variant reuses the first one's calibration statistics (one pass of the images through the model).
 
 Every accuracy figure is the simulated INT8 arithmetic (the same on every machine): drift against FP32 on the
 validation split (what the budget judges) and on the test split (held out from every choice). The CPU models'
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -25,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from tledge.bench import interleaved_p50
+from tledge.calib_stats import STATS_FILE
 from tledge.cpu_isa import this_cpu
 from tledge.data import Preprocess, load_array, load_splits
 from tledge.export import read_metadata
@@ -50,7 +56,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--build", type=Path, required=True)
     ap.add_argument("--data", type=Path, required=True)
-    ap.add_argument("--methods", default="minmax,percentile", help="fixed methods to compare (entropy takes minutes)")
+    ap.add_argument("--methods", default="minmax,percentile,entropy,mse", help="fixed methods to compare")
+    ap.add_argument("--bc-methods", default="minmax,mse", help="fixed methods also run with bias correction")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
 
@@ -72,20 +79,29 @@ def main() -> None:
     with _quiet_onnxruntime():
         quantize_static(str(fp32), str(work / "ort-defaults.onnx"), _ArrayReader(meta["input"], calib_x, 16), quant_format=QuantFormat.QDQ)
     variants["ort-defaults"] = {"files": {"cpu": work / "ort-defaults.onnx"}, "seconds": time.perf_counter() - t0, "kept": {"cpu": 0}}
-    runs = [(f"tledge-{m}", dict(method=m, fallback_layers=0)) for m in args.methods.split(",")] + [("tledge-budget", {})]
+    runs = [(f"tledge-{m}", dict(method=m, fallback_layers=0)) for m in args.methods.split(",")]
+    runs += [(f"tledge-{m}+bc", dict(method=m, fallback_layers=0, bias_correction=True)) for m in filter(None, args.bc_methods.split(","))]
+    runs += [("tledge-budget", {}), ("tledge-auto", dict(method="auto"))]
+    stats_file = None
     for name, options in runs:
+        if stats_file is not None:
+            (work / name).mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(stats_file, work / name / STATS_FILE)
         t0 = time.perf_counter()
         record = quantize(QuantizeConfig(model=fp32, data=args.data, out_dir=work / name, calibration=calibration, **options))
         variants[name] = {
             "files": {"tensorrt": work / name / "model.int8.qdq.onnx", "cpu": work / name / "model.int8.cpu.onnx"},
             "seconds": time.perf_counter() - t0,
             "kept": {t: len(m["kept_float"]) for t, m in record["models"].items()},
+            "methods": {t: m["calibration_method"] for t, m in record["models"].items()},
         }
+        stats_file = stats_file or work / name / STATS_FILE
 
     rows = []
     for name, v in variants.items():
         for target, path in v["files"].items():
-            row = {"variant": name, "target": target, "layers_in_float": v["kept"][target], "quantize_s": round(v["seconds"], 1)}
+            row = {"variant": name, "target": target, "method": v.get("methods", {}).get(target, "ort minmax per-tensor"),
+                   "layers_in_float": v["kept"][target], "quantize_s": round(v["seconds"], 1)}
             for split, (x, y) in sets.items():
                 row[split] = drift(logits(path, x, True), refs[split], y)
             rows.append(row)
@@ -97,7 +113,8 @@ def main() -> None:
 
     cpu = {**this_cpu(), "name": machine_info()["cpu"]}
     print(f"CPU: {cpu['name']} class {cpu['class']} flags {cpu['int8_flags']}; onnxruntime {machine_info()['versions']['onnxruntime']}; "
-          f"val {len(sets['val'][0])} / test {len(sets.get('test', sets['val'])[0])} images, input {list(pre.input_shape)}")
+          f"val {len(sets['val'][0])} / test {len(sets.get('test', sets['val'])[0])} images, input {list(pre.input_shape)}; "
+          f"FP32 top-1 " + ", ".join(f"{k} {np.mean(refs[k].argmax(1) == y):.4f}" for k, (_, y) in sets.items()))
     print("| variant | model | layers in float | val drop (pt) | val agreement | test top-1 | test drop (pt) | test agreement | CPU speed-up b1 | quantize s |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:

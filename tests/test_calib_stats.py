@@ -48,7 +48,7 @@ def test_methods_pick_what_they_promise_on_known_distributions():
     assert amax["minmax"] == pytest.approx(40.0)
     assert 3.5 < amax["percentile"] < 5.5  # 99.999% of |x| of a unit normal is about 4.4
     assert amax["mse"] < 0.5 * amax["minmax"]  # one outlier is not worth 10x coarser steps for everyone else
-    assert amax["entropy"] < 20.0
+    assert amax["entropy"] < 20.0  # regression: ONNX Runtime's entropy defaults (128 bins for 128 levels) equal min-max
     for m in calib_stats.METHODS:
         lo, hi = s.ranges(m, True)["t"]
         assert lo == -hi
@@ -64,6 +64,10 @@ def test_methods_pick_what_they_promise_on_known_distributions():
     relu = stats_of(np.maximum(rng.normal(0, 1, 400_000), 0))
     lo, hi = relu.ranges("percentile", False)["t"]
     assert lo == 0.0 and 3.5 < hi < 5.5
+    # Regression: the spike of exact zeros after a sparse ReLU6 once made entropy clip it to a quarter of its range
+    sparse = np.minimum(2 * np.abs(rng.normal(0, 1, 400_000)), 6)
+    sparse[rng.random(sparse.size) < 0.9] = 0
+    assert stats_of(sparse).ranges("entropy", True)["t"][1] > 5.0
     lo, hi = stats_of(rng.uniform(-1, 3, 100_000)).ranges("minmax", False)["t"]
     assert lo == pytest.approx(-1, abs=1e-3) and hi == pytest.approx(3, abs=1e-3)
 

@@ -411,17 +411,6 @@ def test_checker_flags_a_missing_zero_point():
     assert any("no zero point" in p for p in check_tensorrt_qdq(helper.make_model(graph)))
 
 
-def test_entropy_calibration_is_not_min_max(tiny_pipeline):
-    """Regression: quantize_static's entropy defaults (128 bins for 128 levels) silently equal min-max."""
-    from tledge.calib_stats import STATS_FILE, CalibrationStats
-
-    stats = CalibrationStats.load(tiny_pipeline / STATS_FILE)
-    minmax, entropy = stats.ranges("minmax", symmetric=True), stats.ranges("entropy", symmetric=True)
-    assert minmax.keys() == entropy.keys()
-    tighter = [k for k, (lo, hi) in entropy.items() if hi < 0.95 * minmax[k][1]]
-    assert tighter, "entropy calibration clipped no tensor: it is behaving like min-max"
-
-
 def test_reusing_calibration_json_reproduces_the_models_bit_for_bit(tiny_pipeline, tiny_dataset, tmp_path):
     from tledge.quantize import QuantizeConfig, quantize
 

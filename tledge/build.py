@@ -39,6 +39,7 @@ class BuildConfig:
     max_top1_drop_pp: float = 0.3
     min_agreement: float = 0.99
     fallback_layers: int = 16
+    bias_correction: bool = False
     bench_iterations: int = 200
     threads: int | None = None
     seed: int = 0
@@ -135,7 +136,7 @@ def build(cfg: BuildConfig) -> dict:
     q = quantize(QuantizeConfig(
         model=out / "model.fp32.onnx", data=data, out_dir=out, calibration=calibration, num_images=cfg.num_calib,
         method=cfg.calib_method, cpu_target=cfg.cpu_target, trt_version=cfg.trt_version, seed=cfg.seed,
-        max_top1_drop_pp=cfg.max_top1_drop_pp, min_agreement=cfg.min_agreement, fallback_layers=cfg.fallback_layers,
+        max_top1_drop_pp=cfg.max_top1_drop_pp, min_agreement=cfg.min_agreement, fallback_layers=cfg.fallback_layers, bias_correction=cfg.bias_correction,
     ))
     timings["quantize"] = time.perf_counter() - t
     for info in q["models"].values():

@@ -61,12 +61,13 @@ def build(
     patience: int = typer.Option(6, help="Epochs without validation improvement before a stage stops."),
     calibration: Optional[Path] = typer.Option(None, help="Calibration definition (JSON image list with sha256) to reuse."),
     num_calib: int = typer.Option(256, help="Calibration images to sample when no definition is given."),
-    calib_method: str = typer.Option("minmax", help="minmax (fast), percentile (99.999th), entropy (KL, as TensorRT; slow: minutes) or auto (per model, minmax or percentile, whichever stays closer to FP32 on validation)."),
+    calib_method: str = typer.Option("minmax", help="Calibration method, a choice over one pass of statistics: minmax, percentile (99.999th), entropy (KL, as TensorRT), mse (least squared error) or auto (per model, the one that stays closest to FP32 on validation)."),
     cpu_target: str = typer.Option("portable", help="CPU INT8 model's target: portable (right on every x86 and ARM CPU; default), vnni (full 8-bit weights, only for CPUs with VNNI/AMX or ARM) or native (this machine's class)."),
     trt_version: str = typer.Option("10.3.0", help="TensorRT version named in calibration.cache (implicit INT8, 8.5 to 10.x): 8.5.2 JetPack 5.1, 8.6.2 JetPack 6.0, 10.3.0 JetPack 6.1/6.2."),
     max_top1_drop: float = typer.Option(0.3, help="Drift budget: most top-1 an INT8 model may lose against FP32 on the validation split, in points."),
     min_agreement: float = typer.Option(0.99, help="Drift budget: least share of validation predictions an INT8 model must share with FP32."),
     fallback_layers: int = typer.Option(16, help="Most layers kept in float to meet the drift budget (0: check and report only)."),
+    bias_correction: bool = typer.Option(False, help="Shift each quantized layer's bias by the mean error its int8 weights add (measured from the calibration statistics)."),
     bench_iterations: int = typer.Option(200, help="Timed runs per variant."),
     threads: Optional[int] = typer.Option(None, help="CPU threads for ONNX Runtime (default: all)."),
     seed: int = typer.Option(0, help="Seed for splits, sampling and training."),
@@ -79,7 +80,7 @@ def build(
         out=out, data=data, model=model, weights=weights, image_size=image_size, resize=resize,
         unfreeze=_parse_unfreeze(unfreeze), epochs=epochs, patience=patience, calibration=calibration,
         num_calib=num_calib, calib_method=calib_method, cpu_target=cpu_target, trt_version=trt_version,
-        max_top1_drop_pp=max_top1_drop, min_agreement=min_agreement, fallback_layers=fallback_layers, bench_iterations=bench_iterations,
+        max_top1_drop_pp=max_top1_drop, min_agreement=min_agreement, fallback_layers=fallback_layers, bias_correction=bias_correction, bench_iterations=bench_iterations,
         threads=threads, seed=seed,
     ))
     _print_warnings(summary.get("warnings", []))
@@ -156,7 +157,7 @@ def quantize(
     out_dir: Path = typer.Option(..., "--out-dir", "-o", help="Folder for the INT8 models and calibration.json."),
     calibration: Optional[Path] = typer.Option(None, help="Calibration definition to reuse (verified by sha256)."),
     num_calib: int = typer.Option(256, help="Images to sample when no definition is given."),
-    method: str = typer.Option("minmax", help="minmax (fast), percentile (99.999th), entropy (KL, as TensorRT; slow: minutes) or auto (per model, minmax or percentile, whichever stays closer to FP32 on validation)."),
+    method: str = typer.Option("minmax", help="Calibration method, a choice over one pass of statistics: minmax, percentile (99.999th), entropy (KL, as TensorRT), mse (least squared error) or auto (per model, the one that stays closest to FP32 on validation)."),
     target: List[str] = typer.Option(["tensorrt", "cpu"], help="tensorrt (Q/DQ S8S8) and/or cpu (U8S8); repeatable."),
     keep_float: List[str] = typer.Option([], help="ONNX node name to leave in float (per-layer fallback); repeatable."),
     cpu_target: str = typer.Option("portable", help="CPU INT8 model's target: portable (right on every x86 and ARM CPU; default), vnni (full 8-bit weights, only for CPUs with VNNI/AMX or ARM) or native (this machine's class)."),
@@ -164,6 +165,7 @@ def quantize(
     max_top1_drop: float = typer.Option(0.3, help="Drift budget: most top-1 an INT8 model may lose against FP32 on the validation split, in points."),
     min_agreement: float = typer.Option(0.99, help="Drift budget: least share of validation predictions an INT8 model must share with FP32."),
     fallback_layers: int = typer.Option(16, help="Most layers kept in float to meet the drift budget (0: check and report only)."),
+    bias_correction: bool = typer.Option(False, help="Shift each quantized layer's bias by the mean error its int8 weights add (measured from the calibration statistics)."),
     seed: int = typer.Option(0, help="Sampling seed."),
 ):
     """Calibrate on real images; write a TensorRT Q/DQ INT8 ONNX and a CPU INT8 ONNX."""
@@ -172,7 +174,7 @@ def quantize(
     record = run(QuantizeConfig(
         model=model, data=data, out_dir=out_dir, calibration=calibration, num_images=num_calib, method=method,
         targets=tuple(target), keep_float=tuple(keep_float), cpu_target=cpu_target, trt_version=trt_version,
-        max_top1_drop_pp=max_top1_drop, min_agreement=min_agreement, fallback_layers=fallback_layers, seed=seed,
+        max_top1_drop_pp=max_top1_drop, min_agreement=min_agreement, fallback_layers=fallback_layers, bias_correction=bias_correction, seed=seed,
     ))
     _print_warnings(record["warnings"])
     for t, info in record["models"].items():
