@@ -40,6 +40,7 @@ class BuildConfig:
     min_agreement: float = 0.99
     fallback_layers: int = 16
     bias_correction: bool = False
+    qat_epochs: int = 2
     bench_iterations: int = 200
     threads: int | None = None
     seed: int = 0
@@ -62,6 +63,8 @@ class BuildConfig:
         version_code(self.trt_version)
         if not 0 <= self.max_top1_drop_pp <= 100 or not 0 <= self.min_agreement <= 1 or self.fallback_layers < 0:
             raise TledgeError("the drift budget needs 0 <= max top-1 drop <= 100, 0 <= min agreement <= 1 and fallback layers >= 0")
+        if self.qat_epochs < 0:
+            raise TledgeError(f"--qat-epochs must be 0 (never) or more, got {self.qat_epochs}")
         for name in ("epochs", "num_calib", "bench_iterations"):
             if getattr(self, name) < 1:
                 raise TledgeError(f"{name.replace('_', '-')} must be at least 1")
@@ -137,6 +140,7 @@ def build(cfg: BuildConfig) -> dict:
         model=out / "model.fp32.onnx", data=data, out_dir=out, calibration=calibration, num_images=cfg.num_calib,
         method=cfg.calib_method, cpu_target=cfg.cpu_target, trt_version=cfg.trt_version, seed=cfg.seed,
         max_top1_drop_pp=cfg.max_top1_drop_pp, min_agreement=cfg.min_agreement, fallback_layers=cfg.fallback_layers, bias_correction=cfg.bias_correction,
+        checkpoint=out / "model.pt", qat_epochs=cfg.qat_epochs,
     ))
     timings["quantize"] = time.perf_counter() - t
     for info in q["models"].values():

@@ -68,6 +68,7 @@ def build(
     min_agreement: float = typer.Option(0.99, help="Drift budget: least share of validation predictions an INT8 model must share with FP32."),
     fallback_layers: int = typer.Option(16, help="Most layers kept in float to meet the drift budget (0: check and report only)."),
     bias_correction: bool = typer.Option(False, help="Shift each quantized layer's bias by the mean error its int8 weights add (measured from the calibration statistics)."),
+    qat_epochs: int = typer.Option(2, help="When post-training INT8 misses the drift budget, epochs of quantization-aware fine-tuning to try (0: never)."),
     bench_iterations: int = typer.Option(200, help="Timed runs per variant."),
     threads: Optional[int] = typer.Option(None, help="CPU threads for ONNX Runtime (default: all)."),
     seed: int = typer.Option(0, help="Seed for splits, sampling and training."),
@@ -80,7 +81,7 @@ def build(
         out=out, data=data, model=model, weights=weights, image_size=image_size, resize=resize,
         unfreeze=_parse_unfreeze(unfreeze), epochs=epochs, patience=patience, calibration=calibration,
         num_calib=num_calib, calib_method=calib_method, cpu_target=cpu_target, trt_version=trt_version,
-        max_top1_drop_pp=max_top1_drop, min_agreement=min_agreement, fallback_layers=fallback_layers, bias_correction=bias_correction, bench_iterations=bench_iterations,
+        max_top1_drop_pp=max_top1_drop, min_agreement=min_agreement, fallback_layers=fallback_layers, bias_correction=bias_correction, qat_epochs=qat_epochs, bench_iterations=bench_iterations,
         threads=threads, seed=seed,
     ))
     _print_warnings(summary.get("warnings", []))
@@ -166,6 +167,8 @@ def quantize(
     min_agreement: float = typer.Option(0.99, help="Drift budget: least share of validation predictions an INT8 model must share with FP32."),
     fallback_layers: int = typer.Option(16, help="Most layers kept in float to meet the drift budget (0: check and report only)."),
     bias_correction: bool = typer.Option(False, help="Shift each quantized layer's bias by the mean error its int8 weights add (measured from the calibration statistics)."),
+    checkpoint: Optional[Path] = typer.Option(None, help="The model.pt the ONNX came from; enables quantization-aware fine-tuning when the budget is missed."),
+    qat_epochs: int = typer.Option(2, help="When post-training INT8 misses the drift budget, epochs of quantization-aware fine-tuning to try (0: never)."),
     seed: int = typer.Option(0, help="Sampling seed."),
 ):
     """Calibrate on real images; write a TensorRT Q/DQ INT8 ONNX and a CPU INT8 ONNX."""
@@ -174,7 +177,7 @@ def quantize(
     record = run(QuantizeConfig(
         model=model, data=data, out_dir=out_dir, calibration=calibration, num_images=num_calib, method=method,
         targets=tuple(target), keep_float=tuple(keep_float), cpu_target=cpu_target, trt_version=trt_version,
-        max_top1_drop_pp=max_top1_drop, min_agreement=min_agreement, fallback_layers=fallback_layers, bias_correction=bias_correction, seed=seed,
+        max_top1_drop_pp=max_top1_drop, min_agreement=min_agreement, fallback_layers=fallback_layers, bias_correction=bias_correction, checkpoint=checkpoint, qat_epochs=qat_epochs, seed=seed,
     ))
     _print_warnings(record["warnings"])
     for t, info in record["models"].items():

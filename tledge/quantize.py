@@ -63,12 +63,22 @@ class QuantizeConfig:
     sensitivity_images: int = 32  # validation images that rank the layers
     budget_images: int = 1000  # most validation images the budget is judged on (evenly spaced; bounds memory)
     bias_correction: bool = False  # shift each quantized layer's bias by its mean weight-rounding error
+    # Quantization-aware fine-tuning when post-training quantization misses the budget (needs the checkpoint).
+    checkpoint: Path | None = None
+    qat_epochs: int = 2  # 0: never
+    qat_lr: float = 2e-5
+    qat_images: int = 2048  # training images per QAT epoch at most
 
     def __post_init__(self):
         for name in ("model", "data", "out_dir"):
             object.__setattr__(self, name, Path(getattr(self, name)))
-        if self.calibration is not None:
-            object.__setattr__(self, "calibration", Path(self.calibration))
+        for name in ("calibration", "checkpoint"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, Path(getattr(self, name)))
+        if self.qat_epochs < 0 or self.qat_images < 1 or not self.qat_lr > 0:
+            raise TledgeError("QAT needs epochs >= 0 (0: off), images >= 1 and a positive learning rate")
+        if self.checkpoint is not None and self.qat_epochs and not self.checkpoint.is_file():
+            raise TledgeError(f"checkpoint {self.checkpoint} (for quantization-aware fine-tuning) does not exist")
         if self.method not in CALIBRATION_METHODS:
             raise TledgeError(f"calibration method must be one of {CALIBRATION_METHODS}, got {self.method!r}")
         unknown = sorted(set(self.targets) - set(TARGETS))
@@ -257,6 +267,36 @@ class TensorRTCalibrationCache:
 
 TARGETS = {recipe.target: recipe.path for recipe in (TensorRTQDQ, CpuInt8)}  # target name -> file in the build folder
 TRT_CACHE = TensorRTCalibrationCache.path
+
+
+QAT_CHECKPOINT = "model.qat.pt"
+
+
+@dataclass
+class _Source:
+    """The FP32 model a recipe quantizes: the exported one, or its quantization-aware fine-tune."""
+
+    path: Path
+    proto: object
+    stats: object
+    qat: dict | None
+    checkpoint: Path | None = None
+
+
+def _qat_source(cfg: "QuantizeConfig", splits, calibration_x: np.ndarray, work: Path) -> _Source:
+    """Fine-tune the checkpoint quantization-aware, export it and calibrate it (in ``work``)."""
+    import onnx
+
+    from .calib_stats import calibrate
+    from .export import ExportConfig, export_onnx
+    from .qat import QatConfig, qat_finetune
+
+    checkpoint, onnx_path = work / QAT_CHECKPOINT, work / "model.qat.fp32.onnx"
+    record = qat_finetune(QatConfig(checkpoint=cfg.checkpoint, out=checkpoint, epochs=cfg.qat_epochs, lr=cfg.qat_lr,
+                                    max_images=cfg.qat_images, seed=cfg.seed), splits.train, calibration_x)
+    record["export_parity"] = export_onnx(ExportConfig(checkpoint=checkpoint, out=onnx_path, data=cfg.data))["parity"]["max_abs_diff"]
+    stats, _ = calibrate(onnx_path, calibration_x, {"qat": True})
+    return _Source(onnx_path, onnx.load(str(onnx_path)), stats, qat=record, checkpoint=checkpoint)
 
 
 def make_recipes(cfg: "QuantizeConfig") -> list[Recipe]:
@@ -519,7 +559,7 @@ def quantize(cfg: QuantizeConfig) -> dict:
     from .calib_stats import STATS_FILE, calibrate, calibration_key
     from .calibration import calibration_warnings, load_calibration_set, sample_calibration_set
     from .data import Preprocess, Sample, load_array, load_splits
-    from .drift_budget import DriftBudget, describe_drift
+    from .drift_budget import DriftBudget, describe_drift, score
     from .export import load_onnx, read_metadata, set_metadata
 
     started = time.perf_counter()
@@ -548,54 +588,78 @@ def quantize(cfg: QuantizeConfig) -> dict:
     # One pass of the calibration images through the FP32 model; every method below is a choice over its statistics.
     key = calibration_key(cfg.model, [digest for _, digest in calib.images])
     stats, stats_reused = calibrate(cfg.model, x, key, cfg.out_dir / STATS_FILE)
+    base = _Source(cfg.model, fp32_proto, stats, qat=None)
+    qat_source: list[_Source] = []  # made at most once, by the first model that needs it
     one_batch = _ArrayReader(meta["input"], x[: cfg.batch_size], cfg.batch_size)
     outputs = {}
-    for recipe in make_recipes(cfg):
-        dst = cfg.out_dir / recipe.path
-        info = recipe.prepare(fp32_proto)
-        facts: dict[Path, dict] = {}  # per candidate file: the record describes the one chosen
+    try:
+        for recipe in make_recipes(cfg):
+            dst = cfg.out_dir / recipe.path
+            info = recipe.prepare(fp32_proto)
+            facts: dict[Path, dict] = {}  # per candidate file: the record describes the one chosen
 
-        def make(keep_float: tuple[str, ...], path: Path, method: str, recipe=recipe, facts=facts):
-            """Quantize with ``keep_float`` in float, check the result against its runtime's rules, label it."""
-            recipe.quantize(cfg.model, path, one_batch, stats.ranges(method, recipe.symmetric_activations), keep_float)
-            proto, facts[path] = recipe.finish(onnx.load(str(path)), fp32_proto, keep_float)
-            if cfg.bias_correction:
-                facts[path]["bias_correction"] = correct_bias(proto, fp32_proto, stats.channel_mean)
-            set_metadata(proto, {**meta, "precision": f"int8-{recipe.target}", "calibration": "calibration.json",
-                                 "calibration_method": method, "kept_float": list(keep_float), **recipe.metadata()})
-            onnx.save(proto, str(path))
-            return proto
+            def make(keep_float: tuple[str, ...], path: Path, method: str, source: _Source = base, recipe=recipe, facts=facts):
+                """Quantize with ``keep_float`` in float, check the result against its runtime's rules, label it."""
+                recipe.quantize(source.path, path, one_batch, source.stats.ranges(method, recipe.symmetric_activations), keep_float)
+                proto, facts[path] = recipe.finish(onnx.load(str(path)), source.proto, keep_float)
+                if cfg.bias_correction:
+                    facts[path]["bias_correction"] = correct_bias(proto, source.proto, source.stats.channel_mean)
+                set_metadata(proto, {**meta, "precision": f"int8-{recipe.target}", "calibration": "calibration.json",
+                                     "calibration_method": method, "kept_float": list(keep_float), **recipe.metadata(),
+                                     **({"weights": "quantization-aware fine-tuned"} if source.qat else {})})
+                onnx.save(proto, str(path))
+                return proto
 
-        # Candidates live in a private folder; only the chosen model replaces dst, in one rename.
-        with tempfile.TemporaryDirectory(prefix=".tledge-quantize-", dir=cfg.out_dir) as work:
-            method = cfg.method
-            if method == "auto":
-                method, info["method_choice"] = _choose_method(make, budget, Path(work), tuple(cfg.keep_float))
-            info["calibration_method"] = method
-            chosen, keep_float, info["drift"], fallback = budget.meet(
-                lambda keep, path: make(keep, path, method), Path(work), fp32_proto, recipe.target)
-            if fallback:
-                info["fallback"] = fallback
-            chosen_facts = dict(facts.get(chosen, {}))
-            if "bias_correction" in chosen_facts:
-                info["bias_correction"] = chosen_facts.pop("bias_correction")
-            if "narrowing" in info:
-                info["narrowing"].update(chosen_facts)
-            with atomic_path(dst) as tmp:
-                shutil.copyfile(chosen, tmp)
-                info.update(recipe.validate(tmp, budget.images()))
-        info.update(recipe.companions(cfg, dst, stats.ranges(method, recipe.symmetric_activations), keep_float))
-        proto = onnx.load(str(dst))
-        ops = [n.op_type for n in proto.graph.node]
-        outputs[recipe.target] = {
-            "path": dst.name,
-            "activations": recipe.activations,
-            "weights": recipe.weights,
-            "quantize_nodes": ops.count("QuantizeLinear"),
-            "dequantize_nodes": ops.count("DequantizeLinear"),
-            "kept_float": list(keep_float),
-            **info,
-        }
+            # Candidates live in a private folder; only the chosen model replaces dst, in one rename.
+            with tempfile.TemporaryDirectory(prefix=".tledge-quantize-", dir=cfg.out_dir) as work:
+                method = cfg.method
+                if method == "auto":
+                    method, info["method_choice"] = _choose_method(make, budget, Path(work), tuple(cfg.keep_float))
+                info["calibration_method"] = method
+                chosen, keep_float, info["drift"], fallback = budget.meet(
+                    lambda keep, path: make(keep, path, method), Path(work), fp32_proto, recipe.target)
+                source = base
+                if not info["drift"]["met"] and cfg.checkpoint is not None and cfg.qat_epochs > 0:
+                    if not qat_source:
+                        qat_source.append(_qat_source(cfg, splits, x, Path(tempfile.mkdtemp(prefix=".tledge-qat-", dir=cfg.out_dir))))
+                    qat = qat_source[0]
+                    (Path(work) / "qat").mkdir()
+                    q_chosen, q_keep, q_drift, q_fallback = budget.meet(
+                        lambda keep, path: make(keep, path, method, source=qat), Path(work) / "qat", qat.proto, recipe.target)
+                    better = q_drift["met"] or score(q_drift) > score(info["drift"])
+                    info["qat"] = {**qat.qat, "post_training_drift": info["drift"], "drift": q_drift, "chosen": better}
+                    if better:
+                        chosen, keep_float, info["drift"], fallback, source = q_chosen, q_keep, q_drift, q_fallback, qat
+                if fallback:
+                    info["fallback"] = fallback
+                chosen_facts = dict(facts.get(chosen, {}))
+                if "bias_correction" in chosen_facts:
+                    info["bias_correction"] = chosen_facts.pop("bias_correction")
+                if "narrowing" in info:
+                    info["narrowing"].update(chosen_facts)
+                with atomic_path(dst) as tmp:
+                    shutil.copyfile(chosen, tmp)
+                    info.update(recipe.validate(tmp, budget.images()))
+            info.update(recipe.companions(cfg, dst, source.stats.ranges(method, recipe.symmetric_activations), keep_float))
+            proto = onnx.load(str(dst))
+            ops = [n.op_type for n in proto.graph.node]
+            outputs[recipe.target] = {
+                "path": dst.name,
+                "activations": recipe.activations,
+                "weights": recipe.weights,
+                "quantize_nodes": ops.count("QuantizeLinear"),
+                "dequantize_nodes": ops.count("DequantizeLinear"),
+                "kept_float": list(keep_float),
+                **info,
+            }
+        if any(o.get("qat", {}).get("chosen") for o in outputs.values()):  # the weights the shipped INT8 models came from
+            with atomic_path(cfg.out_dir / QAT_CHECKPOINT) as tmp:
+                shutil.copyfile(qat_source[0].checkpoint, tmp)
+        else:  # never leave an earlier run's QAT weights beside models that did not come from them
+            (cfg.out_dir / QAT_CHECKPOINT).unlink(missing_ok=True)
+    finally:
+        if qat_source:
+            shutil.rmtree(qat_source[0].path.parent, ignore_errors=True)
     warnings = [f"{target}: INT8 DRIFT BUDGET MISSED: {describe_drift(o['drift'])}" for target, o in outputs.items() if not o["drift"]["met"]]
     warnings += calibration_warnings(calib, meta["classes"])
     # Written after the models it describes exist, so it never names images that calibrated nothing on disk.

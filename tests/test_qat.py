@@ -1,0 +1,70 @@
+"""Quantization-aware fine-tuning: the fallback when post-training INT8 misses the drift budget."""
+
+from __future__ import annotations
+
+import onnx
+import pytest
+import torch
+
+from tledge.errors import TledgeError
+from tledge.export import read_metadata
+from tledge.qat import _QuantAware, _fake_quant_weight, _input_amax
+from tledge.quantize import QAT_CHECKPOINT, QuantizeConfig, check_tensorrt_qdq, quantize
+
+
+def test_fake_quantized_weights_are_the_int8_grid_per_channel_and_pass_gradients():
+    w = torch.randn(4, 3, 3, 3, requires_grad=True)
+    q = _fake_quant_weight(w)
+    scale = w.detach().abs().reshape(4, -1).amax(1) / 127
+    levels = q.detach() / scale[:, None, None, None]
+    assert torch.allclose(levels, levels.round(), atol=1e-4) and levels.abs().max() <= 127 + 1e-4
+    q.sum().backward()
+    assert torch.all(w.grad == 1)  # straight through
+
+
+def test_quantization_aware_forward_is_removed_cleanly(tiny_pipeline):
+    from tledge.models import load_checkpoint
+
+    model, meta = load_checkpoint(tiny_pipeline / "model.pt")
+    x = torch.randn(4, *meta["preprocess"].input_shape)
+    with torch.no_grad():
+        before = model(x)
+        quant = _QuantAware(model, _input_amax(model, x.numpy(), 4))
+        rounded = model(x)
+        quant.remove()
+        after = model(x)
+    assert not torch.equal(rounded, before)  # the forward really rounds
+    assert torch.equal(after, before)  # and leaves a plain FP32 model with the same weights
+    assert not any("parametrizations" in k for k in model.state_dict())
+
+
+def test_qat_rescues_a_model_that_post_training_quantization_cannot_bring_within_budget(tiny_pipeline, tiny_dataset, tmp_path):
+    """A budget no post-training model meets (no fallback allowed): QAT runs, its model is checked against the same
+    TensorRT rules and the same FP32 reference, and the better of the two ships, with its weights beside it."""
+    record = quantize(QuantizeConfig(model=tiny_pipeline / "model.fp32.onnx", data=tiny_dataset, out_dir=tmp_path,
+                                     calibration=tiny_pipeline / "calibration.json", checkpoint=tiny_pipeline / "model.pt",
+                                     targets=("tensorrt",), fallback_layers=0, max_top1_drop_pp=0.0, min_agreement=1.0, qat_epochs=2))
+    trt = record["models"]["tensorrt"]
+    ptq, qat = trt["qat"]["post_training_drift"], trt["qat"]["drift"]
+    assert not ptq["met"]  # the premise: post-training quantization misses this budget
+    assert len(trt["qat"]["loss_per_epoch"]) == 2 and trt["qat"]["export_parity"] < 1e-3
+    assert trt["qat"]["chosen"] == (qat["met"] or qat["agreement"] - qat["top1_drop_pp"] / 100 > ptq["agreement"] - ptq["top1_drop_pp"] / 100)
+    assert trt["qat"]["chosen"], "QAT did not improve on post-training quantization of the tiny model"
+    model = onnx.load(str(tmp_path / "model.int8.qdq.onnx"))
+    assert check_tensorrt_qdq(model) == []
+    assert read_metadata(model)["weights"] == "quantization-aware fine-tuned"
+    assert trt["drift"] == qat and (tmp_path / QAT_CHECKPOINT).is_file()
+    assert not list(tmp_path.glob(".tledge-qat-*"))  # its scratch folder is gone
+
+
+def test_qat_is_never_run_when_the_budget_is_met_and_bad_settings_fail_early(tiny_pipeline, tiny_dataset, tmp_path):
+    (tmp_path / QAT_CHECKPOINT).write_bytes(b"left by an earlier run")
+    record = quantize(QuantizeConfig(model=tiny_pipeline / "model.fp32.onnx", data=tiny_dataset, out_dir=tmp_path, targets=("tensorrt",),
+                                     calibration=tiny_pipeline / "calibration.json", checkpoint=tiny_pipeline / "model.pt",
+                                     fallback_layers=0, max_top1_drop_pp=100, min_agreement=0.0))
+    assert "qat" not in record["models"]["tensorrt"]
+    assert not (tmp_path / QAT_CHECKPOINT).exists()  # weights that made no shipped model are not left beside them
+    with pytest.raises(TledgeError, match="does not exist"):
+        QuantizeConfig(model=tiny_pipeline / "model.fp32.onnx", data=tiny_dataset, out_dir=tmp_path, checkpoint=tmp_path / "nope.pt")
+    with pytest.raises(TledgeError, match="QAT needs"):
+        QuantizeConfig(model=tiny_pipeline / "model.fp32.onnx", data=tiny_dataset, out_dir=tmp_path, qat_epochs=-1)
