@@ -115,11 +115,11 @@ def main() -> None:
     print(f"CPU: {cpu['name']} class {cpu['class']} flags {cpu['int8_flags']}; onnxruntime {machine_info()['versions']['onnxruntime']}; "
           f"val {len(sets['val'][0])} / test {len(sets.get('test', sets['val'])[0])} images, input {list(pre.input_shape)}; "
           f"FP32 top-1 " + ", ".join(f"{k} {np.mean(refs[k].argmax(1) == y):.4f}" for k, (_, y) in sets.items()))
-    print("| variant | model | layers in float | val drop (pt) | val agreement | test top-1 | test drop (pt) | test agreement | CPU speed-up b1 | quantize s |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| variant | model | method | layers in float | val drop (pt) | val agreement | test top-1 | test drop (pt) | test agreement | CPU speed-up b1 | quantize s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         test = r.get("test", r["val"])
-        print(f"| {r['variant']} | {r['target']} | {r['layers_in_float']} | {r['val']['drop_pp']:+.2f} | {r['val']['agreement']:.4f} | "
+        print(f"| {r['variant']} | {r['target']} | {r['method']} | {r['layers_in_float']} | {r['val']['drop_pp']:+.2f} | {r['val']['agreement']:.4f} | "
               f"{test['top1']:.4f} | {test['drop_pp']:+.2f} | {test['agreement']:.4f} | "
               f"{str(r['speedup_b1']) + 'x' if 'speedup_b1' in r else 'n/a'} | {r['quantize_s']} |")
     if args.out:

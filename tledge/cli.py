@@ -151,6 +151,8 @@ def export(
     "tledge quantize model.onnx --data my_images --out-dir out --target cpu --keep-float /blocks.0/blocks.0.0/Conv",
     "tledge quantize model.onnx --data my_images --out-dir out --target cpu --cpu-target vnni   # VNNI/ARM fleet only",
     "tledge quantize model.onnx --data my_images --out-dir out --max-top1-drop 0.5 --min-agreement 0.98",
+    "tledge quantize out/model.fp32.onnx --data my_images --out-dir out --method mse   # reuses out/calibration.stats.npz",
+    "tledge quantize out/model.fp32.onnx --data my_images --out-dir out --checkpoint out/model.pt   # QAT if the budget is missed",
 ))
 def quantize(
     model: Path = typer.Argument(..., help="FP32 ONNX written by `tledge export`."),
