@@ -198,3 +198,9 @@ def test_auto_method_picks_the_candidate_closest_to_fp32(trained, tiny_dataset, 
         # the written model is the chosen candidate: its figures are the chosen one's
         assert info["drift"]["agreement"] == choice["candidates"][choice["chosen"]]["agreement"]
     assert record["calibration"]["method"] == "auto"
+
+
+def test_a_budget_finer_than_one_validation_image_is_pointed_out(tiny_pipeline):
+    """18 validation images: one image is 5.6 pt, so a 0.3 pt budget means no image may be lost; the user is told."""
+    warnings = json.loads((tiny_pipeline / "quantize.json").read_text())["warnings"]
+    assert any("18 validation images" in w and "allows no lost image" in w for w in warnings), warnings

@@ -662,6 +662,10 @@ def quantize(cfg: QuantizeConfig) -> dict:
             shutil.rmtree(qat_source[0].path.parent, ignore_errors=True)
     warnings = [f"{target}: INT8 DRIFT BUDGET MISSED: {describe_drift(o['drift'])}" for target, o in outputs.items() if not o["drift"]["met"]]
     warnings += calibration_warnings(calib, meta["classes"])
+    one_image_pp = 100 / max(1, len(budget.samples))
+    if 0 < cfg.max_top1_drop_pp < one_image_pp:
+        warnings.append(f"the drift budget is judged on {len(budget.samples)} validation images, where one image is {one_image_pp:.2f} pt of "
+                        f"top-1: a budget of {cfg.max_top1_drop_pp:g} pt allows no lost image (more validation images make it finer)")
     # Written after the models it describes exist, so it never names images that calibrated nothing on disk.
     write_json(cfg.out_dir / "calibration.json", calib.to_dict(meta["classes"], pre.input_shape))
     record = {
