@@ -1,6 +1,7 @@
 """The ``tledge`` command: a thin typer layer over the stage functions.
 
-Exit codes: 0 success, 1 a user error (one line on stderr, no traceback), 2 bad command-line usage.
+Exit codes: 0 success, 1 a user error (one line on stderr, no traceback), 2 bad command-line usage,
+3 a failed release gate (``tledge gate``).
 """
 
 from __future__ import annotations
@@ -233,6 +234,55 @@ def bench(
     _print_warnings(summary.get("warnings", []))
     print(format_table(summary))
     print(f"\nwrote {out_dir / 'bench.json'}, {out_dir / 'report.json'} and {out_dir / 'report.md'}")
+
+
+@app.command(name="gate", epilog=_examples(
+    "tledge gate new/model.int8.cpu.onnx release/model.int8.cpu.onnx --data my_images --out-dir gate",
+    "tledge gate new/model.int8.cpu.onnx release/gate.json --data my_images --max-latency-regression 10",
+    "tledge gate cand.onnx base.onnx --data my_images --summary \"$GITHUB_STEP_SUMMARY\"   # in a GitHub Actions step",
+))
+def gate_cmd(
+    candidate: Path = typer.Argument(..., help="The model to release (ONNX)."),
+    baseline: Path = typer.Argument(..., help="The model it must not regress from (ONNX, timed here interleaved), or a gate.json recorded earlier."),
+    data: Optional[Path] = typer.Option(None, "--data", "-d", help="ImageFolder root: accuracy on its test split (else val). Without it, latency only."),
+    out_dir: Optional[Path] = typer.Option(None, "--out-dir", "-o", help="Write gate.json (the verdict; also a stored baseline for later runs) and gate.md here."),
+    max_latency_regression: float = typer.Option(5.0, help="Most latency increase allowed, in percent; a regression needs the whole confidence interval above it."),
+    max_top1_drop: float = typer.Option(0.5, help="Most top-1 the candidate may lose against the baseline, in points."),
+    min_agreement: float = typer.Option(0.99, help="Least share of predictions the candidate must share with the baseline."),
+    confidence: float = typer.Option(0.95, help="Confidence of the latency interval."),
+    blocks: int = typer.Option(40, help="Timed blocks per model (more: a narrower interval)."),
+    calls_per_block: int = typer.Option(5, help="Calls per block (the block's time is their median)."),
+    batch_size: int = typer.Option(1, help="Batch size for latency."),
+    threads: Optional[int] = typer.Option(None, help="CPU threads (default: all)."),
+    max_images: Optional[int] = typer.Option(None, help="Cap on accuracy images."),
+    summary: Optional[Path] = typer.Option(None, help="Append the Markdown summary to this file (e.g. $GITHUB_STEP_SUMMARY)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the verdict as JSON."),
+):
+    """Fail a release whose latency or accuracy regressed beyond the thresholds (exit 3), noise-aware."""
+    from .gate import GateConfig, format_markdown, gate
+
+    verdict = gate(GateConfig(
+        candidate=candidate, baseline=baseline, data=data, out_dir=out_dir, max_latency_regression_pct=max_latency_regression,
+        max_top1_drop_pp=max_top1_drop, min_agreement=min_agreement, confidence=confidence, blocks=blocks,
+        calls_per_block=calls_per_block, batch_size=batch_size, threads=threads, max_images=max_images,
+    ))
+    text = format_markdown(verdict)
+    if summary is not None:
+        try:
+            with open(summary, "a", encoding="utf-8") as f:
+                f.write(text)
+        except OSError as exc:
+            raise TledgeError(f"cannot append the summary to {summary}: {exc.strerror}") from None
+    _print_warnings(verdict["notes"])
+    if as_json:
+        print(json.dumps({k: v for k, v in verdict.items() if k != "candidate"} | {"candidate": {
+            k: v for k, v in verdict["candidate"].items() if k not in ("latency_samples_ms", "predictions")}}, indent=2))
+    else:
+        for c in verdict["checks"]:
+            print(f"{'pass' if c['passed'] else 'FAIL'}  {c['check']:<9} {c['why']}")
+        print(f"gate {'PASSED' if verdict['passed'] else 'FAILED'}" + (f"; wrote {out_dir / 'gate.json'} and {out_dir / 'gate.md'}" if out_dir else ""))
+    if not verdict["passed"]:
+        raise typer.Exit(verdict["exit_code"])
 
 
 @app.command(name="bundle", epilog=_examples("tledge bundle tledge-out"))
