@@ -28,7 +28,9 @@ from .errors import TledgeError
 
 @dataclass(frozen=True)
 class BenchConfig:
-    """Settings for :func:`bench`. ``models`` maps variant names to ONNX files; the first is the reference."""
+    """Settings for :func:`bench`. ``models`` maps variant names to model files, run by the backend their kind
+    implies (``.onnx``: onnxruntime-cpu, ``.pt``: torch-cpu, ``.engine``: tensorrt); ``variants`` name a backend
+    and its options explicitly. The first of them all is the reference."""
 
     models: dict[str, Path]
     data: Path
@@ -41,20 +43,53 @@ class BenchConfig:
     threads: int | None = None  # None: ONNX Runtime's default (all cores)
     max_images: int | None = None  # cap the accuracy set (None: the whole split)
     seed: int = 0
+    variants: tuple = ()  # tledge.runners.Variant, after the models
 
     def __post_init__(self):
         object.__setattr__(self, "models", {k: Path(v) for k, v in self.models.items()})
+        object.__setattr__(self, "variants", tuple(self.variants))
         object.__setattr__(self, "data", Path(self.data))
         object.__setattr__(self, "out_dir", Path(self.out_dir))
-        if not self.models:
+        if not self.models and not self.variants:
             raise TledgeError("bench needs at least one model")
+        names = list(self.models) + [v.name for v in self.variants]
+        if len(set(names)) != len(names):
+            raise TledgeError(f"two variants share a name: {sorted({n for n in names if names.count(n) > 1})}")
         if min(self.batch_size, self.throughput_batch, self.iterations, self.rounds) < 1 or self.warmup < 0:
             raise TledgeError("batch sizes, iterations and rounds must be at least 1")
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d.update(models={k: str(v) for k, v in self.models.items()}, data=str(self.data), out_dir=str(self.out_dir))
+        d.update(models={k: str(v) for k, v in self.models.items()}, data=str(self.data), out_dir=str(self.out_dir),
+                 variants=[{"name": v.name, "path": str(v.path), "backend": v.backend, "options": v.options} for v in self.variants])
         return d
+
+    def all_variants(self) -> list:
+        from .runners import Variant
+
+        return [Variant(name, path, default_backend(path), {"threads": self.threads}) for name, path in self.models.items()] + list(self.variants)
+
+
+def default_backend(path: Path) -> str:
+    """The backend a model file runs on unless told otherwise."""
+    return {".pt": "torch-cpu", ".engine": "tensorrt", ".plan": "tensorrt"}.get(Path(path).suffix, "onnxruntime-cpu")
+
+
+def variant_metadata(path: Path) -> dict | None:
+    """Classes, preprocessing and precision of a model file: ONNX metadata, or a checkpoint's; None if missing."""
+    if not Path(path).is_file():
+        return None
+    if Path(path).suffix == ".pt":
+        from .models import load_checkpoint
+
+        _, meta = load_checkpoint(path)
+        import json
+
+        # as ONNX metadata holds it (JSON: lists, not tuples), so the two kinds compare equal
+        return {"classes": meta["classes"], "preprocess": json.loads(json.dumps(meta["preprocess"].to_dict())), "precision": "fp32"}
+    from .export import read_metadata
+
+    return read_metadata(path)
 
 
 @dataclass
@@ -168,33 +203,43 @@ def bench(cfg: BenchConfig) -> dict:
 
     from .artifacts import write_json
     from .data import Preprocess, iter_batches, load_array, load_splits
-    from .export import read_metadata
     from .cpu_isa import this_cpu
     from .machine import machine_info
-    from .runners import OrtRunner
+    from .runners import OrtRunner, backend_unavailable, make_runner
 
     started = time.perf_counter()
-    metas = {name: read_metadata(path) if path.is_file() else None for name, path in cfg.models.items()}
-    missing = [str(p) for name, p in cfg.models.items() if metas[name] is None]
+    candidates = cfg.all_variants()
+    skipped = {}
+    for v in candidates:
+        reason = backend_unavailable(v.backend)
+        if reason:
+            skipped[v.name] = {"path": str(v.path), "backend": v.backend, "reason": reason}
+    variants = [v for v in candidates if v.name not in skipped]
+    if not variants:
+        raise TledgeError("no variant can run here: " + "; ".join(f"{n}: {s['reason']}" for n, s in skipped.items()))
+    metas = {v.name: variant_metadata(v.path) for v in variants}
+    missing = [str(v.path) for v in variants if metas[v.name] is None]
     if missing:
         raise TledgeError(f"model file(s) not found: {', '.join(missing)}")
-    reference = next(iter(cfg.models))
+    paths = {v.name: v.path for v in variants}
+    reference = variants[0].name
     ref_meta = metas[reference]
     for name, meta in metas.items():
         if meta["classes"] != ref_meta["classes"] or meta["preprocess"] != ref_meta["preprocess"]:
-            raise TledgeError(f"{cfg.models[name]} was made for other classes or preprocessing than {cfg.models[reference]}")
+            raise TledgeError(f"{paths[name]} was made for other classes or preprocessing than {paths[reference]}")
     pre = Preprocess.from_dict(ref_meta["preprocess"])
     splits = load_splits(cfg.data, seed=cfg.seed)
     if splits.classes != ref_meta["classes"]:
         raise TledgeError(f"{cfg.data} has classes {splits.classes}, the models were trained on {ref_meta['classes']}")
     samples = splits.evaluation[: cfg.max_images] if cfg.max_images else splits.evaluation
 
-    # Latency always times ONNX Runtime's optimized (fused) session; accuracy uses the method fit for the model.
-    runners = {name: OrtRunner(path, threads=cfg.threads) for name, path in cfg.models.items()}
-    precisions = {name: metas[name].get("precision", "unknown") for name in cfg.models}
-    simulators = {name: OrtRunner(path, threads=cfg.threads, simulate_int8=True)
-                  for name, path in cfg.models.items() if precisions[name] in ("int8-tensorrt", "int8-cpu")}
-    accuracy_runners = {name: simulators[name] if precisions[name] == "int8-tensorrt" else runners[name] for name in runners}
+    # Latency always times the backend as deployed (ONNX Runtime fuses Q/DQ into int8 kernels); accuracy uses
+    # the method fit for the model.
+    runners = {v.name: make_runner(v) for v in variants}
+    precisions = {name: metas[name].get("precision", "unknown") for name in runners}
+    simulators = {v.name: OrtRunner(v.path, threads=cfg.threads, simulate_int8=True)
+                  for v in variants if precisions[v.name] in ("int8-tensorrt", "int8-cpu") and v.path.suffix == ".onnx"}
+    accuracy_runners = {name: simulators[name] if precisions[name] == "int8-tensorrt" and name in simulators else runners[name] for name in runners}
 
     # Accuracy: every batch goes through every variant before the next is decoded (one pass over the images).
     acc = {name: _Accumulator() for name in runners}
@@ -232,17 +277,18 @@ def bench(cfg: BenchConfig) -> dict:
     classes = ref_meta["classes"]
     ref_top1 = acc[reference].correct / acc[reference].count
     cpu = this_cpu()
-    variants, warnings = {}, []
-    for name, path in cfg.models.items():
+    variants_out, warnings = {}, []
+    for name, path in paths.items():
         a = acc[name]
         top1 = a.correct / a.count
         wide_ms = float(np.median(through[name]))
         checks = _int8_checks(name, precisions[name], metas[name], cpu, simulated.get(name), fused_vs_simulated.get(name), a, ref_top1)
         warnings += checks.get("warnings", [])
-        variants[name] = {
+        variants_out[name] = {
             "path": path.name,
             "precision": precisions[name],
-            "runtime": f"onnxruntime {runners[name].session.get_providers()[0]}",
+            "backend": runners[name].describe(),
+            "runtime": runners[name].describe()["runtime"],
             "accuracy_method": ACCURACY_METHODS[precisions[name] if precisions[name] in ACCURACY_METHODS else "other"],
             **checks,
             "bytes": path.stat().st_size,
@@ -254,8 +300,8 @@ def bench(cfg: BenchConfig) -> dict:
             "latency_ms": {"batch": cfg.batch_size, **percentiles(latency[name])},
             "throughput": {"batch": cfg.throughput_batch, "images_per_s": round(cfg.throughput_batch / (wide_ms / 1000.0), 2), "median_batch_ms": round(wide_ms, 4)},
         }
-    ref_p50 = variants[reference]["latency_ms"]["p50"]
-    for v in variants.values():
+    ref_p50 = variants_out[reference]["latency_ms"]["p50"]
+    for v in variants_out.values():
         v["speedup_vs_reference_p50"] = round(ref_p50 / v["latency_ms"]["p50"], 3)
 
     record = {
@@ -266,8 +312,9 @@ def bench(cfg: BenchConfig) -> dict:
         "input_shape": [cfg.batch_size, *pre.input_shape],
         "threads": cfg.threads or "onnxruntime default",
         "machine": machine_info(),
-        "warnings": warnings,
-        "variants": variants,
+        "warnings": warnings + [f"{n}: skipped: {s['reason']}" for n, s in skipped.items()],
+        "variants": variants_out,
+        "skipped": skipped,
         "seconds": round(time.perf_counter() - started, 2),
     }
     cfg.out_dir.mkdir(parents=True, exist_ok=True)

@@ -197,24 +197,35 @@ def quantize(
     print(f"calibration: {record['calibration']['images']} images listed in {out_dir / 'calibration.json'}")
 
 
-def _parse_models(specs: list[str]) -> dict[str, Path]:
-    models = {}
+def _parse_variants(specs: list[str], threads: int | None) -> list:
+    """``PATH``, ``NAME=PATH`` or either with ``@BACKEND``: the variants to measure, in order."""
+    from .bench import default_backend
+    from .runners import Variant
+
+    variants, names = [], set()
     for spec in specs:
+        spec, at, backend = spec.rpartition("@") if "@" in spec else (spec, "", "")
         name, sep, path = spec.partition("=")
         if not sep:
-            path, name = spec, Path(spec).name.removesuffix(".onnx").removeprefix("model.")
-        if name in models:
+            path = spec
+            stem = Path(spec).name.removesuffix(Path(spec).suffix).removeprefix("model.")
+            name = stem if stem and stem != "model" else (backend or default_backend(Path(spec)))
+        if name in names:
             raise TledgeError(f"two models are named {name!r}; name them: NAME=PATH")
-        models[name] = Path(path)
-    return models
+        names.add(name)
+        backend = backend or default_backend(Path(path))
+        options = {"threads": threads} if backend == "onnxruntime-cpu" else {}
+        variants.append(Variant(name, Path(path), backend, options))
+    return variants
 
 
 @app.command(epilog=_examples(
     "tledge bench out/model.fp32.onnx out/model.int8.cpu.onnx --data my_images --out-dir out",
     "tledge bench fp32=a.onnx int8=b.onnx --data my_images --out-dir out --batch-size 8 --threads 2",
+    "tledge bench out/model.fp32.onnx torch=out/model.pt@torch-cpu gpu=out/model.fp32.onnx@onnxruntime-cuda --data my_images --out-dir out",
 ))
 def bench(
-    models: List[str] = typer.Argument(..., help="ONNX files, or NAME=PATH; the first is the reference."),
+    models: List[str] = typer.Argument(..., help="Model files, or NAME=PATH, each optionally @BACKEND (onnxruntime-cpu, onnxruntime-cuda, onnxruntime-tensorrt, tensorrt, torch-cpu, torch-cuda; default from the file: .onnx onnxruntime-cpu, .pt torch-cpu); the first is the reference. A backend that cannot run here is skipped with its reason."),
     data: Path = typer.Option(..., "--data", "-d", help="ImageFolder root; accuracy on its test split (else val)."),
     out_dir: Path = typer.Option(..., "--out-dir", "-o", help="Folder for bench.json and the report."),
     batch_size: int = typer.Option(1, help="Batch size for latency."),
@@ -228,7 +239,7 @@ def bench(
     from .build import format_table
     from .report import write_report
 
-    run(BenchConfig(models=_parse_models(models), data=data, out_dir=out_dir, batch_size=batch_size,
+    run(BenchConfig(models={}, variants=_parse_variants(models, threads), data=data, out_dir=out_dir, batch_size=batch_size,
                     throughput_batch=throughput_batch, iterations=iterations, threads=threads, max_images=max_images))
     summary = write_report(out_dir)
     _print_warnings(summary.get("warnings", []))
