@@ -13,7 +13,7 @@ import onnxruntime as ort
 import pytest
 
 from _trained_tiny import trained_pipeline
-from tledge.artifacts import sha256_file
+from tledge.artifacts import ARTIFACTS, sha256_file
 from tledge.bench import BenchConfig, bench
 from tledge.bundle import bundle
 from tledge.errors import TledgeError
@@ -242,43 +242,57 @@ def test_report_needs_a_bench(tmp_path):
 # --- bundle -----------------------------------------------------------------------------------------------------
 
 
-def test_manifest_lists_every_file_truthfully(build_folder):
+def test_manifest_signs_exactly_what_the_stages_declared(build_folder):
     out, _, manifest = build_folder
     assert json.loads((out / "manifest.json").read_text()) == manifest
     listed = {a["path"]: a for a in manifest["artifacts"]}
-    on_disk = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()} - {"manifest.json", ".hidden"}
-    assert set(listed) == on_disk
-    assert "extras/notes.txt" in listed
-    for required in ("model.pt", "model.fp32.onnx", "model.int8.qdq.onnx", "model.int8.cpu.onnx", "calibration.json",
-                     "report.json", "report.md", "bench.json", "latency.svg", "accuracy.svg"):
+    for required in ("model.pt", "model.fp32.onnx", "model.int8.qdq.onnx", "model.int8.cpu.onnx", "calibration.json", "calibration.cache",
+                     "calibration.stats.npz", "finetune.json", "export.json", "quantize.json", "report.json", "report.md",
+                     "bench.json", "latency.svg", "accuracy.svg"):
         assert required in listed, required
     for rel, entry in listed.items():
         assert entry["sha256"] == sha256_file(out / rel), rel
         assert entry["bytes"] == (out / rel).stat().st_size, rel
+        assert rel in ARTIFACTS, f"{rel} is signed but not named in tledge.artifacts.ARTIFACTS"
+        assert entry["stage"] == ARTIFACTS[rel][0], rel
+    # A file no stage wrote (a leftover, a note) is never vouched for, only listed as such
+    assert "extras/notes.txt" not in listed and manifest["not_signed"] == ["extras/notes.txt"]
     assert listed["model.int8.qdq.onnx"]["kind"].startswith("onnx-int8-qdq")
     assert listed["bench.json"]["kind"] == "stage record" and listed["latency.svg"]["kind"] == "chart"
+    assert json.loads((out / "report.json").read_text())["format"] == "tledge.report/1"
 
 
-def test_manifest_describes_the_input(build_folder):
+def test_manifest_describes_the_input_and_the_whole_preprocessing(build_folder):
+    from tledge.data import Preprocess
+
     _, _, manifest = build_folder
-    assert manifest["format"] == "tledge.manifest/1" and manifest["arch"] == "test_efficientnet_lite"
+    assert manifest["format"] == "tledge.manifest/2" and manifest["arch"] == "test_efficientnet_lite"
     assert manifest["input"]["name"] == "input" and manifest["input"]["shape"] == ["batch", 3, 32, 32]
     assert manifest["input"]["dtype"] == "float32" and manifest["input"]["layout"] == "NCHW"
     assert manifest["output"]["name"] == "logits" and manifest["output"]["shape"] == ["batch", 3]
     pre = manifest["preprocessing"]
-    assert pre["center_crop"] == 32 and pre["resize_shorter_side"] == 32
-    assert pre["mean"] == [0.5, 0.5, 0.5] and pre["std"] == [0.5, 0.5, 0.5] and pre["interpolation"] == "bilinear"
+    assert pre["center_crop"]["size"] == 32 and pre["resize"]["shorter_side"] == 32 and pre["channel_order"] == "RGB"
+    assert pre["normalize"]["mean"] == [0.5, 0.5, 0.5] and pre["normalize"]["std"] == [0.5, 0.5, 0.5]
+    assert pre["resize"]["interpolation"].startswith("bilinear")
+    # The parameters recreate the very preprocessing the models were built with
+    assert Preprocess.from_dict(pre["parameters"]) == Preprocess.from_dict(read_metadata(build_folder[0] / "model.fp32.onnx")["preprocess"])
     assert manifest["classes"] == ["circle", "square", "stripes"]
     assert manifest["versions"]["onnxruntime"] == ort.__version__
 
 
-def test_bundle_again_after_a_change(build_folder):
+def test_bundle_again_after_a_change_and_never_over_a_missing_artifact(build_folder, tmp_path):
     out, _, _ = build_folder
-    (out / "extras" / "notes.txt").write_text("changed\n")
-    manifest = bundle(out)
-    entry = next(a for a in manifest["artifacts"] if a["path"] == "extras/notes.txt")
-    assert entry["sha256"] == sha256_file(out / "extras" / "notes.txt") and entry["bytes"] == len("changed\n")
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    (copy / "report.md").write_text("edited by hand\n")
+    manifest = bundle(copy)
+    entry = next(a for a in manifest["artifacts"] if a["path"] == "report.md")
+    assert entry["sha256"] == sha256_file(copy / "report.md") and entry["bytes"] == len("edited by hand\n")
     assert "manifest.json" not in {a["path"] for a in manifest["artifacts"]}
+    (copy / "calibration.cache").unlink()
+    with pytest.raises(TledgeError, match="calibration.cache"):
+        bundle(copy)
+    assert not (copy / "manifest.json").exists()  # the old manifest went first: none is better than a lying one
 
 
 def test_bundle_without_fp32_model_is_refused(tiny_pipeline, tmp_path):

@@ -306,6 +306,7 @@ def bench(cfg: BenchConfig) -> dict:
 
     record = {
         "stage": "bench",
+        "artifacts": ["bench.json"],
         "config": cfg.to_dict(),
         "reference": reference,
         "evaluation": {"split": splits.evaluation_name, "images": len(samples), "classes": len(classes)},

@@ -59,6 +59,20 @@ class Preprocess:
     def input_shape(self) -> tuple[int, int, int]:
         return (3, self.size, self.size)
 
+    def describe(self) -> dict:
+        """Everything a device needs to reimplement :func:`load_image` exactly (copied whole into the manifest)."""
+        return {
+            "decode": "Pillow, converted to RGB: 8 bits a channel, grayscale and palette expanded, alpha dropped",
+            "channel_order": "RGB",
+            "resize": {"shorter_side": self.resize, "other_side": f"round(other * {self.resize} / shorter), at least {self.size}",
+                       "interpolation": f"{self.interpolation} (Pillow Image.resize, which filters over the whole footprint when shrinking)"},
+            "center_crop": {"size": self.size, "offset": f"floor((side - {self.size}) / 2) on each axis"},
+            "scale": "pixel / 255, float32",
+            "normalize": {"mean": list(self.mean), "std": list(self.std), "formula": "(x - mean) / std, per channel"},
+            "layout": "CHW per image, batched NCHW, float32",
+            "parameters": {**self.to_dict(), "mean": list(self.mean), "std": list(self.std)},
+        }
+
 
 _PIL_FILTERS = {"bilinear": 2, "bicubic": 3, "nearest": 0}  # PIL.Image.Resampling values
 

@@ -253,6 +253,7 @@ def export_onnx(cfg: ExportConfig) -> dict:
 
     record = {
         "stage": "export",
+        "artifacts": [cfg.out.name, "export.json"],
         "config": cfg.to_dict(),
         "onnx": {"path": cfg.out.name, "opset": opset, "input": [INPUT_NAME, ["batch", *pre.input_shape], "float32"],
                  "output": [OUTPUT_NAME, ["batch", len(meta["classes"])], "float32"], "pads_folded_into_conv": folded},

@@ -289,6 +289,7 @@ def finetune(cfg: FinetuneConfig, splits: Splits | None = None) -> dict:
     cfg.out.mkdir(parents=True, exist_ok=True)
     record = {
         "stage": "finetune",
+        "artifacts": ["model.pt", "finetune.json"],
         "config": cfg.to_dict(),
         "model": {"arch": cfg.model, "weights": cfg.weights, "weights_source": spec.weights_source if cfg.weights == "pretrained" else cfg.weights,
                   "blocks": depth, "trainable_blocks": best.trainable_blocks, "parameters": sum(p.numel() for p in model.parameters())},

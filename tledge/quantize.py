@@ -666,6 +666,8 @@ def quantize(cfg: QuantizeConfig) -> dict:
     write_json(cfg.out_dir / "calibration.json", calib.to_dict(meta["classes"], pre.input_shape))
     record = {
         "stage": "quantize",
+        "artifacts": [o["path"] for o in outputs.values()] + [o["calibration_cache"]["path"] for o in outputs.values() if "calibration_cache" in o]
+        + ["calibration.json", STATS_FILE] + ([QAT_CHECKPOINT] if (cfg.out_dir / QAT_CHECKPOINT).is_file() else []) + ["quantize.json"],
         "config": cfg.to_dict(),
         "calibration": {"path": "calibration.json", "images": len(calib.images), "method": cfg.method, "sampling": calib.sampling,
                         "statistics": {"path": STATS_FILE, "tensors": len(stats.names), "reused": stats_reused}},

@@ -5,7 +5,7 @@ from __future__ import annotations
 import html
 from pathlib import Path
 
-from .artifacts import read_json, write_json, write_text
+from .artifacts import FORMATS, read_json, write_json, write_text
 from .errors import TledgeError
 
 STAGE_RECORDS = ("finetune", "export", "quantize", "bench")
@@ -18,6 +18,9 @@ def collect_records(out_dir: Path) -> dict:
 def _summary(records: dict) -> dict:
     bench = records["bench"]
     summary = {
+        "format": FORMATS["report"],
+        "stage": "report",
+        "artifacts": ["report.json", "report.md", "latency.svg", "accuracy.svg"],
         "reference": bench["reference"],
         "evaluation": bench["evaluation"],
         "input_shape": bench["input_shape"],
