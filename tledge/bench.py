@@ -86,7 +86,8 @@ def variant_metadata(path: Path) -> dict | None:
         import json
 
         # as ONNX metadata holds it (JSON: lists, not tuples), so the two kinds compare equal
-        return {"classes": meta["classes"], "preprocess": json.loads(json.dumps(meta["preprocess"].to_dict())), "precision": "fp32"}
+        return {"classes": meta["classes"], "preprocess": json.loads(json.dumps(meta["preprocess"].to_dict())), "precision": "fp32",
+                **({"splits_sha256": meta["extra"]["splits_sha256"]} if "splits_sha256" in meta.get("extra", {}) else {})}
     from .export import read_metadata
 
     return read_metadata(path)
@@ -202,7 +203,7 @@ def bench(cfg: BenchConfig) -> dict:
     from tqdm import tqdm
 
     from .artifacts import write_json
-    from .data import Preprocess, iter_batches, load_array, load_splits
+    from .data import Preprocess, iter_batches, load_array, splits_for
     from .cpu_isa import this_cpu
     from .machine import machine_info
     from .runners import OrtRunner, backend_unavailable, make_runner
@@ -228,7 +229,7 @@ def bench(cfg: BenchConfig) -> dict:
         if meta["classes"] != ref_meta["classes"] or meta["preprocess"] != ref_meta["preprocess"]:
             raise TledgeError(f"{paths[name]} was made for other classes or preprocessing than {paths[reference]}")
     pre = Preprocess.from_dict(ref_meta["preprocess"])
-    splits = load_splits(cfg.data, seed=cfg.seed)
+    splits = splits_for(cfg.data, paths[reference].parent, cfg.seed, ref_meta.get("splits_sha256"))
     if splits.classes != ref_meta["classes"]:
         raise TledgeError(f"{cfg.data} has classes {splits.classes}, the models were trained on {ref_meta['classes']}")
     samples = splits.evaluation[: cfg.max_images] if cfg.max_images else splits.evaluation

@@ -170,7 +170,7 @@ def gate(cfg: GateConfig) -> dict:
     >>> verdict = gate(GateConfig(candidate="new/model.int8.cpu.onnx", baseline="release/model.int8.cpu.onnx", data="my_images"))  # doctest: +SKIP
     >>> verdict["passed"]  # doctest: +SKIP
     """
-    from .data import Preprocess, load_array, load_splits
+    from .data import Preprocess, load_array, splits_for
     from .export import read_metadata
     from .machine import machine_info
     from .runners import OrtRunner
@@ -192,7 +192,7 @@ def gate(cfg: GateConfig) -> dict:
     # Accuracy first (exact): both models' predictions on the evaluation split.
     accuracy, predictions, split_id = None, None, None
     if cfg.data is not None:
-        splits = load_splits(cfg.data, seed=cfg.seed)
+        splits = splits_for(cfg.data, cfg.candidate.parent, cfg.seed, meta.get("splits_sha256"))
         if splits.classes != meta["classes"]:
             raise TledgeError(f"{cfg.data} has classes {splits.classes}, the models were trained on {meta['classes']}")
         samples = splits.evaluation[: cfg.max_images] if cfg.max_images else splits.evaluation

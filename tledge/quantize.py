@@ -558,7 +558,7 @@ def quantize(cfg: QuantizeConfig) -> dict:
     from .bias_correction import correct_bias
     from .calib_stats import STATS_FILE, calibrate, calibration_key
     from .calibration import calibration_warnings, load_calibration_set, sample_calibration_set
-    from .data import Preprocess, Sample, load_array, load_splits
+    from .data import Preprocess, Sample, load_array, splits_for
     from .drift_budget import DriftBudget, describe_drift, score
     from .export import load_onnx, read_metadata, set_metadata
 
@@ -573,7 +573,7 @@ def quantize(cfg: QuantizeConfig) -> dict:
         if unknown:
             convs = sorted(n for n in names if "Conv" in n or "Gemm" in n)
             raise TledgeError(f"--keep-float names nodes that {cfg.model} does not have: {unknown}; for example {convs[:3]}")
-    splits = load_splits(cfg.data, seed=cfg.seed)
+    splits = splits_for(cfg.data, cfg.model.parent, cfg.seed, meta.get("splits_sha256"))
     if splits.classes != meta["classes"]:
         raise TledgeError(f"{cfg.data} has classes {splits.classes}, the model was trained on {meta['classes']}")
     if cfg.calibration is not None:
