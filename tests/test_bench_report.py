@@ -300,3 +300,18 @@ def test_bundle_without_fp32_model_is_refused(tiny_pipeline, tmp_path):
     with pytest.raises(TledgeError, match="model.fp32.onnx"):
         bundle(tmp_path)
     assert not (tmp_path / "manifest.json").exists()
+
+
+def test_bench_explains_drift_per_class_and_in_the_confusion_matrix(measured):
+    _, record = measured
+    ref = record["variants"]["fp32"]
+    assert ref["kl_divergence_from_reference"] == 0.0 and ref["drift"]["changed_errors"] == 0 and ref["drift"]["lost_most"] == []
+    assert "top5" not in ref  # 3 classes: top-5 would always be 1
+    for name, v in record["variants"].items():
+        d = v["drift"]
+        for cls, delta in d["per_class_top1_delta_pp"].items():  # the per-class change is the difference of per-class top-1
+            assert delta == pytest.approx((v["per_class_top1"][cls] - ref["per_class_top1"][cls]) * 100, abs=0.02), (name, cls)
+        assert all(entry["top1_delta_pp"] < 0 for entry in d["lost_most"])
+        assert v["kl_divergence_from_reference"] >= 0
+        assert v["latency_ms"]["stdev"] >= 0 and "memory_mb_at_load" in v
+    assert record["peak_rss_mb"] > 0

@@ -17,6 +17,7 @@ every variant sees the same machine conditions; p50/p90/p99 in milliseconds, plu
 from __future__ import annotations
 
 import math
+import resource
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -96,10 +97,13 @@ def variant_metadata(path: Path) -> dict | None:
 @dataclass
 class _Accumulator:
     correct: int = 0
+    correct_top5: int = 0
     agree: int = 0
     count: int = 0
     abs_logit_diff: float = 0.0
+    kl_divergence: float = 0.0  # of this variant's softmax from the reference's, summed over images
     per_class_correct: dict = field(default_factory=dict)
+    confusion: np.ndarray | None = None  # [true class, predicted class] counts
 
 
 ACCURACY_METHODS = {
@@ -110,12 +114,25 @@ ACCURACY_METHODS = {
 }
 
 
+def _log_softmax(z: np.ndarray) -> np.ndarray:
+    z = z.astype(np.float64) - z.max(axis=1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+
+
 def _accumulate(a: _Accumulator, logits: np.ndarray, ref_logits: np.ndarray, y: np.ndarray) -> None:
     pred = logits.argmax(1)
+    classes = logits.shape[1]
     a.correct += int((pred == y).sum())
+    top5 = np.argsort(-logits, axis=1)[:, : min(5, classes)]
+    a.correct_top5 += int((top5 == y[:, None]).any(axis=1).sum())
     a.agree += int((pred == ref_logits.argmax(1)).sum())
     a.count += len(y)
     a.abs_logit_diff += float(np.abs(logits - ref_logits).mean()) * len(y)
+    log_p, log_q = _log_softmax(ref_logits), _log_softmax(logits)
+    a.kl_divergence += float((np.exp(log_p) * (log_p - log_q)).sum())
+    if a.confusion is None:
+        a.confusion = np.zeros((classes, classes), dtype=np.int64)
+    np.add.at(a.confusion, (y, pred), 1)
     for label, ok in zip(y.tolist(), (pred == y).tolist()):
         hit, total = a.per_class_correct.get(label, (0, 0))
         a.per_class_correct[label] = (hit + int(ok), total + 1)
@@ -161,6 +178,37 @@ def _int8_checks(name: str, precision: str, meta: dict, cpu: dict, sim: _Accumul
     return out
 
 
+def _class_drift(a: _Accumulator, ref: _Accumulator, classes: list[str]) -> dict:
+    """How the variant's errors moved against the reference's: per-class top-1 change, the classes that lost most,
+    and the confusion-matrix cells that changed most (true -> predicted: count change)."""
+    per_class = {}
+    for k, name in enumerate(classes):
+        hit, total = a.per_class_correct.get(k, (0, 0))
+        ref_hit, _ = ref.per_class_correct.get(k, (0, 0))
+        if total:
+            per_class[name] = round((hit - ref_hit) / total * 100, 3)
+    shift = a.confusion - ref.confusion if a.confusion is not None and ref.confusion is not None else np.zeros((0, 0), int)
+    cells = sorted(((int(shift[i, j]), i, j) for i in range(shift.shape[0]) for j in range(shift.shape[1]) if i != j and shift[i, j]),
+                   key=lambda c: -abs(c[0]))
+    return {
+        "per_class_top1_delta_pp": per_class,
+        "lost_most": [{"class": n, "top1_delta_pp": d} for n, d in sorted(per_class.items(), key=lambda kv: kv[1])[:3] if d < 0],
+        "confusion_shift": [{"true": classes[i], "predicted": classes[j], "change": c} for c, i, j in cells[:5]],
+        "changed_errors": int(np.abs(shift).sum() // 2) if shift.size else 0,
+    }
+
+
+def _rss_mb() -> float:
+    """This process's resident memory now, in MB (Linux /proc; 0 where unavailable)."""
+    try:
+        with open("/proc/self/statm", encoding="ascii") as f:
+            import os
+
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
 def percentiles(samples_ms: list[float]) -> dict:
     a = np.asarray(samples_ms)
     return {
@@ -168,6 +216,7 @@ def percentiles(samples_ms: list[float]) -> dict:
         "p90": round(float(np.percentile(a, 90)), 4),
         "p99": round(float(np.percentile(a, 99)), 4),
         "mean": round(float(a.mean()), 4),
+        "stdev": round(float(a.std(ddof=1)) if len(a) > 1 else 0.0, 4),
         "min": round(float(a.min()), 4),
         "samples": len(a),
     }
@@ -236,7 +285,12 @@ def bench(cfg: BenchConfig) -> dict:
 
     # Latency always times the backend as deployed (ONNX Runtime fuses Q/DQ into int8 kernels); accuracy uses
     # the method fit for the model.
-    runners = {v.name: make_runner(v) for v in variants}
+    runners, memory_mb = {}, {}
+    for v in variants:  # resident memory a runner adds when loaded and run once (first-order; shared libraries count once)
+        before = _rss_mb()
+        runners[v.name] = make_runner(v)
+        runners[v.name](np.zeros((cfg.batch_size, *pre.input_shape), np.float32))
+        memory_mb[v.name] = round(_rss_mb() - before, 1)
     precisions = {name: metas[name].get("precision", "unknown") for name in runners}
     simulators = {v.name: OrtRunner(v.path, threads=cfg.threads, simulate_int8=True)
                   for v in variants if precisions[v.name] in ("int8-tensorrt", "int8-cpu") and v.path.suffix == ".onnx"}
@@ -293,11 +347,15 @@ def bench(cfg: BenchConfig) -> dict:
             "accuracy_method": ACCURACY_METHODS[precisions[name] if precisions[name] in ACCURACY_METHODS else "other"],
             **checks,
             "bytes": path.stat().st_size,
+            "memory_mb_at_load": memory_mb[name],
             "top1": round(top1, 5),
             "top1_delta_pp": round((top1 - ref_top1) * 100, 3),
             "agreement": round(a.agree / a.count, 5),
             "mean_abs_logit_diff": round(a.abs_logit_diff / a.count, 6),
+            "kl_divergence_from_reference": round(a.kl_divergence / a.count, 6),
+            **({"top5": round(a.correct_top5 / a.count, 5)} if len(classes) > 5 else {}),
             "per_class_top1": {classes[k]: round(hit / total, 4) for k, (hit, total) in sorted(a.per_class_correct.items())},
+            "drift": _class_drift(a, acc[reference], classes),
             "latency_ms": {"batch": cfg.batch_size, **percentiles(latency[name])},
             "throughput": {"batch": cfg.throughput_batch, "images_per_s": round(cfg.throughput_batch / (wide_ms / 1000.0), 2), "median_batch_ms": round(wide_ms, 4)},
         }
@@ -313,6 +371,7 @@ def bench(cfg: BenchConfig) -> dict:
         "evaluation": {"split": splits.evaluation_name, "images": len(samples), "classes": len(classes)},
         "input_shape": [cfg.batch_size, *pre.input_shape],
         "threads": cfg.threads or "onnxruntime default",
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "machine": machine_info(),
         "warnings": warnings + [f"{n}: skipped: {s['reason']}" for n, s in skipped.items()],
         "variants": variants_out,

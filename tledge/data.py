@@ -290,6 +290,8 @@ def read_splits(path: Path, root: str | Path) -> Splits:
         raise TledgeError(f"dataset folder {root} does not exist")
     listed = {rel: digest for name in ("train", "val", "test") for rel, digest, _ in record[name]}
     fresh = load_splits(root, record["val_fraction"], record["test_fraction"], record["seed"])  # the images there now, by the same rules
+    if fresh.classes != record["classes"]:
+        raise TledgeError(f"{root} has classes {fresh.classes}, the split the model was trained on ({path}) has {record['classes']}")
     on_disk = {s.path.relative_to(root).as_posix() for s in fresh.train + fresh.val + fresh.test}
     added, removed = sorted(on_disk - set(listed)), sorted(set(listed) - on_disk)
     changed = sorted(rel for rel in set(listed) & on_disk if sha256_file(root / rel) != listed[rel])

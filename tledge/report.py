@@ -38,7 +38,8 @@ def _summary(records: dict) -> dict:
                 "throughput": v["throughput"],
                 "speedup_vs_reference_p50": v["speedup_vs_reference_p50"],
                 "accuracy_method": v.get("accuracy_method"),
-                **{k: v[k] for k in ("simulated", "fused_vs_simulated", "cpu_target", "warnings") if k in v},
+                **{k: v[k] for k in ("simulated", "fused_vs_simulated", "cpu_target", "warnings", "drift", "top5",
+                                      "kl_divergence_from_reference", "memory_mb_at_load", "backend") if k in v},
             }
             for name, v in bench["variants"].items()
         },
@@ -102,6 +103,13 @@ def _markdown(summary: dict, extra: dict | None) -> str:
             f"{lat['p50']:.2f} | {lat['p90']:.2f} | {lat['p99']:.2f} | {v['speedup_vs_reference_p50']:.2f}x | "
             f"{v['throughput']['images_per_s']:.0f} (batch {v['throughput']['batch']}) | {v['bytes'] / 1e6:.1f} |"
         )
+    drifted = [(name, v["drift"]) for name, v in summary["variants"].items() if v.get("drift", {}).get("lost_most") or v.get("drift", {}).get("confusion_shift")]
+    if drifted:
+        lines += ["", "Where the predictions moved against the reference:", ""]
+        for name, d in drifted:
+            lost = ", ".join(f"{e['class']} {e['top1_delta_pp']:+.1f} pt" for e in d["lost_most"]) or "no class lost top-1"
+            moves = ", ".join(f"{c['true']} -> {c['predicted']} {c['change']:+d}" for c in d["confusion_shift"][:3])
+            lines.append(f"- **{name}**: classes that lost most: {lost}" + (f"; confusion cells that moved most: {moves}" if moves else "") + ".")
     lines += [
         "",
         f"Latency: batch {summary['input_shape'][0]}, {next(iter(summary['variants'].values()))['latency_ms']['samples']} timed runs per variant in interleaved rounds.",
