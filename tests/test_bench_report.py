@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import importlib.metadata
 import json
 import shutil
@@ -315,3 +316,34 @@ def test_bench_explains_drift_per_class_and_in_the_confusion_matrix(measured):
         assert v["kl_divergence_from_reference"] >= 0
         assert v["latency_ms"]["stdev"] >= 0 and "memory_mb_at_load" in v
     assert record["peak_rss_mb"] > 0
+
+
+def test_report_html_is_one_self_contained_page(build_folder):
+    out, summary, _ = build_folder
+    page = (out / "report.html").read_text()
+    assert page.startswith("<!DOCTYPE html>") and page.count("<svg") >= 2  # latency distributions and fine-tuning curves
+    assert "<script" not in page and "src=" not in page and "href=" not in page  # nothing to fetch, nothing to run
+    for name in summary["variants"]:
+        assert html.escape(name) in page
+    assert "Per-class drift" in page and "INT8 within the drift budget" in page
+
+
+def test_report_html_renders_in_a_real_browser(build_folder, tmp_path):
+    """Headless Chromium draws the page (where the machine has it: Debian's chromium package)."""
+    import shutil as sh
+    import subprocess
+
+    browser = sh.which("chromium") or sh.which("chromium-browser") or sh.which("google-chrome")
+    if browser is None:
+        pytest.skip("no Chromium on this machine (apt-get install chromium)")
+    out, _, _ = build_folder
+    shot = tmp_path / "report.png"
+    subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+                    "--disable-component-update", "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}",
+                    "--window-size=1100,1600", (out / "report.html").as_uri()], capture_output=True, timeout=120, check=False)
+    from PIL import Image
+
+    with Image.open(shot) as img:
+        pixels = np.asarray(img.convert("L"))
+    assert img.size == (1100, 1600)
+    assert (pixels < 128).mean() > 0.01  # text and charts were drawn, not a blank page

@@ -36,6 +36,7 @@ ARTIFACTS: dict[str, tuple[str, str]] = {
     "bench.json": ("bench", "stage record"),
     "report.json": ("report", "report (machine-readable)"),
     "report.md": ("report", "report (human-readable)"),
+    "report.html": ("report", "report (one self-contained page with charts)"),
     "latency.svg": ("report", "chart"),
     "accuracy.svg": ("report", "chart"),
 }

@@ -356,7 +356,7 @@ def bench(cfg: BenchConfig) -> dict:
             **({"top5": round(a.correct_top5 / a.count, 5)} if len(classes) > 5 else {}),
             "per_class_top1": {classes[k]: round(hit / total, 4) for k, (hit, total) in sorted(a.per_class_correct.items())},
             "drift": _class_drift(a, acc[reference], classes),
-            "latency_ms": {"batch": cfg.batch_size, **percentiles(latency[name])},
+            "latency_ms": {"batch": cfg.batch_size, **percentiles(latency[name]), "samples_ms": [round(t, 4) for t in latency[name]]},
             "throughput": {"batch": cfg.throughput_batch, "images_per_s": round(cfg.throughput_batch / (wide_ms / 1000.0), 2), "median_batch_ms": round(wide_ms, 4)},
         }
     ref_p50 = variants_out[reference]["latency_ms"]["p50"]

@@ -6,6 +6,7 @@ import html
 from pathlib import Path
 
 from .artifacts import FORMATS, read_json, write_json, write_text
+from .report_html import render_html
 from .errors import TledgeError
 
 STAGE_RECORDS = ("finetune", "export", "quantize", "bench")
@@ -20,7 +21,7 @@ def _summary(records: dict) -> dict:
     summary = {
         "format": FORMATS["report"],
         "stage": "report",
-        "artifacts": ["report.json", "report.md", "latency.svg", "accuracy.svg"],
+        "artifacts": ["report.json", "report.md", "report.html", "latency.svg", "accuracy.svg"],
         "reference": bench["reference"],
         "evaluation": bench["evaluation"],
         "input_shape": bench["input_shape"],
@@ -50,7 +51,8 @@ def _summary(records: dict) -> dict:
         summary["finetune"] = {
             "model": ft["model"],
             "dataset": ft["dataset"],
-            "stages": [{k: s[k] for k in ("name", "trainable_blocks", "lr", "epochs_run", "best_epoch", "val_accuracy", "accepted", "seconds")} for s in ft["stages"]],
+            "stages": [{k: s[k] for k in ("name", "trainable_blocks", "lr", "epochs_run", "best_epoch", "val_accuracy", "accepted", "seconds", "history") if k in s}
+                       for s in ft["stages"]],
             "result": ft["result"],
         }
     if "export" in records:
@@ -236,5 +238,6 @@ def write_report(out_dir: str | Path, extra: dict | None = None) -> dict:
         [(k, (1 - v["agreement_with_reference"]) * 100, f"{(1 - v['agreement_with_reference']) * 100:.1f} % (top-1 {v['top1'] * 100:.1f} %)") for k, v in variants.items()],
     ))
     write_text(out_dir / "report.md", _markdown(summary, extra))
+    write_text(out_dir / "report.html", render_html(summary))
     write_json(out_dir / "report.json", summary)
     return summary
