@@ -13,7 +13,13 @@ from typing import List, Optional
 
 import typer
 
+from .bench import BenchConfig
+from .build import BuildConfig
+from .config import default as D
+from .config import merge
 from .errors import TledgeError
+from .gate import GateConfig
+from .quantize import QuantizeConfig
 
 app = typer.Typer(
     name="tledge",
@@ -36,6 +42,12 @@ def _print_warnings(warnings: list[str]) -> None:
         print(f"tledge: warning: {warning}", file=sys.stderr)
 
 
+def _typed(ctx: typer.Context, fields: dict[str, str]) -> set[str]:
+    """The settings the user typed on the command line (``fields`` maps setting names to parameter names)."""
+    # by name: typer vendors its own click, whose ParameterSource is private
+    return {field for field, param in fields.items() if getattr(ctx.get_parameter_source(param), "name", "") == "COMMANDLINE"}
+
+
 def _parse_unfreeze(text: str) -> tuple[int, ...]:
     if text.strip().lower() in ("", "none", "0"):
         return ()
@@ -51,40 +63,44 @@ def _parse_unfreeze(text: str) -> tuple[int, ...]:
     "tledge build --data my_images --model mobilenet_v3_large --unfreeze 3,6",
 ))
 def build(
-    out: Path = typer.Option(Path("tledge-out"), "--out", "-o", help="Folder for every artifact (created)."),
+    ctx: typer.Context,
+    out: Path = typer.Option(D(BuildConfig, "out"), "--out", "-o", help="Folder for every artifact (created)."),
     data: Optional[Path] = typer.Option(None, "--data", "-d", help="ImageFolder root (train/ + val/ [+ test/], or one folder per class). Default: scikit-learn's digits, offline."),
-    model: str = typer.Option("efficientnet_lite0", "--model", "-m", help="Backbone name (see `tledge models`)."),
-    weights: str = typer.Option("pretrained", help="'pretrained', 'none' (from scratch) or a state-dict file."),
+    model: str = typer.Option(D(BuildConfig, "model"), "--model", "-m", help="Backbone name (see `tledge models`)."),
+    weights: str = typer.Option(D(BuildConfig, "weights"), help="'pretrained', 'none' (from scratch) or a state-dict file."),
     image_size: Optional[int] = typer.Option(None, help="Network input size (default: the model's; 128 for the digits)."),
     resize: Optional[int] = typer.Option(None, help="Shorter side before the center crop (default keeps the model's ratio)."),
-    unfreeze: str = typer.Option("3", help="Blocks thawed by each fine-tuning stage after feature extraction, e.g. 3 or 3,6; 'none' for feature extraction only."),
-    epochs: int = typer.Option(40, help="Most epochs per stage (early stopping ends sooner)."),
-    patience: int = typer.Option(6, help="Epochs without validation improvement before a stage stops."),
+    unfreeze: str = typer.Option(",".join(map(str, D(BuildConfig, "unfreeze"))), help="Blocks thawed by each fine-tuning stage after feature extraction, e.g. 3 or 3,6; 'none' for feature extraction only."),
+    epochs: int = typer.Option(D(BuildConfig, "epochs"), help="Most epochs per stage (early stopping ends sooner)."),
+    patience: int = typer.Option(D(BuildConfig, "patience"), help="Epochs without validation improvement before a stage stops."),
     calibration: Optional[Path] = typer.Option(None, help="Calibration definition (JSON image list with sha256) to reuse."),
-    num_calib: int = typer.Option(256, help="Calibration images to sample when no definition is given."),
-    calib_method: str = typer.Option("minmax", help="Calibration method, a choice over one pass of statistics: minmax, percentile (99.999th), entropy (KL, as TensorRT), mse (least squared error) or auto (per model, the one that stays closest to FP32 on validation)."),
-    cpu_target: str = typer.Option("portable", help="CPU INT8 model's target: portable (right on every x86 and ARM CPU; default), vnni (full 8-bit weights, only for CPUs with VNNI/AMX or ARM) or native (this machine's class)."),
-    trt_version: str = typer.Option("10.3.0", help="TensorRT version named in calibration.cache (implicit INT8, 8.5 to 10.x): 8.5.2 JetPack 5.1, 8.6.2 JetPack 6.0, 10.3.0 JetPack 6.1/6.2."),
-    max_top1_drop: float = typer.Option(0.3, help="Drift budget: most top-1 an INT8 model may lose against FP32 on the validation split, in points."),
-    min_agreement: float = typer.Option(0.99, help="Drift budget: least share of validation predictions an INT8 model must share with FP32."),
-    fallback_layers: int = typer.Option(16, help="Most layers kept in float to meet the drift budget (0: check and report only)."),
-    bias_correction: bool = typer.Option(False, help="Shift each quantized layer's bias by the mean error its int8 weights add (measured from the calibration statistics)."),
-    qat_epochs: int = typer.Option(2, help="When post-training INT8 misses the drift budget, epochs of quantization-aware fine-tuning to try (0: never)."),
-    bench_iterations: int = typer.Option(200, help="Timed runs per variant."),
+    num_calib: int = typer.Option(D(BuildConfig, "num_calib"), help="Calibration images to sample when no definition is given."),
+    calib_method: str = typer.Option(D(BuildConfig, "calib_method"), help="Calibration method, a choice over one pass of statistics: minmax, percentile (99.999th), entropy (KL, as TensorRT), mse (least squared error) or auto (per model, the one that stays closest to FP32 on validation)."),
+    cpu_target: str = typer.Option(D(BuildConfig, "cpu_target"), help="CPU INT8 model's target: portable (right on every x86 and ARM CPU; default), vnni (full 8-bit weights, only for CPUs with VNNI/AMX or ARM) or native (this machine's class)."),
+    trt_version: str = typer.Option(D(BuildConfig, "trt_version"), help="TensorRT version named in calibration.cache (implicit INT8, 8.5 to 10.x): 8.5.2 JetPack 5.1, 8.6.2 JetPack 6.0, 10.3.0 JetPack 6.1/6.2."),
+    max_top1_drop: float = typer.Option(D(BuildConfig, "max_top1_drop_pp"), help="Drift budget: most top-1 an INT8 model may lose against FP32 on the validation split, in points."),
+    min_agreement: float = typer.Option(D(BuildConfig, "min_agreement"), help="Drift budget: least share of validation predictions an INT8 model must share with FP32."),
+    fallback_layers: int = typer.Option(D(BuildConfig, "fallback_layers"), help="Most layers kept in float to meet the drift budget (0: check and report only)."),
+    bias_correction: bool = typer.Option(D(BuildConfig, "bias_correction"), help="Shift each quantized layer's bias by the mean error its int8 weights add (measured from the calibration statistics)."),
+    qat_epochs: int = typer.Option(D(BuildConfig, "qat_epochs"), help="When post-training INT8 misses the drift budget, epochs of quantization-aware fine-tuning to try (0: never)."),
+    bench_iterations: int = typer.Option(D(BuildConfig, "bench_iterations"), help="Timed runs per variant."),
     threads: Optional[int] = typer.Option(None, help="CPU threads for ONNX Runtime (default: all)."),
-    seed: int = typer.Option(0, help="Seed for splits, sampling and training."),
+    seed: int = typer.Option(D(BuildConfig, "seed"), help="Seed for splits, sampling and training."),
     as_json: bool = typer.Option(False, "--json", help="Print the report summary as JSON instead of a table."),
+    config: Optional[Path] = typer.Option(None, "--config", help="A tledge.toml whose [build] sets any of this command's settings; flags typed here win."),
 ):
     """Run the whole pipeline: finetune, export, quantize, bench, report, manifest."""
-    from .build import BuildConfig, build as run_build, format_table
+    from .build import build as run_build, format_table
 
-    summary = run_build(BuildConfig(
+    given = dict(
         out=out, data=data, model=model, weights=weights, image_size=image_size, resize=resize,
         unfreeze=_parse_unfreeze(unfreeze), epochs=epochs, patience=patience, calibration=calibration,
         num_calib=num_calib, calib_method=calib_method, cpu_target=cpu_target, trt_version=trt_version,
-        max_top1_drop_pp=max_top1_drop, min_agreement=min_agreement, fallback_layers=fallback_layers, bias_correction=bias_correction, qat_epochs=qat_epochs, bench_iterations=bench_iterations,
-        threads=threads, seed=seed,
-    ))
+        max_top1_drop_pp=max_top1_drop, min_agreement=min_agreement, fallback_layers=fallback_layers, bias_correction=bias_correction,
+        qat_epochs=qat_epochs, bench_iterations=bench_iterations, threads=threads, seed=seed,
+    )
+    typed = _typed(ctx, {k: {"max_top1_drop_pp": "max_top1_drop"}.get(k, k) for k in given})
+    summary = run_build(BuildConfig(**merge(config, "build", given, typed)))
     _print_warnings(summary.get("warnings", []))
     if as_json:
         print(json.dumps(summary, indent=2))
@@ -154,32 +170,37 @@ def export(
     "tledge quantize model.onnx --data my_images --out-dir out --max-top1-drop 0.5 --min-agreement 0.98",
 ))
 def quantize(
+    ctx: typer.Context,
     model: Path = typer.Argument(..., help="FP32 ONNX written by `tledge export`."),
     data: Path = typer.Option(..., "--data", "-d", help="ImageFolder root; calibration images come from its train split."),
     out_dir: Path = typer.Option(..., "--out-dir", "-o", help="Folder for the INT8 models and calibration.json."),
     calibration: Optional[Path] = typer.Option(None, help="Calibration definition to reuse (verified by sha256)."),
-    num_calib: int = typer.Option(256, help="Images to sample when no definition is given."),
-    method: str = typer.Option("minmax", help="Calibration method, a choice over one pass of statistics: minmax, percentile (99.999th), entropy (KL, as TensorRT), mse (least squared error) or auto (per model, the one that stays closest to FP32 on validation)."),
+    num_calib: int = typer.Option(D(QuantizeConfig, "num_images"), help="Images to sample when no definition is given."),
+    method: str = typer.Option(D(QuantizeConfig, "method"), help="Calibration method, a choice over one pass of statistics: minmax, percentile (99.999th), entropy (KL, as TensorRT), mse (least squared error) or auto (per model, the one that stays closest to FP32 on validation)."),
     target: List[str] = typer.Option(["tensorrt", "cpu"], help="tensorrt (Q/DQ S8S8) and/or cpu (U8S8); repeatable."),
     keep_float: List[str] = typer.Option([], help="ONNX node name to leave in float (per-layer fallback); repeatable."),
-    cpu_target: str = typer.Option("portable", help="CPU INT8 model's target: portable (right on every x86 and ARM CPU; default), vnni (full 8-bit weights, only for CPUs with VNNI/AMX or ARM) or native (this machine's class)."),
-    trt_version: str = typer.Option("10.3.0", help="TensorRT version named in calibration.cache (implicit INT8, 8.5 to 10.x): 8.5.2 JetPack 5.1, 8.6.2 JetPack 6.0, 10.3.0 JetPack 6.1/6.2."),
-    max_top1_drop: float = typer.Option(0.3, help="Drift budget: most top-1 an INT8 model may lose against FP32 on the validation split, in points."),
-    min_agreement: float = typer.Option(0.99, help="Drift budget: least share of validation predictions an INT8 model must share with FP32."),
-    fallback_layers: int = typer.Option(16, help="Most layers kept in float to meet the drift budget (0: check and report only)."),
-    bias_correction: bool = typer.Option(False, help="Shift each quantized layer's bias by the mean error its int8 weights add (measured from the calibration statistics)."),
+    cpu_target: str = typer.Option(D(QuantizeConfig, "cpu_target"), help="CPU INT8 model's target: portable (right on every x86 and ARM CPU; default), vnni (full 8-bit weights, only for CPUs with VNNI/AMX or ARM) or native (this machine's class)."),
+    trt_version: str = typer.Option(D(QuantizeConfig, "trt_version"), help="TensorRT version named in calibration.cache (implicit INT8, 8.5 to 10.x): 8.5.2 JetPack 5.1, 8.6.2 JetPack 6.0, 10.3.0 JetPack 6.1/6.2."),
+    max_top1_drop: float = typer.Option(D(QuantizeConfig, "max_top1_drop_pp"), help="Drift budget: most top-1 an INT8 model may lose against FP32 on the validation split, in points."),
+    min_agreement: float = typer.Option(D(QuantizeConfig, "min_agreement"), help="Drift budget: least share of validation predictions an INT8 model must share with FP32."),
+    fallback_layers: int = typer.Option(D(QuantizeConfig, "fallback_layers"), help="Most layers kept in float to meet the drift budget (0: check and report only)."),
+    bias_correction: bool = typer.Option(D(QuantizeConfig, "bias_correction"), help="Shift each quantized layer's bias by the mean error its int8 weights add (measured from the calibration statistics)."),
     checkpoint: Optional[Path] = typer.Option(None, help="The model.pt the ONNX came from; enables quantization-aware fine-tuning when the budget is missed."),
-    qat_epochs: int = typer.Option(2, help="When post-training INT8 misses the drift budget, epochs of quantization-aware fine-tuning to try (0: never)."),
-    seed: int = typer.Option(0, help="Sampling seed."),
+    qat_epochs: int = typer.Option(D(QuantizeConfig, "qat_epochs"), help="When post-training INT8 misses the drift budget, epochs of quantization-aware fine-tuning to try (0: never)."),
+    seed: int = typer.Option(D(QuantizeConfig, "seed"), help="Sampling seed."),
+    config: Optional[Path] = typer.Option(None, "--config", help="A tledge.toml whose [quantize] sets any of this command's settings; flags typed here win."),
 ):
     """Calibrate on real images; write a TensorRT Q/DQ INT8 ONNX and a CPU INT8 ONNX."""
-    from .quantize import QuantizeConfig, quantize as run
+    from .quantize import quantize as run
 
-    record = run(QuantizeConfig(
+    given = dict(
         model=model, data=data, out_dir=out_dir, calibration=calibration, num_images=num_calib, method=method,
         targets=tuple(target), keep_float=tuple(keep_float), cpu_target=cpu_target, trt_version=trt_version,
-        max_top1_drop_pp=max_top1_drop, min_agreement=min_agreement, fallback_layers=fallback_layers, bias_correction=bias_correction, checkpoint=checkpoint, qat_epochs=qat_epochs, seed=seed,
-    ))
+        max_top1_drop_pp=max_top1_drop, min_agreement=min_agreement, fallback_layers=fallback_layers, bias_correction=bias_correction,
+        checkpoint=checkpoint, qat_epochs=qat_epochs, seed=seed,
+    )
+    renames = {"num_images": "num_calib", "targets": "target", "max_top1_drop_pp": "max_top1_drop"}
+    record = run(QuantizeConfig(**merge(config, "quantize", given, _typed(ctx, {k: renames.get(k, k) for k in given}))))
     _print_warnings(record["warnings"])
     for t, info in record["models"].items():
         print(f"wrote {out_dir / info['path']} ({t}: activations {info['activations']}, weights {info['weights']})")
@@ -225,22 +246,26 @@ def _parse_variants(specs: list[str], threads: int | None) -> list:
     "tledge bench out/model.fp32.onnx torch=out/model.pt@torch-cpu gpu=out/model.fp32.onnx@onnxruntime-cuda --data my_images --out-dir out",
 ))
 def bench(
+    ctx: typer.Context,
     models: List[str] = typer.Argument(..., help="Model files, or NAME=PATH, each optionally @BACKEND (onnxruntime-cpu, onnxruntime-cuda, onnxruntime-tensorrt, tensorrt, torch-cpu, torch-cuda; default from the file: .onnx onnxruntime-cpu, .pt torch-cpu); the first is the reference. A backend that cannot run here is skipped with its reason."),
     data: Path = typer.Option(..., "--data", "-d", help="ImageFolder root; accuracy on its test split (else val)."),
     out_dir: Path = typer.Option(..., "--out-dir", "-o", help="Folder for bench.json and the report."),
-    batch_size: int = typer.Option(1, help="Batch size for latency."),
-    throughput_batch: int = typer.Option(16, help="Batch size for throughput."),
-    iterations: int = typer.Option(200, help="Timed runs per variant."),
+    batch_size: int = typer.Option(D(BenchConfig, "batch_size"), help="Batch size for latency."),
+    throughput_batch: int = typer.Option(D(BenchConfig, "throughput_batch"), help="Batch size for throughput."),
+    iterations: int = typer.Option(D(BenchConfig, "iterations"), help="Timed runs per variant."),
     threads: Optional[int] = typer.Option(None, help="CPU threads (default: all)."),
     max_images: Optional[int] = typer.Option(None, help="Cap on accuracy images."),
+    config: Optional[Path] = typer.Option(None, "--config", help="A tledge.toml whose [bench] sets any of this command's settings; flags typed here win."),
 ):
     """Measure top-1, agreement with the reference, latency percentiles and throughput, side by side."""
-    from .bench import BenchConfig, bench as run
+    from .bench import bench as run
     from .build import format_table
     from .report import write_report
 
-    run(BenchConfig(models={}, variants=_parse_variants(models, threads), data=data, out_dir=out_dir, batch_size=batch_size,
-                    throughput_batch=throughput_batch, iterations=iterations, threads=threads, max_images=max_images))
+    given = dict(data=data, out_dir=out_dir, batch_size=batch_size, throughput_batch=throughput_batch, iterations=iterations,
+                 threads=threads, max_images=max_images)
+    settings = merge(config, "bench", given, _typed(ctx, {k: k for k in given}))
+    run(BenchConfig(**{"models": {}, **settings, "variants": _parse_variants(models, settings["threads"])}))
     summary = write_report(out_dir)
     _print_warnings(summary.get("warnings", []))
     print(format_table(summary))
@@ -253,30 +278,34 @@ def bench(
     "tledge gate cand.onnx base.onnx --data my_images --summary \"$GITHUB_STEP_SUMMARY\"   # in a GitHub Actions step",
 ))
 def gate_cmd(
+    ctx: typer.Context,
     candidate: Path = typer.Argument(..., help="The model to release (ONNX)."),
     baseline: Path = typer.Argument(..., help="The model it must not regress from (ONNX, timed here interleaved), or a gate.json recorded earlier."),
     data: Optional[Path] = typer.Option(None, "--data", "-d", help="ImageFolder root: accuracy on its test split (else val). Without it, latency only."),
     out_dir: Optional[Path] = typer.Option(None, "--out-dir", "-o", help="Write gate.json (the verdict; also a stored baseline for later runs) and gate.md here."),
-    max_latency_regression: float = typer.Option(5.0, help="Most latency increase allowed, in percent; a regression needs the whole confidence interval above it."),
-    max_top1_drop: float = typer.Option(0.5, help="Most top-1 the candidate may lose against the baseline, in points."),
-    min_agreement: float = typer.Option(0.99, help="Least share of predictions the candidate must share with the baseline."),
-    confidence: float = typer.Option(0.95, help="Confidence of the latency interval."),
-    blocks: int = typer.Option(40, help="Timed blocks per model (more: a narrower interval)."),
-    calls_per_block: int = typer.Option(5, help="Calls per block (the block's time is their median)."),
-    batch_size: int = typer.Option(1, help="Batch size for latency."),
+    max_latency_regression: float = typer.Option(D(GateConfig, "max_latency_regression_pct"), help="Most latency increase allowed, in percent; a regression needs the whole confidence interval above it."),
+    max_top1_drop: float = typer.Option(D(GateConfig, "max_top1_drop_pp"), help="Most top-1 the candidate may lose against the baseline, in points."),
+    min_agreement: float = typer.Option(D(GateConfig, "min_agreement"), help="Least share of predictions the candidate must share with the baseline."),
+    confidence: float = typer.Option(D(GateConfig, "confidence"), help="Confidence of the latency interval."),
+    blocks: int = typer.Option(D(GateConfig, "blocks"), help="Timed blocks per model (more: a narrower interval)."),
+    calls_per_block: int = typer.Option(D(GateConfig, "calls_per_block"), help="Calls per block (the block's time is their median)."),
+    batch_size: int = typer.Option(D(GateConfig, "batch_size"), help="Batch size for latency."),
     threads: Optional[int] = typer.Option(None, help="CPU threads (default: all)."),
     max_images: Optional[int] = typer.Option(None, help="Cap on accuracy images."),
     summary: Optional[Path] = typer.Option(None, help="Append the Markdown summary to this file (e.g. $GITHUB_STEP_SUMMARY)."),
     as_json: bool = typer.Option(False, "--json", help="Print the verdict as JSON."),
+    config: Optional[Path] = typer.Option(None, "--config", help="A tledge.toml whose [gate] sets any of this command's settings; flags typed here win."),
 ):
     """Fail a release whose latency or accuracy regressed beyond the thresholds (exit 3), noise-aware."""
-    from .gate import GateConfig, format_markdown, gate
+    from .gate import format_markdown, gate
 
-    verdict = gate(GateConfig(
+    given = dict(
         candidate=candidate, baseline=baseline, data=data, out_dir=out_dir, max_latency_regression_pct=max_latency_regression,
         max_top1_drop_pp=max_top1_drop, min_agreement=min_agreement, confidence=confidence, blocks=blocks,
         calls_per_block=calls_per_block, batch_size=batch_size, threads=threads, max_images=max_images,
-    ))
+    )
+    renames = {"max_latency_regression_pct": "max_latency_regression", "max_top1_drop_pp": "max_top1_drop"}
+    verdict = gate(GateConfig(**merge(config, "gate", given, _typed(ctx, {k: renames.get(k, k) for k in given}))))
     text = format_markdown(verdict)
     if summary is not None:
         try:
