@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -99,6 +100,7 @@ def test_gate_command_end_to_end(tiny_pipeline, tiny_dataset, tmp_path):
     # The stored verdict serves as a baseline later; a model three times slower fails on latency against it
     slow = tmp_path / "slow.onnx"
     slower_variant(fp32, slow, extra_channels=512)
+    shutil.copy(tiny_pipeline / "splits.json", tmp_path)  # a model travels with the split it was trained on
     stored = runner.invoke(app, ["gate", str(slow), str(tmp_path / "base" / "gate.json"), *args])
     assert stored.exit_code == EXIT_FAILED, stored.output
     assert "latency" in stored.output and "slower by" in stored.output

@@ -90,8 +90,12 @@ class QuantizeConfig:
             version_code(self.trt_version)  # a bad or unsupported version fails before calibration
         if not 0 <= self.max_top1_drop_pp <= 100 or not 0 <= self.min_agreement <= 1:
             raise TledgeError("the drift budget needs 0 <= max top-1 drop <= 100 (points) and 0 <= min agreement <= 1")
-        if self.fallback_layers < 0 or min(self.sensitivity_images, self.budget_images, self.num_images, self.batch_size) < 1:
-            raise TledgeError("fallback layers must be >= 0; sensitivity, budget and calibration images and batch size >= 1")
+        if self.fallback_layers < 0:
+            raise TledgeError(f"--fallback-layers must be 0 or more, got {self.fallback_layers}")
+        for name, flag in (("num_images", "--num-calib"), ("sensitivity_images", "sensitivity_images"), ("budget_images", "budget_images"),
+                           ("batch_size", "batch_size")):
+            if getattr(self, name) < 1:
+                raise TledgeError(f"{flag} (calibration setting {name}) must be at least 1, got {getattr(self, name)}")
 
     def to_dict(self) -> dict:
         return {k: (str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
