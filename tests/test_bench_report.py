@@ -347,3 +347,14 @@ def test_report_html_renders_in_a_real_browser(build_folder, tmp_path):
         pixels = np.asarray(img.convert("L"))
     assert img.size == (1100, 1600)
     assert (pixels < 128).mean() > 0.01  # text and charts were drawn, not a blank page
+
+
+def test_throughput_at_several_batch_sizes(trained, tiny_dataset, tmp_path):
+    record = bench(BenchConfig(models={"fp32": trained / "model.fp32.onnx"}, data=tiny_dataset, out_dir=tmp_path,
+                               iterations=4, rounds=1, warmup=0, throughput_batch=(2, 6), max_images=6))
+    t = record["variants"]["fp32"]["throughput"]
+    assert t["batch"] == 2 and set(t["by_batch"]) == {"2", "6"}
+    for b, figures in t["by_batch"].items():
+        assert figures["images_per_s"] == pytest.approx(int(b) / (figures["median_batch_ms"] / 1000), rel=1e-3)
+    with pytest.raises(TledgeError, match="at least 1"):
+        BenchConfig(models={"fp32": trained / "model.fp32.onnx"}, data=tiny_dataset, out_dir=tmp_path, throughput_batch=(4, 0))

@@ -37,7 +37,7 @@ class BenchConfig:
     data: Path
     out_dir: Path
     batch_size: int = 1
-    throughput_batch: int = 16
+    throughput_batch: int | tuple[int, ...] = 16  # one batch size or several; the first is the headline figure
     warmup: int = 10
     iterations: int = 200
     rounds: int = 5
@@ -56,7 +56,9 @@ class BenchConfig:
         names = list(self.models) + [v.name for v in self.variants]
         if len(set(names)) != len(names):
             raise TledgeError(f"two variants share a name: {sorted({n for n in names if names.count(n) > 1})}")
-        if min(self.batch_size, self.throughput_batch, self.iterations, self.rounds) < 1 or self.warmup < 0:
+        batches = self.throughput_batch if isinstance(self.throughput_batch, (tuple, list)) else (self.throughput_batch,)
+        object.__setattr__(self, "throughput_batch", tuple(int(b) for b in batches) if len(batches) > 1 else int(batches[0]))
+        if not batches or min(self.batch_size, *batches, self.iterations, self.rounds) < 1 or self.warmup < 0:
             raise TledgeError("batch sizes, iterations and rounds must be at least 1")
 
     def to_dict(self) -> dict:
@@ -314,20 +316,24 @@ def bench(cfg: BenchConfig) -> dict:
                 fused_vs_simulated[name][1].append(sim_logits)
 
     # Latency: the same real images for every variant, interleaved rounds.
-    lat_x, _ = load_array(samples[: max(cfg.batch_size, cfg.throughput_batch)], pre)
-    lat_x = np.resize(lat_x, (max(cfg.batch_size, cfg.throughput_batch), *lat_x.shape[1:])).astype(np.float32)
-    single, wide = lat_x[: cfg.batch_size], lat_x[: cfg.throughput_batch]
+    batches = cfg.throughput_batch if isinstance(cfg.throughput_batch, tuple) else (cfg.throughput_batch,)
+    largest = max(cfg.batch_size, *batches)
+    lat_x, _ = load_array(samples[:largest], pre)
+    lat_x = np.resize(lat_x, (largest, *lat_x.shape[1:])).astype(np.float32)
+    single = lat_x[: cfg.batch_size]
     latency = {name: [] for name in runners}
-    through = {name: [] for name in runners}
+    through = {name: {b: [] for b in batches} for name in runners}
     for runner in runners.values():
         _time_calls(runner, single, cfg.warmup)
-        _time_calls(runner, wide, max(1, cfg.warmup // 2))
+        for b in batches:
+            _time_calls(runner, lat_x[:b], max(1, cfg.warmup // 2))
     per_round = max(1, cfg.iterations // cfg.rounds)
     wide_per_round = max(1, per_round // 4)
     for _ in tqdm(range(cfg.rounds), desc="bench: latency", unit="round", leave=False):
         for name, runner in runners.items():
             latency[name] += _time_calls(runner, single, per_round)
-            through[name] += _time_calls(runner, wide, wide_per_round)
+            for b in batches:
+                through[name][b] += _time_calls(runner, lat_x[:b], wide_per_round)
 
     classes = ref_meta["classes"]
     ref_top1 = acc[reference].correct / acc[reference].count
@@ -336,7 +342,8 @@ def bench(cfg: BenchConfig) -> dict:
     for name, path in paths.items():
         a = acc[name]
         top1 = a.correct / a.count
-        wide_ms = float(np.median(through[name]))
+        by_batch = {b: float(np.median(t)) for b, t in through[name].items()}
+        wide_ms = by_batch[batches[0]]
         checks = _int8_checks(name, precisions[name], metas[name], cpu, simulated.get(name), fused_vs_simulated.get(name), a, ref_top1)
         warnings += checks.get("warnings", [])
         variants_out[name] = {
@@ -357,7 +364,8 @@ def bench(cfg: BenchConfig) -> dict:
             "per_class_top1": {classes[k]: round(hit / total, 4) for k, (hit, total) in sorted(a.per_class_correct.items())},
             "drift": _class_drift(a, acc[reference], classes),
             "latency_ms": {"batch": cfg.batch_size, **percentiles(latency[name]), "samples_ms": [round(t, 4) for t in latency[name]]},
-            "throughput": {"batch": cfg.throughput_batch, "images_per_s": round(cfg.throughput_batch / (wide_ms / 1000.0), 2), "median_batch_ms": round(wide_ms, 4)},
+            "throughput": {"batch": batches[0], "images_per_s": round(batches[0] / (wide_ms / 1000.0), 2), "median_batch_ms": round(wide_ms, 4),
+                           "by_batch": {str(b): {"images_per_s": round(b / (ms / 1000.0), 2), "median_batch_ms": round(ms, 4)} for b, ms in by_batch.items()}},
         }
     ref_p50 = variants_out[reference]["latency_ms"]["p50"]
     for v in variants_out.values():

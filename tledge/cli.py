@@ -251,7 +251,7 @@ def bench(
     data: Path = typer.Option(..., "--data", "-d", help="ImageFolder root; accuracy on its test split (else val)."),
     out_dir: Path = typer.Option(..., "--out-dir", "-o", help="Folder for bench.json and the report."),
     batch_size: int = typer.Option(D(BenchConfig, "batch_size"), help="Batch size for latency."),
-    throughput_batch: int = typer.Option(D(BenchConfig, "throughput_batch"), help="Batch size for throughput."),
+    throughput_batch: List[int] = typer.Option([D(BenchConfig, "throughput_batch")], help="Batch size for throughput; repeat for several (e.g. --throughput-batch 8 --throughput-batch 32)."),
     iterations: int = typer.Option(D(BenchConfig, "iterations"), help="Timed runs per variant."),
     threads: Optional[int] = typer.Option(None, help="CPU threads (default: all)."),
     max_images: Optional[int] = typer.Option(None, help="Cap on accuracy images."),
@@ -262,7 +262,7 @@ def bench(
     from .build import format_table
     from .report import write_report
 
-    given = dict(data=data, out_dir=out_dir, batch_size=batch_size, throughput_batch=throughput_batch, iterations=iterations,
+    given = dict(data=data, out_dir=out_dir, batch_size=batch_size, throughput_batch=tuple(throughput_batch), iterations=iterations,
                  threads=threads, max_images=max_images)
     settings = merge(config, "bench", given, _typed(ctx, {k: k for k in given}))
     run(BenchConfig(**{"models": {}, **settings, "variants": _parse_variants(models, settings["threads"])}))
