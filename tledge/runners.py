@@ -40,7 +40,10 @@ class TorchRunner:
     def describe(self) -> dict:
         import torch
 
-        return {"backend": f"torch-{'cpu' if self.device == 'cpu' else 'cuda'}", "runtime": f"torch {torch.__version__}", "device": self.device}
+        info = {"backend": f"torch-{'cpu' if self.device == 'cpu' else 'cuda'}", "runtime": f"torch {torch.__version__}", "device": self.device}
+        if self.device != "cpu":
+            info["gpu_memory_peak_mb"] = round(torch.cuda.max_memory_allocated(self.device) / 2**20, 1)
+        return info
 
     def close(self) -> None:
         self.model = None
