@@ -15,6 +15,8 @@ import typer
 
 from .bench import BenchConfig
 from .build import BuildConfig
+from .export import ExportConfig
+from .finetune import FinetuneConfig
 from .config import default as D
 from .config import merge
 from .errors import TledgeError
@@ -115,28 +117,29 @@ def build(
     "tledge finetune --data my_images --out runs/3 --unfreeze none   # feature extraction only",
 ))
 def finetune(
+    ctx: typer.Context,
     data: Path = typer.Option(..., "--data", "-d", help="ImageFolder root."),
     out: Path = typer.Option(..., "--out", "-o", help="Folder for model.pt and finetune.json."),
-    model: str = typer.Option("efficientnet_lite0", "--model", "-m", help="Backbone name (see `tledge models`)."),
-    weights: str = typer.Option("pretrained", help="'pretrained', 'none' or a state-dict file."),
+    model: str = typer.Option(D(FinetuneConfig, "model"), "--model", "-m", help="Backbone name (see `tledge models`)."),
+    weights: str = typer.Option(D(FinetuneConfig, "weights"), help="'pretrained', 'none' or a state-dict file."),
     image_size: Optional[int] = typer.Option(None, help="Network input size (default: the model's)."),
     resize: Optional[int] = typer.Option(None, help="Shorter side before the center crop."),
     unfreeze: str = typer.Option("3", help="Blocks thawed per stage after feature extraction, e.g. 3,6; 'none'."),
-    epochs: int = typer.Option(40, help="Most epochs per stage."),
-    patience: int = typer.Option(6, help="Early-stopping patience in epochs."),
-    lr: float = typer.Option(3e-3, help="Learning rate of feature extraction; stage k uses lr * lr_decay^k."),
-    lr_decay: float = typer.Option(0.1, help="Learning-rate factor per unfreezing stage."),
-    batch_size: int = typer.Option(64, help="Training batch size."),
-    seed: int = typer.Option(0, help="Seed for splits and training."),
+    epochs: int = typer.Option(D(FinetuneConfig, "epochs"), help="Most epochs per stage."),
+    patience: int = typer.Option(D(FinetuneConfig, "patience"), help="Early-stopping patience in epochs."),
+    lr: float = typer.Option(D(FinetuneConfig, "lr"), help="Learning rate of feature extraction; stage k uses lr * lr_decay^k."),
+    lr_decay: float = typer.Option(D(FinetuneConfig, "lr_decay"), help="Learning-rate factor per unfreezing stage."),
+    batch_size: int = typer.Option(D(FinetuneConfig, "batch_size"), help="Training batch size."),
+    seed: int = typer.Option(D(FinetuneConfig, "seed"), help="Seed for splits and training."),
+    config: Optional[Path] = typer.Option(None, "--config", help="A tledge.toml whose [finetune] sets any of this command's settings; flags typed here win."),
 ):
     """Fine-tune a pretrained backbone: feature extraction, then staged unfreezing kept only if validation improves."""
-    from .finetune import FinetuneConfig, finetune as run
+    from .finetune import finetune as run
 
-    record = run(FinetuneConfig(
-        data=data, out=out, model=model, weights=weights, image_size=image_size, resize=resize,
-        unfreeze=_parse_unfreeze(unfreeze), epochs=epochs, patience=patience, lr=lr, lr_decay=lr_decay,
-        batch_size=batch_size, seed=seed,
-    ))
+    given = dict(data=data, out=out, model=model, weights=weights, image_size=image_size, resize=resize,
+                 unfreeze=_parse_unfreeze(unfreeze), epochs=epochs, patience=patience, lr=lr, lr_decay=lr_decay,
+                 batch_size=batch_size, seed=seed)
+    record = run(FinetuneConfig(**merge(config, "finetune", given, _typed(ctx, {k: k for k in given}))))
     for s in record["stages"]:
         print(f"{s['name']:<22} val top-1 {s['val_accuracy']:.4f}  epochs {s['epochs_run']:>3}  {'kept' if s['accepted'] else 'rejected'}")
     print(f"wrote {out / 'model.pt'} and {out / 'finetune.json'}: " + ", ".join(f"{k} {v}" for k, v in record["result"].items()))
@@ -147,17 +150,20 @@ def finetune(
     "tledge export runs/1/model.pt --out model.onnx --opset 17 --atol 1e-4",
 ))
 def export(
+    ctx: typer.Context,
     checkpoint: Path = typer.Argument(..., help="model.pt written by `tledge finetune`."),
     out: Path = typer.Option(..., "--out", "-o", help="ONNX file to write."),
     data: Optional[Path] = typer.Option(None, "--data", "-d", help="Images for the parity check (default: random inputs)."),
-    opset: int = typer.Option(17, help="ONNX opset; 17 is what TensorRT 8.5/8.6 (JetPack 5/6.0) read."),
-    atol: float = typer.Option(1e-4, help="Parity: absolute tolerance on logits."),
-    rtol: float = typer.Option(1e-3, help="Parity: relative tolerance on logits."),
+    opset: int = typer.Option(D(ExportConfig, "opset"), help="ONNX opset; 17 is what TensorRT 8.5/8.6 (JetPack 5/6.0) read."),
+    atol: float = typer.Option(D(ExportConfig, "atol"), help="Parity: absolute tolerance on logits."),
+    rtol: float = typer.Option(D(ExportConfig, "rtol"), help="Parity: relative tolerance on logits."),
+    config: Optional[Path] = typer.Option(None, "--config", help="A tledge.toml whose [export] sets any of this command's settings; flags typed here win."),
 ):
     """Export to ONNX with a dynamic batch axis and prove ONNX Runtime matches PyTorch."""
-    from .export import ExportConfig, export_onnx
+    from .export import export_onnx
 
-    record = export_onnx(ExportConfig(checkpoint=checkpoint, out=out, data=data, opset=opset, atol=atol, rtol=rtol))
+    given = dict(checkpoint=checkpoint, out=out, data=data, opset=opset, atol=atol, rtol=rtol)
+    record = export_onnx(ExportConfig(**merge(config, "export", given, _typed(ctx, {k: k for k in given}))))
     p = record["parity"]
     print(f"wrote {out}: opset {record['onnx']['opset']}, max |logit diff| {p['max_abs_diff']:.2e}, top-1 agreement {p['top1_agreement']:.4f} ({p['inputs']})")
 
