@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import importlib.metadata
 import json
 import shutil
@@ -13,7 +14,7 @@ import onnxruntime as ort
 import pytest
 
 from _trained_tiny import trained_pipeline
-from tledge.artifacts import sha256_file
+from tledge.artifacts import ARTIFACTS, sha256_file
 from tledge.bench import BenchConfig, bench
 from tledge.bundle import bundle
 from tledge.errors import TledgeError
@@ -242,43 +243,57 @@ def test_report_needs_a_bench(tmp_path):
 # --- bundle -----------------------------------------------------------------------------------------------------
 
 
-def test_manifest_lists_every_file_truthfully(build_folder):
+def test_manifest_signs_exactly_what_the_stages_declared(build_folder):
     out, _, manifest = build_folder
     assert json.loads((out / "manifest.json").read_text()) == manifest
     listed = {a["path"]: a for a in manifest["artifacts"]}
-    on_disk = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()} - {"manifest.json", ".hidden"}
-    assert set(listed) == on_disk
-    assert "extras/notes.txt" in listed
-    for required in ("model.pt", "model.fp32.onnx", "model.int8.qdq.onnx", "model.int8.cpu.onnx", "calibration.json",
-                     "report.json", "report.md", "bench.json", "latency.svg", "accuracy.svg"):
+    for required in ("model.pt", "model.fp32.onnx", "model.int8.qdq.onnx", "model.int8.cpu.onnx", "calibration.json", "calibration.cache",
+                     "calibration.stats.npz", "finetune.json", "export.json", "quantize.json", "report.json", "report.md",
+                     "bench.json", "latency.svg", "accuracy.svg"):
         assert required in listed, required
     for rel, entry in listed.items():
         assert entry["sha256"] == sha256_file(out / rel), rel
         assert entry["bytes"] == (out / rel).stat().st_size, rel
+        assert rel in ARTIFACTS, f"{rel} is signed but not named in tledge.artifacts.ARTIFACTS"
+        assert entry["stage"] == ARTIFACTS[rel][0], rel
+    # A file no stage wrote (a leftover, a note) is never vouched for, only listed as such
+    assert "extras/notes.txt" not in listed and manifest["not_signed"] == ["extras/notes.txt"]
     assert listed["model.int8.qdq.onnx"]["kind"].startswith("onnx-int8-qdq")
     assert listed["bench.json"]["kind"] == "stage record" and listed["latency.svg"]["kind"] == "chart"
+    assert json.loads((out / "report.json").read_text())["format"] == "tledge.report/1"
 
 
-def test_manifest_describes_the_input(build_folder):
+def test_manifest_describes_the_input_and_the_whole_preprocessing(build_folder):
+    from tledge.data import Preprocess
+
     _, _, manifest = build_folder
-    assert manifest["format"] == "tledge.manifest/1" and manifest["arch"] == "test_efficientnet_lite"
+    assert manifest["format"] == "tledge.manifest/2" and manifest["arch"] == "test_efficientnet_lite"
     assert manifest["input"]["name"] == "input" and manifest["input"]["shape"] == ["batch", 3, 32, 32]
     assert manifest["input"]["dtype"] == "float32" and manifest["input"]["layout"] == "NCHW"
     assert manifest["output"]["name"] == "logits" and manifest["output"]["shape"] == ["batch", 3]
     pre = manifest["preprocessing"]
-    assert pre["center_crop"] == 32 and pre["resize_shorter_side"] == 32
-    assert pre["mean"] == [0.5, 0.5, 0.5] and pre["std"] == [0.5, 0.5, 0.5] and pre["interpolation"] == "bilinear"
+    assert pre["center_crop"]["size"] == 32 and pre["resize"]["shorter_side"] == 32 and pre["channel_order"] == "RGB"
+    assert pre["normalize"]["mean"] == [0.5, 0.5, 0.5] and pre["normalize"]["std"] == [0.5, 0.5, 0.5]
+    assert pre["resize"]["interpolation"].startswith("bilinear")
+    # The parameters recreate the very preprocessing the models were built with
+    assert Preprocess.from_dict(pre["parameters"]) == Preprocess.from_dict(read_metadata(build_folder[0] / "model.fp32.onnx")["preprocess"])
     assert manifest["classes"] == ["circle", "square", "stripes"]
     assert manifest["versions"]["onnxruntime"] == ort.__version__
 
 
-def test_bundle_again_after_a_change(build_folder):
+def test_bundle_again_after_a_change_and_never_over_a_missing_artifact(build_folder, tmp_path):
     out, _, _ = build_folder
-    (out / "extras" / "notes.txt").write_text("changed\n")
-    manifest = bundle(out)
-    entry = next(a for a in manifest["artifacts"] if a["path"] == "extras/notes.txt")
-    assert entry["sha256"] == sha256_file(out / "extras" / "notes.txt") and entry["bytes"] == len("changed\n")
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    (copy / "report.md").write_text("edited by hand\n")
+    manifest = bundle(copy)
+    entry = next(a for a in manifest["artifacts"] if a["path"] == "report.md")
+    assert entry["sha256"] == sha256_file(copy / "report.md") and entry["bytes"] == len("edited by hand\n")
     assert "manifest.json" not in {a["path"] for a in manifest["artifacts"]}
+    (copy / "calibration.cache").unlink()
+    with pytest.raises(TledgeError, match="calibration.cache"):
+        bundle(copy)
+    assert not (copy / "manifest.json").exists()  # the old manifest went first: none is better than a lying one
 
 
 def test_bundle_without_fp32_model_is_refused(tiny_pipeline, tmp_path):
@@ -286,3 +301,60 @@ def test_bundle_without_fp32_model_is_refused(tiny_pipeline, tmp_path):
     with pytest.raises(TledgeError, match="model.fp32.onnx"):
         bundle(tmp_path)
     assert not (tmp_path / "manifest.json").exists()
+
+
+def test_bench_explains_drift_per_class_and_in_the_confusion_matrix(measured):
+    _, record = measured
+    ref = record["variants"]["fp32"]
+    assert ref["kl_divergence_from_reference"] == 0.0 and ref["drift"]["changed_errors"] == 0 and ref["drift"]["lost_most"] == []
+    assert "top5" not in ref  # 3 classes: top-5 would always be 1
+    for name, v in record["variants"].items():
+        d = v["drift"]
+        for cls, delta in d["per_class_top1_delta_pp"].items():  # the per-class change is the difference of per-class top-1
+            assert delta == pytest.approx((v["per_class_top1"][cls] - ref["per_class_top1"][cls]) * 100, abs=0.02), (name, cls)
+        assert all(entry["top1_delta_pp"] < 0 for entry in d["lost_most"])
+        assert v["kl_divergence_from_reference"] >= 0
+        assert v["latency_ms"]["stdev"] >= 0 and "memory_mb_at_load" in v
+    assert record["peak_rss_mb"] > 0
+
+
+def test_report_html_is_one_self_contained_page(build_folder):
+    out, summary, _ = build_folder
+    page = (out / "report.html").read_text()
+    assert page.startswith("<!DOCTYPE html>") and page.count("<svg") >= 2  # latency distributions and fine-tuning curves
+    assert "<script" not in page and "src=" not in page and "href=" not in page  # nothing to fetch, nothing to run
+    for name in summary["variants"]:
+        assert html.escape(name) in page
+    assert "Per-class drift" in page and "INT8 within the drift budget" in page
+
+
+def test_report_html_renders_in_a_real_browser(build_folder, tmp_path):
+    """Headless Chromium draws the page (where the machine has it: Debian's chromium package)."""
+    import shutil as sh
+    import subprocess
+
+    browser = sh.which("chromium") or sh.which("chromium-browser") or sh.which("google-chrome")
+    if browser is None:
+        pytest.skip("no Chromium on this machine (apt-get install chromium)")
+    out, _, _ = build_folder
+    shot = tmp_path / "report.png"
+    subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+                    "--disable-component-update", "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}",
+                    "--window-size=1100,1600", (out / "report.html").as_uri()], capture_output=True, timeout=120, check=False)
+    from PIL import Image
+
+    with Image.open(shot) as img:
+        pixels = np.asarray(img.convert("L"))
+    assert img.size == (1100, 1600)
+    assert (pixels < 128).mean() > 0.01  # text and charts were drawn, not a blank page
+
+
+def test_throughput_at_several_batch_sizes(trained, tiny_dataset, tmp_path):
+    record = bench(BenchConfig(models={"fp32": trained / "model.fp32.onnx"}, data=tiny_dataset, out_dir=tmp_path,
+                               iterations=4, rounds=1, warmup=0, throughput_batch=(2, 6), max_images=6))
+    t = record["variants"]["fp32"]["throughput"]
+    assert t["batch"] == 2 and set(t["by_batch"]) == {"2", "6"}
+    for b, figures in t["by_batch"].items():
+        assert figures["images_per_s"] == pytest.approx(int(b) / (figures["median_batch_ms"] / 1000), rel=1e-3)
+    with pytest.raises(TledgeError, match="at least 1"):
+        BenchConfig(models={"fp32": trained / "model.fp32.onnx"}, data=tiny_dataset, out_dir=tmp_path, throughput_batch=(4, 0))

@@ -1,4 +1,10 @@
-"""Writing artifacts so that a crash never leaves a half-written file, and describing them by hash."""
+"""The artifacts of a build by name, writing them so that a crash never leaves a half-written file, and
+describing them by hash.
+
+``ARTIFACTS`` is the one place that names what each stage writes. Every stage's record (``<stage>.json``) lists
+the artifacts it wrote under ``"artifacts"``; ``bundle`` signs exactly those, so a leftover from an earlier run is
+never vouched for.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +15,32 @@ import os
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
+
+
+FORMATS = {"report": "tledge.report/1", "manifest": "tledge.manifest/2", "stage": "tledge.stage/1"}
+
+# name -> (stage that writes it, what it is)
+ARTIFACTS: dict[str, tuple[str, str]] = {
+    "splits.json": ("finetune", "train/val/test file lists with sha256 (every later stage checks the dataset against it)"),
+    "model.pt": ("finetune", "checkpoint (PyTorch, plain tensors; loads with weights_only=True)"),
+    "finetune.json": ("finetune", "stage record"),
+    "model.fp32.onnx": ("export", "onnx-fp32"),
+    "export.json": ("export", "stage record"),
+    "model.int8.qdq.onnx": ("quantize", "onnx-int8-qdq (TensorRT explicit quantization)"),
+    "model.int8.cpu.onnx": ("quantize", "onnx-int8 (ONNX Runtime CPU, U8S8; see cpu_target for the CPUs it is right on)"),
+    "calibration.json": ("quantize", "calibration set (image list with sha256)"),
+    "calibration.cache": ("quantize", "TensorRT calibration cache (implicit INT8, TensorRT 8.5-10.x; header names the version)"),
+    "calibration.stats.npz": ("quantize", "calibration statistics (per-tensor histograms; reused by a later quantize)"),
+    "model.qat.pt": ("quantize", "checkpoint after quantization-aware fine-tuning (the INT8 models' weights)"),
+    "quantize.json": ("quantize", "stage record"),
+    "bench.json": ("bench", "stage record"),
+    "report.json": ("report", "report (machine-readable)"),
+    "report.md": ("report", "report (human-readable)"),
+    "report.html": ("report", "report (one self-contained page with charts)"),
+    "latency.svg": ("report", "chart"),
+    "accuracy.svg": ("report", "chart"),
+}
+STAGE_RECORDS = {"finetune": "finetune.json", "export": "export.json", "quantize": "quantize.json", "bench": "bench.json", "report": "report.json"}
 
 
 @contextlib.contextmanager

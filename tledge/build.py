@@ -10,7 +10,11 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from .bench import BenchConfig
+from .config import default as D
 from .errors import TledgeError
+from .finetune import FinetuneConfig
+from .quantize import QuantizeConfig
 
 # The offline default: real handwritten digits at 128x128 (no crop: the 8x8 scans fill the frame).
 DEFAULT_IMAGE_SIZE = 128
@@ -20,58 +24,68 @@ DEFAULT_CALIBRATION = "digits-efficientnet_lite0-128.json"
 
 @dataclass(frozen=True)
 class BuildConfig:
-    """Settings for :func:`build`. ``data=None`` builds the offline default (scikit-learn's digits)."""
+    """Settings for :func:`build`. ``data=None`` builds the offline default (scikit-learn's digits).
+
+    The defaults and the checks of every stage setting are the stage's own (:class:`FinetuneConfig`,
+    :class:`QuantizeConfig`, :class:`BenchConfig`): build only chooses which of them it exposes, and asks the stage
+    configs to check them before any work starts.
+    """
 
     out: Path = Path("tledge-out")
     data: Path | None = None
-    model: str = "efficientnet_lite0"
-    weights: str = "pretrained"
+    model: str = D(FinetuneConfig, "model")
+    weights: str = D(FinetuneConfig, "weights")
     image_size: int | None = None
     resize: int | None = None
-    unfreeze: tuple[int, ...] = (3,)
-    epochs: int = 40
-    patience: int = 6
+    unfreeze: tuple[int, ...] = D(FinetuneConfig, "unfreeze")
+    epochs: int = D(FinetuneConfig, "epochs")
+    patience: int = D(FinetuneConfig, "patience")
     calibration: Path | None = None
-    num_calib: int = 256
-    calib_method: str = "minmax"
-    cpu_target: str = "portable"
-    trt_version: str = "10.3.0"
-    max_top1_drop_pp: float = 0.3
-    min_agreement: float = 0.99
-    fallback_layers: int = 16
-    bias_correction: bool = False
-    qat_epochs: int = 2
-    bench_iterations: int = 200
-    threads: int | None = None
+    num_calib: int = D(QuantizeConfig, "num_images")
+    calib_method: str = D(QuantizeConfig, "method")
+    cpu_target: str = D(QuantizeConfig, "cpu_target")
+    trt_version: str = D(QuantizeConfig, "trt_version")
+    max_top1_drop_pp: float = D(QuantizeConfig, "max_top1_drop_pp")
+    min_agreement: float = D(QuantizeConfig, "min_agreement")
+    fallback_layers: int = D(QuantizeConfig, "fallback_layers")
+    bias_correction: bool = D(QuantizeConfig, "bias_correction")
+    qat_epochs: int = D(QuantizeConfig, "qat_epochs")
+    bench_iterations: int = D(BenchConfig, "iterations")
+    threads: int | None = D(BenchConfig, "threads")
     seed: int = 0
 
     def __post_init__(self):
-        from .cpu_isa import CPU_TARGET_CHOICES
-        from .trt_cache import version_code
-        from .quantize import CALIBRATION_METHODS
-
         object.__setattr__(self, "out", Path(self.out))
+        object.__setattr__(self, "unfreeze", tuple(self.unfreeze))
         if self.data is not None:
             object.__setattr__(self, "data", Path(self.data))
         if self.calibration is not None:
             object.__setattr__(self, "calibration", Path(self.calibration))
-        # Fail before minutes of training, not at the stage that would use the setting.
-        if self.calib_method not in CALIBRATION_METHODS:
-            raise TledgeError(f"calibration method must be one of {CALIBRATION_METHODS}, got {self.calib_method!r}")
-        if self.cpu_target not in CPU_TARGET_CHOICES:
-            raise TledgeError(f"--cpu-target must be one of {list(CPU_TARGET_CHOICES)}, got {self.cpu_target!r}")
-        version_code(self.trt_version)
-        if not 0 <= self.max_top1_drop_pp <= 100 or not 0 <= self.min_agreement <= 1 or self.fallback_layers < 0:
-            raise TledgeError("the drift budget needs 0 <= max top-1 drop <= 100, 0 <= min agreement <= 1 and fallback layers >= 0")
-        if self.qat_epochs < 0:
-            raise TledgeError(f"--qat-epochs must be 0 (never) or more, got {self.qat_epochs}")
-        for name in ("epochs", "num_calib", "bench_iterations"):
-            if getattr(self, name) < 1:
-                raise TledgeError(f"{name.replace('_', '-')} must be at least 1")
+        # Fail before minutes of training, not at the stage that would use the setting: each stage checks its own.
+        placeholder = Path("data")
+        self.finetune_config(placeholder, self.image_size, self.resize)
+        self.quantize_config(placeholder, None)
+        self.bench_config({"fp32": Path("model.fp32.onnx")}, placeholder)
         if self.image_size is not None and self.image_size < 8:
             raise TledgeError(f"image size must be at least 8 pixels, got {self.image_size}")
         if self.calibration is not None and not self.calibration.is_file():
             raise TledgeError(f"calibration definition {self.calibration} does not exist")
+
+    def finetune_config(self, data: Path, image_size: int | None, resize: int | None) -> FinetuneConfig:
+        return FinetuneConfig(data=data, out=self.out, model=self.model, weights=self.weights, image_size=image_size, resize=resize,
+                              unfreeze=self.unfreeze, epochs=self.epochs, patience=self.patience, seed=self.seed)
+
+    def quantize_config(self, data: Path, calibration: Path | None) -> QuantizeConfig:
+        return QuantizeConfig(
+            model=self.out / "model.fp32.onnx", data=data, out_dir=self.out, calibration=calibration, num_images=self.num_calib,
+            method=self.calib_method, cpu_target=self.cpu_target, trt_version=self.trt_version, seed=self.seed,
+            max_top1_drop_pp=self.max_top1_drop_pp, min_agreement=self.min_agreement, fallback_layers=self.fallback_layers,
+            bias_correction=self.bias_correction, checkpoint=self.out / "model.pt" if (self.out / "model.pt").is_file() else None,
+            qat_epochs=self.qat_epochs,
+        )
+
+    def bench_config(self, models: dict, data: Path) -> BenchConfig:
+        return BenchConfig(models=models, data=data, out_dir=self.out, iterations=self.bench_iterations, threads=self.threads, seed=self.seed)
 
     def to_dict(self) -> dict:
         return {k: (str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
@@ -87,12 +101,12 @@ def build(cfg: BuildConfig) -> dict:
     >>> build(BuildConfig(out="tledge-out"))                        # offline default  # doctest: +SKIP
     >>> build(BuildConfig(out="release", data="my_images", model="mobilenet_v3_large"))  # doctest: +SKIP
     """
-    from .bench import BenchConfig, bench
+    from .bench import bench
     from .bundle import MANIFEST, bundle
     from .datasets import digits_dataset
     from .export import ExportConfig, export_onnx
-    from .finetune import FinetuneConfig, finetune
-    from .quantize import TARGETS, QuantizeConfig, quantize
+    from .finetune import finetune
+    from .quantize import TARGETS, quantize
     from .report import write_report
 
     started = time.perf_counter()
@@ -123,10 +137,7 @@ def build(cfg: BuildConfig) -> dict:
         return time.perf_counter()
 
     t = stage(1, f"finetune {cfg.model} on {data}")
-    ft = finetune(FinetuneConfig(
-        data=data, out=out, model=cfg.model, weights=cfg.weights, image_size=image_size, resize=resize,
-        unfreeze=cfg.unfreeze, epochs=cfg.epochs, patience=cfg.patience, seed=cfg.seed,
-    ))
+    ft = finetune(cfg.finetune_config(data, image_size, resize))
     timings["finetune"] = time.perf_counter() - t
     _log(f"      val top-1 {ft['result']['val_accuracy']:.4f}" + (f", test top-1 {ft['result']['test_accuracy']:.4f}" if "test_accuracy" in ft["result"] else "") + f" ({timings['finetune']:.0f} s)")
 
@@ -136,12 +147,7 @@ def build(cfg: BuildConfig) -> dict:
     _log(f"      max |logit diff| {ex['parity']['max_abs_diff']:.2e} on {ex['parity']['inputs']} ({timings['export']:.0f} s)")
 
     t = stage(3, "quantize to INT8 with calibration images" + (f" pinned by {calibration}" if calibration else ""))
-    q = quantize(QuantizeConfig(
-        model=out / "model.fp32.onnx", data=data, out_dir=out, calibration=calibration, num_images=cfg.num_calib,
-        method=cfg.calib_method, cpu_target=cfg.cpu_target, trt_version=cfg.trt_version, seed=cfg.seed,
-        max_top1_drop_pp=cfg.max_top1_drop_pp, min_agreement=cfg.min_agreement, fallback_layers=cfg.fallback_layers, bias_correction=cfg.bias_correction,
-        checkpoint=out / "model.pt", qat_epochs=cfg.qat_epochs,
-    ))
+    q = quantize(cfg.quantize_config(data, calibration))
     timings["quantize"] = time.perf_counter() - t
     for info in q["models"].values():
         d = info["drift"]
@@ -151,7 +157,7 @@ def build(cfg: BuildConfig) -> dict:
 
     t = stage(4, "benchmark accuracy and latency")
     models = {"fp32": out / "model.fp32.onnx", "int8-tensorrt-qdq": out / TARGETS["tensorrt"], "int8-cpu": out / TARGETS["cpu"]}
-    bench(BenchConfig(models=models, data=data, out_dir=out, iterations=cfg.bench_iterations, threads=cfg.threads, seed=cfg.seed))
+    bench(cfg.bench_config(models, data))
     timings["bench"] = time.perf_counter() - t
 
     t = stage(5, "report and manifest")

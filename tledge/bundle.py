@@ -4,22 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .artifacts import describe_file, write_json
+from .artifacts import ARTIFACTS, FORMATS, STAGE_RECORDS, describe_file, read_json, write_json
 from .errors import TledgeError
 
 MANIFEST = "manifest.json"
-MANIFEST_FORMAT = "tledge.manifest/1"
-
-KINDS = {
-    "model.pt": "checkpoint (PyTorch, weights_only)",
-    "model.fp32.onnx": "onnx-fp32",
-    "model.int8.qdq.onnx": "onnx-int8-qdq (TensorRT explicit quantization)",
-    "model.int8.cpu.onnx": "onnx-int8 (ONNX Runtime CPU, U8S8; see cpu_target for the CPUs it is right on)",
-    "calibration.json": "calibration set (image list with sha256)",
-    "calibration.cache": "TensorRT calibration cache (implicit INT8, TensorRT 8.5-10.x; header names the version)",
-    "report.json": "report (machine-readable)",
-    "report.md": "report (human-readable)",
-}
+MANIFEST_FORMAT = FORMATS["manifest"]
 
 
 def _cpu_target_entry(path: Path, out_dir: Path) -> dict:
@@ -39,44 +28,67 @@ def _cpu_target_entry(path: Path, out_dir: Path) -> dict:
     return entry
 
 
-def bundle(out_dir: str | Path) -> dict:
-    """Describe every file in ``out_dir`` (except the manifest and hidden files) and write ``manifest.json`` last.
+def declared_artifacts(out_dir: Path) -> dict[str, str]:
+    """``{artifact: stage}`` for every file the stage records in ``out_dir`` say they wrote (records included)."""
+    found = {}
+    for stage, record_name in STAGE_RECORDS.items():
+        record_path = out_dir / record_name
+        if not record_path.is_file():
+            continue
+        record = read_json(record_path)
+        names = record.get("artifacts") if isinstance(record, dict) else None
+        if not isinstance(names, list):
+            raise TledgeError(f"{record_path} does not say which artifacts it wrote (made by an older tledge?); re-run the {stage} stage")
+        for name in names + [record_name]:
+            if Path(name).is_absolute() or ".." in Path(name).parts:
+                raise TledgeError(f"{record_path} names {name!r}, which is outside the build folder")
+            found[name] = stage
+    return found
 
+
+def bundle(out_dir: str | Path) -> dict:
+    """Sign every artifact the stage records in ``out_dir`` declare, and write ``manifest.json`` last.
+
+    The old manifest goes first, so a failure leaves no manifest rather than one that vouches for other files.
+    A declared artifact that is missing is an error; a file no record declares (a leftover) is never signed.
     Input spec, preprocessing and labels come from the FP32 ONNX model's tledge metadata.
     """
+    from .data import Preprocess
     from .export import read_metadata
     from .machine import machine_info
 
     out_dir = Path(out_dir)
+    (out_dir / MANIFEST).unlink(missing_ok=True)
     fp32 = out_dir / "model.fp32.onnx"
     if not fp32.is_file():
         raise TledgeError(f"{out_dir} has no model.fp32.onnx; nothing to bundle")
     meta = read_metadata(fp32)
-    files = sorted(p for p in out_dir.rglob("*") if p.is_file() and p.name != MANIFEST and not any(part.startswith(".") for part in p.relative_to(out_dir).parts))
+    declared = declared_artifacts(out_dir)
+    missing = sorted(name for name in declared if not (out_dir / name).is_file())
+    if missing:
+        raise TledgeError(f"{out_dir} lacks artifacts its stage records say they wrote: {', '.join(missing)}; re-run those stages")
     artifacts = []
-    for path in files:
+    for name in sorted(declared):
+        path = out_dir / name
         entry = describe_file(path, out_dir)
-        entry["kind"] = KINDS.get(entry["path"], "stage record" if path.suffix == ".json" else "chart" if path.suffix == ".svg" else "file")
-        if entry["path"] == "model.int8.cpu.onnx":
+        entry["stage"] = declared[name]
+        entry["kind"] = ARTIFACTS.get(name, (None, "stage record" if path.suffix == ".json" else "file"))[1]
+        if name == "model.int8.cpu.onnx":
             entry["cpu_target"] = _cpu_target_entry(path, out_dir)
         artifacts.append(entry)
-    pre = meta["preprocess"]
+    leftovers = sorted(p.relative_to(out_dir).as_posix() for p in out_dir.rglob("*")
+                       if p.is_file() and p.relative_to(out_dir).as_posix() not in declared and p.name != MANIFEST
+                       and not any(part.startswith(".") for part in p.relative_to(out_dir).parts))
+    pre = Preprocess.from_dict(meta["preprocess"])
     manifest = {
         "format": MANIFEST_FORMAT,
         "arch": meta["arch"],
-        "input": {"name": meta["input"], "shape": ["batch", 3, pre["size"], pre["size"]], "dtype": "float32", "layout": "NCHW", "max_batch": meta.get("max_batch")},
+        "input": {"name": meta["input"], "shape": ["batch", *pre.input_shape], "dtype": "float32", "layout": "NCHW", "max_batch": meta.get("max_batch")},
         "output": {"name": meta["output"], "shape": ["batch", len(meta["classes"])], "dtype": "float32", "meaning": "logits"},
-        "preprocessing": {
-            "color": "RGB",
-            "resize_shorter_side": pre["resize"],
-            "center_crop": pre["size"],
-            "interpolation": pre["interpolation"],
-            "scale": "pixel / 255",
-            "mean": pre["mean"],
-            "std": pre["std"],
-        },
+        "preprocessing": pre.describe(),
         "classes": meta["classes"],
         "artifacts": artifacts,
+        "not_signed": leftovers,
         "versions": machine_info()["versions"],
     }
     write_json(out_dir / MANIFEST, manifest)

@@ -1,6 +1,7 @@
 """The ``tledge`` command: a thin typer layer over the stage functions.
 
-Exit codes: 0 success, 1 a user error (one line on stderr, no traceback), 2 bad command-line usage.
+Exit codes: 0 success, 1 a user error (one line on stderr, no traceback), 2 bad command-line usage,
+3 a failed release gate (``tledge gate``).
 """
 
 from __future__ import annotations
@@ -12,7 +13,15 @@ from typing import List, Optional
 
 import typer
 
+from .bench import BenchConfig
+from .build import BuildConfig
+from .export import ExportConfig
+from .finetune import FinetuneConfig
+from .config import default as D
+from .config import merge
 from .errors import TledgeError
+from .gate import GateConfig
+from .quantize import QuantizeConfig
 
 app = typer.Typer(
     name="tledge",
@@ -35,6 +44,12 @@ def _print_warnings(warnings: list[str]) -> None:
         print(f"tledge: warning: {warning}", file=sys.stderr)
 
 
+def _typed(ctx: typer.Context, fields: dict[str, str]) -> set[str]:
+    """The settings the user typed on the command line (``fields`` maps setting names to parameter names)."""
+    # by name: typer vendors its own click, whose ParameterSource is private
+    return {field for field, param in fields.items() if getattr(ctx.get_parameter_source(param), "name", "") == "COMMANDLINE"}
+
+
 def _parse_unfreeze(text: str) -> tuple[int, ...]:
     if text.strip().lower() in ("", "none", "0"):
         return ()
@@ -50,40 +65,44 @@ def _parse_unfreeze(text: str) -> tuple[int, ...]:
     "tledge build --data my_images --model mobilenet_v3_large --unfreeze 3,6",
 ))
 def build(
-    out: Path = typer.Option(Path("tledge-out"), "--out", "-o", help="Folder for every artifact (created)."),
+    ctx: typer.Context,
+    out: Path = typer.Option(D(BuildConfig, "out"), "--out", "-o", help="Folder for every artifact (created)."),
     data: Optional[Path] = typer.Option(None, "--data", "-d", help="ImageFolder root (train/ + val/ [+ test/], or one folder per class). Default: scikit-learn's digits, offline."),
-    model: str = typer.Option("efficientnet_lite0", "--model", "-m", help="Backbone name (see `tledge models`)."),
-    weights: str = typer.Option("pretrained", help="'pretrained', 'none' (from scratch) or a state-dict file."),
+    model: str = typer.Option(D(BuildConfig, "model"), "--model", "-m", help="Backbone name (see `tledge models`)."),
+    weights: str = typer.Option(D(BuildConfig, "weights"), help="'pretrained', 'none' (from scratch) or a state-dict file."),
     image_size: Optional[int] = typer.Option(None, help="Network input size (default: the model's; 128 for the digits)."),
     resize: Optional[int] = typer.Option(None, help="Shorter side before the center crop (default keeps the model's ratio)."),
-    unfreeze: str = typer.Option("3", help="Blocks thawed by each fine-tuning stage after feature extraction, e.g. 3 or 3,6; 'none' for feature extraction only."),
-    epochs: int = typer.Option(40, help="Most epochs per stage (early stopping ends sooner)."),
-    patience: int = typer.Option(6, help="Epochs without validation improvement before a stage stops."),
+    unfreeze: str = typer.Option(",".join(map(str, D(BuildConfig, "unfreeze"))), help="Blocks thawed by each fine-tuning stage after feature extraction, e.g. 3 or 3,6; 'none' for feature extraction only."),
+    epochs: int = typer.Option(D(BuildConfig, "epochs"), help="Most epochs per stage (early stopping ends sooner)."),
+    patience: int = typer.Option(D(BuildConfig, "patience"), help="Epochs without validation improvement before a stage stops."),
     calibration: Optional[Path] = typer.Option(None, help="Calibration definition (JSON image list with sha256) to reuse."),
-    num_calib: int = typer.Option(256, help="Calibration images to sample when no definition is given."),
-    calib_method: str = typer.Option("minmax", help="Calibration method, a choice over one pass of statistics: minmax, percentile (99.999th), entropy (KL, as TensorRT), mse (least squared error) or auto (per model, the one that stays closest to FP32 on validation)."),
-    cpu_target: str = typer.Option("portable", help="CPU INT8 model's target: portable (right on every x86 and ARM CPU; default), vnni (full 8-bit weights, only for CPUs with VNNI/AMX or ARM) or native (this machine's class)."),
-    trt_version: str = typer.Option("10.3.0", help="TensorRT version named in calibration.cache (implicit INT8, 8.5 to 10.x): 8.5.2 JetPack 5.1, 8.6.2 JetPack 6.0, 10.3.0 JetPack 6.1/6.2."),
-    max_top1_drop: float = typer.Option(0.3, help="Drift budget: most top-1 an INT8 model may lose against FP32 on the validation split, in points."),
-    min_agreement: float = typer.Option(0.99, help="Drift budget: least share of validation predictions an INT8 model must share with FP32."),
-    fallback_layers: int = typer.Option(16, help="Most layers kept in float to meet the drift budget (0: check and report only)."),
-    bias_correction: bool = typer.Option(False, help="Shift each quantized layer's bias by the mean error its int8 weights add (measured from the calibration statistics)."),
-    qat_epochs: int = typer.Option(2, help="When post-training INT8 misses the drift budget, epochs of quantization-aware fine-tuning to try (0: never)."),
-    bench_iterations: int = typer.Option(200, help="Timed runs per variant."),
+    num_calib: int = typer.Option(D(BuildConfig, "num_calib"), help="Calibration images to sample when no definition is given."),
+    calib_method: str = typer.Option(D(BuildConfig, "calib_method"), help="Calibration method, a choice over one pass of statistics: minmax, percentile (99.999th), entropy (KL, as TensorRT), mse (least squared error) or auto (per model, the one that stays closest to FP32 on validation)."),
+    cpu_target: str = typer.Option(D(BuildConfig, "cpu_target"), help="CPU INT8 model's target: portable (right on every x86 and ARM CPU; default), vnni (full 8-bit weights, only for CPUs with VNNI/AMX or ARM) or native (this machine's class)."),
+    trt_version: str = typer.Option(D(BuildConfig, "trt_version"), help="TensorRT version named in calibration.cache (implicit INT8, 8.5 to 10.x): 8.5.2 JetPack 5.1, 8.6.2 JetPack 6.0, 10.3.0 JetPack 6.1/6.2."),
+    max_top1_drop: float = typer.Option(D(BuildConfig, "max_top1_drop_pp"), help="Drift budget: most top-1 an INT8 model may lose against FP32 on the validation split, in points."),
+    min_agreement: float = typer.Option(D(BuildConfig, "min_agreement"), help="Drift budget: least share of validation predictions an INT8 model must share with FP32."),
+    fallback_layers: int = typer.Option(D(BuildConfig, "fallback_layers"), help="Most layers kept in float to meet the drift budget (0: check and report only)."),
+    bias_correction: bool = typer.Option(D(BuildConfig, "bias_correction"), help="Shift each quantized layer's bias by the mean error its int8 weights add (measured from the calibration statistics)."),
+    qat_epochs: int = typer.Option(D(BuildConfig, "qat_epochs"), help="When post-training INT8 misses the drift budget, epochs of quantization-aware fine-tuning to try (0: never)."),
+    bench_iterations: int = typer.Option(D(BuildConfig, "bench_iterations"), help="Timed runs per variant."),
     threads: Optional[int] = typer.Option(None, help="CPU threads for ONNX Runtime (default: all)."),
-    seed: int = typer.Option(0, help="Seed for splits, sampling and training."),
+    seed: int = typer.Option(D(BuildConfig, "seed"), help="Seed for splits, sampling and training."),
     as_json: bool = typer.Option(False, "--json", help="Print the report summary as JSON instead of a table."),
+    config: Optional[Path] = typer.Option(None, "--config", help="A tledge.toml whose [build] sets any of this command's settings; flags typed here win."),
 ):
     """Run the whole pipeline: finetune, export, quantize, bench, report, manifest."""
-    from .build import BuildConfig, build as run_build, format_table
+    from .build import build as run_build, format_table
 
-    summary = run_build(BuildConfig(
+    given = dict(
         out=out, data=data, model=model, weights=weights, image_size=image_size, resize=resize,
         unfreeze=_parse_unfreeze(unfreeze), epochs=epochs, patience=patience, calibration=calibration,
         num_calib=num_calib, calib_method=calib_method, cpu_target=cpu_target, trt_version=trt_version,
-        max_top1_drop_pp=max_top1_drop, min_agreement=min_agreement, fallback_layers=fallback_layers, bias_correction=bias_correction, qat_epochs=qat_epochs, bench_iterations=bench_iterations,
-        threads=threads, seed=seed,
-    ))
+        max_top1_drop_pp=max_top1_drop, min_agreement=min_agreement, fallback_layers=fallback_layers, bias_correction=bias_correction,
+        qat_epochs=qat_epochs, bench_iterations=bench_iterations, threads=threads, seed=seed,
+    )
+    typed = _typed(ctx, {k: {"max_top1_drop_pp": "max_top1_drop"}.get(k, k) for k in given})
+    summary = run_build(BuildConfig(**merge(config, "build", given, typed)))
     _print_warnings(summary.get("warnings", []))
     if as_json:
         print(json.dumps(summary, indent=2))
@@ -98,28 +117,29 @@ def build(
     "tledge finetune --data my_images --out runs/3 --unfreeze none   # feature extraction only",
 ))
 def finetune(
+    ctx: typer.Context,
     data: Path = typer.Option(..., "--data", "-d", help="ImageFolder root."),
     out: Path = typer.Option(..., "--out", "-o", help="Folder for model.pt and finetune.json."),
-    model: str = typer.Option("efficientnet_lite0", "--model", "-m", help="Backbone name (see `tledge models`)."),
-    weights: str = typer.Option("pretrained", help="'pretrained', 'none' or a state-dict file."),
+    model: str = typer.Option(D(FinetuneConfig, "model"), "--model", "-m", help="Backbone name (see `tledge models`)."),
+    weights: str = typer.Option(D(FinetuneConfig, "weights"), help="'pretrained', 'none' or a state-dict file."),
     image_size: Optional[int] = typer.Option(None, help="Network input size (default: the model's)."),
     resize: Optional[int] = typer.Option(None, help="Shorter side before the center crop."),
     unfreeze: str = typer.Option("3", help="Blocks thawed per stage after feature extraction, e.g. 3,6; 'none'."),
-    epochs: int = typer.Option(40, help="Most epochs per stage."),
-    patience: int = typer.Option(6, help="Early-stopping patience in epochs."),
-    lr: float = typer.Option(3e-3, help="Learning rate of feature extraction; stage k uses lr * lr_decay^k."),
-    lr_decay: float = typer.Option(0.1, help="Learning-rate factor per unfreezing stage."),
-    batch_size: int = typer.Option(64, help="Training batch size."),
-    seed: int = typer.Option(0, help="Seed for splits and training."),
+    epochs: int = typer.Option(D(FinetuneConfig, "epochs"), help="Most epochs per stage."),
+    patience: int = typer.Option(D(FinetuneConfig, "patience"), help="Early-stopping patience in epochs."),
+    lr: float = typer.Option(D(FinetuneConfig, "lr"), help="Learning rate of feature extraction; stage k uses lr * lr_decay^k."),
+    lr_decay: float = typer.Option(D(FinetuneConfig, "lr_decay"), help="Learning-rate factor per unfreezing stage."),
+    batch_size: int = typer.Option(D(FinetuneConfig, "batch_size"), help="Training batch size."),
+    seed: int = typer.Option(D(FinetuneConfig, "seed"), help="Seed for splits and training."),
+    config: Optional[Path] = typer.Option(None, "--config", help="A tledge.toml whose [finetune] sets any of this command's settings; flags typed here win."),
 ):
     """Fine-tune a pretrained backbone: feature extraction, then staged unfreezing kept only if validation improves."""
-    from .finetune import FinetuneConfig, finetune as run
+    from .finetune import finetune as run
 
-    record = run(FinetuneConfig(
-        data=data, out=out, model=model, weights=weights, image_size=image_size, resize=resize,
-        unfreeze=_parse_unfreeze(unfreeze), epochs=epochs, patience=patience, lr=lr, lr_decay=lr_decay,
-        batch_size=batch_size, seed=seed,
-    ))
+    given = dict(data=data, out=out, model=model, weights=weights, image_size=image_size, resize=resize,
+                 unfreeze=_parse_unfreeze(unfreeze), epochs=epochs, patience=patience, lr=lr, lr_decay=lr_decay,
+                 batch_size=batch_size, seed=seed)
+    record = run(FinetuneConfig(**merge(config, "finetune", given, _typed(ctx, {k: k for k in given}))))
     for s in record["stages"]:
         print(f"{s['name']:<22} val top-1 {s['val_accuracy']:.4f}  epochs {s['epochs_run']:>3}  {'kept' if s['accepted'] else 'rejected'}")
     print(f"wrote {out / 'model.pt'} and {out / 'finetune.json'}: " + ", ".join(f"{k} {v}" for k, v in record["result"].items()))
@@ -130,17 +150,20 @@ def finetune(
     "tledge export runs/1/model.pt --out model.onnx --opset 17 --atol 1e-4",
 ))
 def export(
+    ctx: typer.Context,
     checkpoint: Path = typer.Argument(..., help="model.pt written by `tledge finetune`."),
     out: Path = typer.Option(..., "--out", "-o", help="ONNX file to write."),
     data: Optional[Path] = typer.Option(None, "--data", "-d", help="Images for the parity check (default: random inputs)."),
-    opset: int = typer.Option(17, help="ONNX opset; 17 is what TensorRT 8.5/8.6 (JetPack 5/6.0) read."),
-    atol: float = typer.Option(1e-4, help="Parity: absolute tolerance on logits."),
-    rtol: float = typer.Option(1e-3, help="Parity: relative tolerance on logits."),
+    opset: int = typer.Option(D(ExportConfig, "opset"), help="ONNX opset; 17 is what TensorRT 8.5/8.6 (JetPack 5/6.0) read."),
+    atol: float = typer.Option(D(ExportConfig, "atol"), help="Parity: absolute tolerance on logits."),
+    rtol: float = typer.Option(D(ExportConfig, "rtol"), help="Parity: relative tolerance on logits."),
+    config: Optional[Path] = typer.Option(None, "--config", help="A tledge.toml whose [export] sets any of this command's settings; flags typed here win."),
 ):
     """Export to ONNX with a dynamic batch axis and prove ONNX Runtime matches PyTorch."""
-    from .export import ExportConfig, export_onnx
+    from .export import export_onnx
 
-    record = export_onnx(ExportConfig(checkpoint=checkpoint, out=out, data=data, opset=opset, atol=atol, rtol=rtol))
+    given = dict(checkpoint=checkpoint, out=out, data=data, opset=opset, atol=atol, rtol=rtol)
+    record = export_onnx(ExportConfig(**merge(config, "export", given, _typed(ctx, {k: k for k in given}))))
     p = record["parity"]
     print(f"wrote {out}: opset {record['onnx']['opset']}, max |logit diff| {p['max_abs_diff']:.2e}, top-1 agreement {p['top1_agreement']:.4f} ({p['inputs']})")
 
@@ -155,32 +178,37 @@ def export(
     "tledge quantize out/model.fp32.onnx --data my_images --out-dir out --checkpoint out/model.pt   # QAT if the budget is missed",
 ))
 def quantize(
+    ctx: typer.Context,
     model: Path = typer.Argument(..., help="FP32 ONNX written by `tledge export`."),
     data: Path = typer.Option(..., "--data", "-d", help="ImageFolder root; calibration images come from its train split."),
     out_dir: Path = typer.Option(..., "--out-dir", "-o", help="Folder for the INT8 models and calibration.json."),
     calibration: Optional[Path] = typer.Option(None, help="Calibration definition to reuse (verified by sha256)."),
-    num_calib: int = typer.Option(256, help="Images to sample when no definition is given."),
-    method: str = typer.Option("minmax", help="Calibration method, a choice over one pass of statistics: minmax, percentile (99.999th), entropy (KL, as TensorRT), mse (least squared error) or auto (per model, the one that stays closest to FP32 on validation)."),
+    num_calib: int = typer.Option(D(QuantizeConfig, "num_images"), help="Images to sample when no definition is given."),
+    method: str = typer.Option(D(QuantizeConfig, "method"), help="Calibration method, a choice over one pass of statistics: minmax, percentile (99.999th), entropy (KL, as TensorRT), mse (least squared error) or auto (per model, the one that stays closest to FP32 on validation)."),
     target: List[str] = typer.Option(["tensorrt", "cpu"], help="tensorrt (Q/DQ S8S8) and/or cpu (U8S8); repeatable."),
     keep_float: List[str] = typer.Option([], help="ONNX node name to leave in float (per-layer fallback); repeatable."),
-    cpu_target: str = typer.Option("portable", help="CPU INT8 model's target: portable (right on every x86 and ARM CPU; default), vnni (full 8-bit weights, only for CPUs with VNNI/AMX or ARM) or native (this machine's class)."),
-    trt_version: str = typer.Option("10.3.0", help="TensorRT version named in calibration.cache (implicit INT8, 8.5 to 10.x): 8.5.2 JetPack 5.1, 8.6.2 JetPack 6.0, 10.3.0 JetPack 6.1/6.2."),
-    max_top1_drop: float = typer.Option(0.3, help="Drift budget: most top-1 an INT8 model may lose against FP32 on the validation split, in points."),
-    min_agreement: float = typer.Option(0.99, help="Drift budget: least share of validation predictions an INT8 model must share with FP32."),
-    fallback_layers: int = typer.Option(16, help="Most layers kept in float to meet the drift budget (0: check and report only)."),
-    bias_correction: bool = typer.Option(False, help="Shift each quantized layer's bias by the mean error its int8 weights add (measured from the calibration statistics)."),
+    cpu_target: str = typer.Option(D(QuantizeConfig, "cpu_target"), help="CPU INT8 model's target: portable (right on every x86 and ARM CPU; default), vnni (full 8-bit weights, only for CPUs with VNNI/AMX or ARM) or native (this machine's class)."),
+    trt_version: str = typer.Option(D(QuantizeConfig, "trt_version"), help="TensorRT version named in calibration.cache (implicit INT8, 8.5 to 10.x): 8.5.2 JetPack 5.1, 8.6.2 JetPack 6.0, 10.3.0 JetPack 6.1/6.2."),
+    max_top1_drop: float = typer.Option(D(QuantizeConfig, "max_top1_drop_pp"), help="Drift budget: most top-1 an INT8 model may lose against FP32 on the validation split, in points."),
+    min_agreement: float = typer.Option(D(QuantizeConfig, "min_agreement"), help="Drift budget: least share of validation predictions an INT8 model must share with FP32."),
+    fallback_layers: int = typer.Option(D(QuantizeConfig, "fallback_layers"), help="Most layers kept in float to meet the drift budget (0: check and report only)."),
+    bias_correction: bool = typer.Option(D(QuantizeConfig, "bias_correction"), help="Shift each quantized layer's bias by the mean error its int8 weights add (measured from the calibration statistics)."),
     checkpoint: Optional[Path] = typer.Option(None, help="The model.pt the ONNX came from; enables quantization-aware fine-tuning when the budget is missed."),
-    qat_epochs: int = typer.Option(2, help="When post-training INT8 misses the drift budget, epochs of quantization-aware fine-tuning to try (0: never)."),
-    seed: int = typer.Option(0, help="Sampling seed."),
+    qat_epochs: int = typer.Option(D(QuantizeConfig, "qat_epochs"), help="When post-training INT8 misses the drift budget, epochs of quantization-aware fine-tuning to try (0: never)."),
+    seed: int = typer.Option(D(QuantizeConfig, "seed"), help="Sampling seed."),
+    config: Optional[Path] = typer.Option(None, "--config", help="A tledge.toml whose [quantize] sets any of this command's settings; flags typed here win."),
 ):
     """Calibrate on real images; write a TensorRT Q/DQ INT8 ONNX and a CPU INT8 ONNX."""
-    from .quantize import QuantizeConfig, quantize as run
+    from .quantize import quantize as run
 
-    record = run(QuantizeConfig(
+    given = dict(
         model=model, data=data, out_dir=out_dir, calibration=calibration, num_images=num_calib, method=method,
         targets=tuple(target), keep_float=tuple(keep_float), cpu_target=cpu_target, trt_version=trt_version,
-        max_top1_drop_pp=max_top1_drop, min_agreement=min_agreement, fallback_layers=fallback_layers, bias_correction=bias_correction, checkpoint=checkpoint, qat_epochs=qat_epochs, seed=seed,
-    ))
+        max_top1_drop_pp=max_top1_drop, min_agreement=min_agreement, fallback_layers=fallback_layers, bias_correction=bias_correction,
+        checkpoint=checkpoint, qat_epochs=qat_epochs, seed=seed,
+    )
+    renames = {"num_images": "num_calib", "targets": "target", "max_top1_drop_pp": "max_top1_drop"}
+    record = run(QuantizeConfig(**merge(config, "quantize", given, _typed(ctx, {k: renames.get(k, k) for k in given}))))
     _print_warnings(record["warnings"])
     for t, info in record["models"].items():
         print(f"wrote {out_dir / info['path']} ({t}: activations {info['activations']}, weights {info['weights']})")
@@ -198,43 +226,111 @@ def quantize(
     print(f"calibration: {record['calibration']['images']} images listed in {out_dir / 'calibration.json'}")
 
 
-def _parse_models(specs: list[str]) -> dict[str, Path]:
-    models = {}
+def _parse_variants(specs: list[str], threads: int | None) -> list:
+    """``PATH``, ``NAME=PATH`` or either with ``@BACKEND``: the variants to measure, in order."""
+    from .bench import default_backend
+    from .runners import Variant
+
+    variants, names = [], set()
     for spec in specs:
+        spec, at, backend = spec.rpartition("@") if "@" in spec else (spec, "", "")
         name, sep, path = spec.partition("=")
         if not sep:
-            path, name = spec, Path(spec).name.removesuffix(".onnx").removeprefix("model.")
-        if name in models:
+            path = spec
+            stem = Path(spec).name.removesuffix(Path(spec).suffix).removeprefix("model.")
+            name = stem if stem and stem != "model" else (backend or default_backend(Path(spec)))
+        if name in names:
             raise TledgeError(f"two models are named {name!r}; name them: NAME=PATH")
-        models[name] = Path(path)
-    return models
+        names.add(name)
+        backend = backend or default_backend(Path(path))
+        options = {"threads": threads} if backend == "onnxruntime-cpu" else {}
+        variants.append(Variant(name, Path(path), backend, options))
+    return variants
 
 
 @app.command(epilog=_examples(
     "tledge bench out/model.fp32.onnx out/model.int8.cpu.onnx --data my_images --out-dir out",
     "tledge bench fp32=a.onnx int8=b.onnx --data my_images --out-dir out --batch-size 8 --threads 2",
+    "tledge bench out/model.fp32.onnx torch=out/model.pt@torch-cpu gpu=out/model.fp32.onnx@onnxruntime-cuda --data my_images --out-dir out",
 ))
 def bench(
-    models: List[str] = typer.Argument(..., help="ONNX files, or NAME=PATH; the first is the reference."),
+    ctx: typer.Context,
+    models: List[str] = typer.Argument(..., help="Model files, or NAME=PATH, each optionally @BACKEND (onnxruntime-cpu, onnxruntime-cuda, onnxruntime-tensorrt, tensorrt, torch-cpu, torch-cuda; default from the file: .onnx onnxruntime-cpu, .pt torch-cpu); the first is the reference. A backend that cannot run here is skipped with its reason."),
     data: Path = typer.Option(..., "--data", "-d", help="ImageFolder root; accuracy on its test split (else val)."),
     out_dir: Path = typer.Option(..., "--out-dir", "-o", help="Folder for bench.json and the report."),
-    batch_size: int = typer.Option(1, help="Batch size for latency."),
-    throughput_batch: int = typer.Option(16, help="Batch size for throughput."),
-    iterations: int = typer.Option(200, help="Timed runs per variant."),
+    batch_size: int = typer.Option(D(BenchConfig, "batch_size"), help="Batch size for latency."),
+    throughput_batch: List[int] = typer.Option([D(BenchConfig, "throughput_batch")], help="Batch size for throughput; repeat for several (e.g. --throughput-batch 8 --throughput-batch 32)."),
+    iterations: int = typer.Option(D(BenchConfig, "iterations"), help="Timed runs per variant."),
     threads: Optional[int] = typer.Option(None, help="CPU threads (default: all)."),
     max_images: Optional[int] = typer.Option(None, help="Cap on accuracy images."),
+    config: Optional[Path] = typer.Option(None, "--config", help="A tledge.toml whose [bench] sets any of this command's settings; flags typed here win."),
 ):
     """Measure top-1, agreement with the reference, latency percentiles and throughput, side by side."""
-    from .bench import BenchConfig, bench as run
+    from .bench import bench as run
     from .build import format_table
     from .report import write_report
 
-    run(BenchConfig(models=_parse_models(models), data=data, out_dir=out_dir, batch_size=batch_size,
-                    throughput_batch=throughput_batch, iterations=iterations, threads=threads, max_images=max_images))
+    given = dict(data=data, out_dir=out_dir, batch_size=batch_size, throughput_batch=tuple(throughput_batch), iterations=iterations,
+                 threads=threads, max_images=max_images)
+    settings = merge(config, "bench", given, _typed(ctx, {k: k for k in given}))
+    run(BenchConfig(**{"models": {}, **settings, "variants": _parse_variants(models, settings["threads"])}))
     summary = write_report(out_dir)
     _print_warnings(summary.get("warnings", []))
     print(format_table(summary))
     print(f"\nwrote {out_dir / 'bench.json'}, {out_dir / 'report.json'} and {out_dir / 'report.md'}")
+
+
+@app.command(name="gate", epilog=_examples(
+    "tledge gate new/model.int8.cpu.onnx release/model.int8.cpu.onnx --data my_images --out-dir gate",
+    "tledge gate new/model.int8.cpu.onnx release/gate.json --data my_images --max-latency-regression 10",
+    "tledge gate cand.onnx base.onnx --data my_images --summary \"$GITHUB_STEP_SUMMARY\"   # in a GitHub Actions step",
+))
+def gate_cmd(
+    ctx: typer.Context,
+    candidate: Path = typer.Argument(..., help="The model to release (ONNX)."),
+    baseline: Path = typer.Argument(..., help="The model it must not regress from (ONNX, timed here interleaved), or a gate.json recorded earlier."),
+    data: Optional[Path] = typer.Option(None, "--data", "-d", help="ImageFolder root: accuracy on its test split (else val). Without it, latency only."),
+    out_dir: Optional[Path] = typer.Option(None, "--out-dir", "-o", help="Write gate.json (the verdict; also a stored baseline for later runs) and gate.md here."),
+    max_latency_regression: float = typer.Option(D(GateConfig, "max_latency_regression_pct"), help="Most latency increase allowed, in percent; a regression needs the whole confidence interval above it."),
+    max_top1_drop: float = typer.Option(D(GateConfig, "max_top1_drop_pp"), help="Most top-1 the candidate may lose against the baseline, in points."),
+    min_agreement: float = typer.Option(D(GateConfig, "min_agreement"), help="Least share of predictions the candidate must share with the baseline."),
+    confidence: float = typer.Option(D(GateConfig, "confidence"), help="Confidence of the latency interval."),
+    blocks: int = typer.Option(D(GateConfig, "blocks"), help="Timed blocks per model (more: a narrower interval)."),
+    calls_per_block: int = typer.Option(D(GateConfig, "calls_per_block"), help="Calls per block (the block's time is their median)."),
+    batch_size: int = typer.Option(D(GateConfig, "batch_size"), help="Batch size for latency."),
+    threads: Optional[int] = typer.Option(None, help="CPU threads (default: all)."),
+    max_images: Optional[int] = typer.Option(None, help="Cap on accuracy images."),
+    summary: Optional[Path] = typer.Option(None, help="Append the Markdown summary to this file (e.g. $GITHUB_STEP_SUMMARY)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the verdict as JSON."),
+    config: Optional[Path] = typer.Option(None, "--config", help="A tledge.toml whose [gate] sets any of this command's settings; flags typed here win."),
+):
+    """Fail a release whose latency or accuracy regressed beyond the thresholds (exit 3), noise-aware."""
+    from .gate import format_markdown, gate
+
+    given = dict(
+        candidate=candidate, baseline=baseline, data=data, out_dir=out_dir, max_latency_regression_pct=max_latency_regression,
+        max_top1_drop_pp=max_top1_drop, min_agreement=min_agreement, confidence=confidence, blocks=blocks,
+        calls_per_block=calls_per_block, batch_size=batch_size, threads=threads, max_images=max_images,
+    )
+    renames = {"max_latency_regression_pct": "max_latency_regression", "max_top1_drop_pp": "max_top1_drop"}
+    verdict = gate(GateConfig(**merge(config, "gate", given, _typed(ctx, {k: renames.get(k, k) for k in given}))))
+    text = format_markdown(verdict)
+    if summary is not None:
+        try:
+            with open(summary, "a", encoding="utf-8") as f:
+                f.write(text)
+        except OSError as exc:
+            raise TledgeError(f"cannot append the summary to {summary}: {exc.strerror}") from None
+    _print_warnings(verdict["notes"])
+    if as_json:
+        print(json.dumps({k: v for k, v in verdict.items() if k != "candidate"} | {"candidate": {
+            k: v for k, v in verdict["candidate"].items() if k not in ("latency_samples_ms", "predictions")}}, indent=2))
+    else:
+        for c in verdict["checks"]:
+            print(f"{'pass' if c['passed'] else 'FAIL'}  {c['check']:<9} {c['why']}")
+        print(f"gate {'PASSED' if verdict['passed'] else 'FAILED'}" + (f"; wrote {out_dir / 'gate.json'} and {out_dir / 'gate.md'}" if out_dir else ""))
+    if not verdict["passed"]:
+        raise typer.Exit(verdict["exit_code"])
 
 
 @app.command(name="bundle", epilog=_examples("tledge bundle tledge-out"))

@@ -59,6 +59,20 @@ class Preprocess:
     def input_shape(self) -> tuple[int, int, int]:
         return (3, self.size, self.size)
 
+    def describe(self) -> dict:
+        """Everything a device needs to reimplement :func:`load_image` exactly (copied whole into the manifest)."""
+        return {
+            "decode": "Pillow, converted to RGB: 8 bits a channel, grayscale and palette expanded, alpha dropped",
+            "channel_order": "RGB",
+            "resize": {"shorter_side": self.resize, "other_side": f"round(other * {self.resize} / shorter), at least {self.size}",
+                       "interpolation": f"{self.interpolation} (Pillow Image.resize, which filters over the whole footprint when shrinking)"},
+            "center_crop": {"size": self.size, "offset": f"floor((side - {self.size}) / 2) on each axis"},
+            "scale": "pixel / 255, float32",
+            "normalize": {"mean": list(self.mean), "std": list(self.std), "formula": "(x - mean) / std, per channel"},
+            "layout": "CHW per image, batched NCHW, float32",
+            "parameters": {**self.to_dict(), "mean": list(self.mean), "std": list(self.std)},
+        }
+
 
 _PIL_FILTERS = {"bilinear": 2, "bicubic": 3, "nearest": 0}  # PIL.Image.Resampling values
 
@@ -243,3 +257,66 @@ def load_array(samples: Sequence[Sample], pre: Preprocess, batch_size: int = 64)
     if not xs:
         return np.zeros((0, *pre.input_shape), np.float32), np.zeros((0,), np.int64)
     return np.concatenate(xs), np.concatenate(ys)
+
+
+SPLITS_FILE = "splits.json"
+SPLITS_FORMAT = "tledge.splits/1"
+
+
+def write_splits(splits: Splits, path: Path, seed: int, val_fraction: float, test_fraction: float) -> str:
+    """Write the split as file lists with sha256 (``splits.json``); returns the file's own sha256, the split's id."""
+    from .artifacts import sha256_file, write_json
+
+    def entries(samples):
+        return [[s.path.relative_to(splits.root).as_posix(), sha256_file(s.path), s.label] for s in samples]
+
+    write_json(path, {
+        "format": SPLITS_FORMAT, "layout": splits.layout, "seed": seed, "val_fraction": val_fraction, "test_fraction": test_fraction,
+        "classes": splits.classes, "train": entries(splits.train), "val": entries(splits.val), "test": entries(splits.test),
+    })
+    return sha256_file(path)
+
+
+def read_splits(path: Path, root: str | Path) -> Splits:
+    """The split recorded in ``path``, on the dataset at ``root``; refuses a dataset that no longer matches it
+    (an image added, removed or changed), so no stage can score on images another stage trained on."""
+    from .artifacts import read_json, sha256_file
+
+    root = Path(root).expanduser()
+    record = read_json(path)
+    if not isinstance(record, dict) or record.get("format") != SPLITS_FORMAT:
+        raise TledgeError(f"{path} is not a tledge splits file")
+    if not root.is_dir():
+        raise TledgeError(f"dataset folder {root} does not exist")
+    listed = {rel: digest for name in ("train", "val", "test") for rel, digest, _ in record[name]}
+    fresh = load_splits(root, record["val_fraction"], record["test_fraction"], record["seed"])  # the images there now, by the same rules
+    if fresh.classes != record["classes"]:
+        raise TledgeError(f"{root} has classes {fresh.classes}, the split the model was trained on ({path}) has {record['classes']}")
+    on_disk = {s.path.relative_to(root).as_posix() for s in fresh.train + fresh.val + fresh.test}
+    added, removed = sorted(on_disk - set(listed)), sorted(set(listed) - on_disk)
+    changed = sorted(rel for rel in set(listed) & on_disk if sha256_file(root / rel) != listed[rel])
+    if added or removed or changed:
+        what = [f"{len(x)} {kind} (e.g. {x[0]})" for kind, x in (("added", added), ("removed", removed), ("changed", changed)) if x]
+        raise TledgeError(f"{root} no longer matches the split in {path}: {', '.join(what)}. Fine-tune again on this dataset, "
+                          "or point --data at the one the model was trained on")
+
+    def samples(name):
+        return [Sample(root / rel, int(label)) for rel, _, label in record[name]]
+
+    return Splits(root, list(record["classes"]), samples("train"), samples("val"), samples("test"), record["layout"])
+
+
+def splits_for(root: str | Path, model_dir: Path, seed: int = 0, expected_sha256: str | None = None) -> Splits:
+    """The split a stage works on: ``splits.json`` beside the model when the fine-tune wrote one (checked against
+    the model's record of it), else the seeded split of ``root`` (models made before tledge wrote split files)."""
+    from .artifacts import sha256_file
+
+    path = Path(model_dir) / SPLITS_FILE
+    if path.is_file():
+        if expected_sha256 and sha256_file(path) != expected_sha256:
+            raise TledgeError(f"{path} is not the split the model was trained on (its sha256 differs from the model's record); "
+                              "restore it, or fine-tune again")
+        return read_splits(path, root)
+    if expected_sha256:
+        raise TledgeError(f"the model was trained on the split in a {SPLITS_FILE} that is not beside it in {model_dir}; copy it there")
+    return load_splits(root, seed=seed)

@@ -188,13 +188,13 @@ def fold_pads_into_convs(model) -> int:
     return len(removed)
 
 
-def _parity_inputs(cfg: ExportConfig, pre, classes) -> tuple[np.ndarray, str]:
+def _parity_inputs(cfg: ExportConfig, pre, classes, splits_sha256: str | None) -> tuple[np.ndarray, str]:
     if cfg.data is None:
         rng = np.random.default_rng(cfg.seed)
         return rng.standard_normal((cfg.parity_images, *pre.input_shape), dtype=np.float32), "random normal"
-    from .data import load_array, load_splits
+    from .data import load_array, splits_for
 
-    splits = load_splits(cfg.data, seed=cfg.seed)
+    splits = splits_for(cfg.data, cfg.checkpoint.parent, cfg.seed, splits_sha256)
     if splits.classes != list(classes):
         raise TledgeError(f"{cfg.data} has classes {splits.classes}, the checkpoint was trained on {list(classes)}")
     x, _ = load_array(splits.evaluation[: cfg.parity_images], pre)
@@ -218,6 +218,7 @@ def export_onnx(cfg: ExportConfig) -> dict:
     started = time.perf_counter()
     model, meta = load_checkpoint(cfg.checkpoint)
     pre = meta["preprocess"]
+    splits_sha256 = meta.get("extra", {}).get("splits_sha256")  # the split it was trained on (splits.json)
     example = torch.zeros((2, *pre.input_shape))  # batch >= 2 so the exporter cannot specialize on batch 1
     cfg.out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(cfg.out) as tmp:
@@ -237,12 +238,13 @@ def export_onnx(cfg: ExportConfig) -> dict:
         set_metadata(proto, {
             "arch": meta["arch"], "classes": meta["classes"], "preprocess": pre.to_dict(),
             "input": INPUT_NAME, "output": OUTPUT_NAME, "precision": "fp32", "max_batch": cfg.max_batch,
+            **({"splits_sha256": splits_sha256} if splits_sha256 else {}),
         })
         proto.producer_name, proto.producer_version = "tledge", __version__
         onnx.checker.check_model(proto)
         onnx.save(proto, str(tmp))
 
-        x, source = _parity_inputs(cfg, pre, meta["classes"])
+        x, source = _parity_inputs(cfg, pre, meta["classes"], splits_sha256)
         ort_runner, torch_runner = OrtRunner(tmp), TorchRunner(model)
         parity = compare_outputs(torch_runner, ort_runner, x, cfg.atol, cfg.rtol)
         if not parity["within_tolerance"]:
@@ -253,6 +255,7 @@ def export_onnx(cfg: ExportConfig) -> dict:
 
     record = {
         "stage": "export",
+        "artifacts": [cfg.out.name, "export.json"],
         "config": cfg.to_dict(),
         "onnx": {"path": cfg.out.name, "opset": opset, "input": [INPUT_NAME, ["batch", *pre.input_shape], "float32"],
                  "output": [OUTPUT_NAME, ["batch", len(meta["classes"])], "float32"], "pads_folded_into_conv": folded},

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 
-from .data import Preprocess, Splits, iter_batches, load_splits
+from .data import SPLITS_FILE, Preprocess, Splits, iter_batches, load_splits, write_splits
 from .errors import TledgeError
 
 
@@ -287,8 +287,12 @@ def finetune(cfg: FinetuneConfig, splits: Splits | None = None) -> dict:
         final.update(test_accuracy=acc, test_loss=loss)
 
     cfg.out.mkdir(parents=True, exist_ok=True)
+    # Written once, here: every later stage reads this split instead of re-deriving it from (seed, fractions).
+    splits_sha256 = write_splits(splits, cfg.out / SPLITS_FILE, cfg.seed, cfg.val_fraction, cfg.test_fraction)
     record = {
         "stage": "finetune",
+        "artifacts": [SPLITS_FILE, "model.pt", "finetune.json"],
+        "splits": {"path": SPLITS_FILE, "sha256": splits_sha256},
         "config": cfg.to_dict(),
         "model": {"arch": cfg.model, "weights": cfg.weights, "weights_source": spec.weights_source if cfg.weights == "pretrained" else cfg.weights,
                   "blocks": depth, "trainable_blocks": best.trainable_blocks, "parameters": sum(p.numel() for p in model.parameters())},
@@ -299,6 +303,6 @@ def finetune(cfg: FinetuneConfig, splits: Splits | None = None) -> dict:
         "seconds": round(time.perf_counter() - started, 2),
         "checkpoint": "model.pt",
     }
-    save_checkpoint(cfg.out / "model.pt", model, cfg.model, splits.classes, pre, extra={"finetune": record["result"]})
+    save_checkpoint(cfg.out / "model.pt", model, cfg.model, splits.classes, pre, extra={"finetune": record["result"], "splits_sha256": splits_sha256})
     write_json(cfg.out / "finetune.json", record)
     return record

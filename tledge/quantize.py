@@ -90,8 +90,12 @@ class QuantizeConfig:
             version_code(self.trt_version)  # a bad or unsupported version fails before calibration
         if not 0 <= self.max_top1_drop_pp <= 100 or not 0 <= self.min_agreement <= 1:
             raise TledgeError("the drift budget needs 0 <= max top-1 drop <= 100 (points) and 0 <= min agreement <= 1")
-        if self.fallback_layers < 0 or min(self.sensitivity_images, self.budget_images, self.num_images, self.batch_size) < 1:
-            raise TledgeError("fallback layers must be >= 0; sensitivity, budget and calibration images and batch size >= 1")
+        if self.fallback_layers < 0:
+            raise TledgeError(f"--fallback-layers must be 0 or more, got {self.fallback_layers}")
+        for name, flag in (("num_images", "--num-calib"), ("sensitivity_images", "sensitivity_images"), ("budget_images", "budget_images"),
+                           ("batch_size", "batch_size")):
+            if getattr(self, name) < 1:
+                raise TledgeError(f"{flag} (calibration setting {name}) must be at least 1, got {getattr(self, name)}")
 
     def to_dict(self) -> dict:
         return {k: (str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
@@ -558,7 +562,7 @@ def quantize(cfg: QuantizeConfig) -> dict:
     from .bias_correction import correct_bias
     from .calib_stats import STATS_FILE, calibrate, calibration_key
     from .calibration import calibration_warnings, load_calibration_set, sample_calibration_set
-    from .data import Preprocess, Sample, load_array, load_splits
+    from .data import Preprocess, Sample, load_array, splits_for
     from .drift_budget import DriftBudget, describe_drift, score
     from .export import load_onnx, read_metadata, set_metadata
 
@@ -573,7 +577,7 @@ def quantize(cfg: QuantizeConfig) -> dict:
         if unknown:
             convs = sorted(n for n in names if "Conv" in n or "Gemm" in n)
             raise TledgeError(f"--keep-float names nodes that {cfg.model} does not have: {unknown}; for example {convs[:3]}")
-    splits = load_splits(cfg.data, seed=cfg.seed)
+    splits = splits_for(cfg.data, cfg.model.parent, cfg.seed, meta.get("splits_sha256"))
     if splits.classes != meta["classes"]:
         raise TledgeError(f"{cfg.data} has classes {splits.classes}, the model was trained on {meta['classes']}")
     if cfg.calibration is not None:
@@ -670,6 +674,8 @@ def quantize(cfg: QuantizeConfig) -> dict:
     write_json(cfg.out_dir / "calibration.json", calib.to_dict(meta["classes"], pre.input_shape))
     record = {
         "stage": "quantize",
+        "artifacts": [o["path"] for o in outputs.values()] + [o["calibration_cache"]["path"] for o in outputs.values() if "calibration_cache" in o]
+        + ["calibration.json", STATS_FILE] + ([QAT_CHECKPOINT] if (cfg.out_dir / QAT_CHECKPOINT).is_file() else []) + ["quantize.json"],
         "config": cfg.to_dict(),
         "calibration": {"path": "calibration.json", "images": len(calib.images), "method": cfg.method, "sampling": calib.sampling,
                         "statistics": {"path": STATS_FILE, "tensors": len(stats.names), "reused": stats_reused}},

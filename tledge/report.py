@@ -5,7 +5,8 @@ from __future__ import annotations
 import html
 from pathlib import Path
 
-from .artifacts import read_json, write_json, write_text
+from .artifacts import FORMATS, read_json, write_json, write_text
+from .report_html import render_html
 from .errors import TledgeError
 
 STAGE_RECORDS = ("finetune", "export", "quantize", "bench")
@@ -18,6 +19,9 @@ def collect_records(out_dir: Path) -> dict:
 def _summary(records: dict) -> dict:
     bench = records["bench"]
     summary = {
+        "format": FORMATS["report"],
+        "stage": "report",
+        "artifacts": ["report.json", "report.md", "report.html", "latency.svg", "accuracy.svg"],
         "reference": bench["reference"],
         "evaluation": bench["evaluation"],
         "input_shape": bench["input_shape"],
@@ -35,7 +39,8 @@ def _summary(records: dict) -> dict:
                 "throughput": v["throughput"],
                 "speedup_vs_reference_p50": v["speedup_vs_reference_p50"],
                 "accuracy_method": v.get("accuracy_method"),
-                **{k: v[k] for k in ("simulated", "fused_vs_simulated", "cpu_target", "warnings") if k in v},
+                **{k: v[k] for k in ("simulated", "fused_vs_simulated", "cpu_target", "warnings", "drift", "top5",
+                                      "kl_divergence_from_reference", "memory_mb_at_load", "backend") if k in v},
             }
             for name, v in bench["variants"].items()
         },
@@ -46,7 +51,8 @@ def _summary(records: dict) -> dict:
         summary["finetune"] = {
             "model": ft["model"],
             "dataset": ft["dataset"],
-            "stages": [{k: s[k] for k in ("name", "trainable_blocks", "lr", "epochs_run", "best_epoch", "val_accuracy", "accepted", "seconds")} for s in ft["stages"]],
+            "stages": [{k: s[k] for k in ("name", "trainable_blocks", "lr", "epochs_run", "best_epoch", "val_accuracy", "accepted", "seconds", "history") if k in s}
+                       for s in ft["stages"]],
             "result": ft["result"],
         }
     if "export" in records:
@@ -99,6 +105,13 @@ def _markdown(summary: dict, extra: dict | None) -> str:
             f"{lat['p50']:.2f} | {lat['p90']:.2f} | {lat['p99']:.2f} | {v['speedup_vs_reference_p50']:.2f}x | "
             f"{v['throughput']['images_per_s']:.0f} (batch {v['throughput']['batch']}) | {v['bytes'] / 1e6:.1f} |"
         )
+    drifted = [(name, v["drift"]) for name, v in summary["variants"].items() if v.get("drift", {}).get("lost_most") or v.get("drift", {}).get("confusion_shift")]
+    if drifted:
+        lines += ["", "Where the predictions moved against the reference:", ""]
+        for name, d in drifted:
+            lost = ", ".join(f"{e['class']} {e['top1_delta_pp']:+.1f} pt" for e in d["lost_most"]) or "no class lost top-1"
+            moves = ", ".join(f"{c['true']} -> {c['predicted']} {c['change']:+d}" for c in d["confusion_shift"][:3])
+            lines.append(f"- **{name}**: classes that lost most: {lost}" + (f"; confusion cells that moved most: {moves}" if moves else "") + ".")
     lines += [
         "",
         f"Latency: batch {summary['input_shape'][0]}, {next(iter(summary['variants'].values()))['latency_ms']['samples']} timed runs per variant in interleaved rounds.",
@@ -225,5 +238,6 @@ def write_report(out_dir: str | Path, extra: dict | None = None) -> dict:
         [(k, (1 - v["agreement_with_reference"]) * 100, f"{(1 - v['agreement_with_reference']) * 100:.1f} % (top-1 {v['top1'] * 100:.1f} %)") for k, v in variants.items()],
     ))
     write_text(out_dir / "report.md", _markdown(summary, extra))
+    write_text(out_dir / "report.html", render_html(summary))
     write_json(out_dir / "report.json", summary)
     return summary
