@@ -62,7 +62,7 @@ class QuantizeConfig:
     fallback_layers: int = 16  # most layers kept in float to meet the budget; 0 checks and reports only
     sensitivity_images: int = 32  # validation images that rank the layers
     budget_images: int = 1000  # most validation images the budget is judged on (evenly spaced; bounds memory)
-    bias_correction: bool = False  # shift each quantized layer's bias by its mean weight-rounding error
+    bias_correction: bool = True  # shift each quantized layer's bias by its mean weight-rounding error (bench/RESULTS.md: it helped on all three sets)
     # Quantization-aware fine-tuning when post-training quantization misses the budget (needs the checkpoint).
     checkpoint: Path | None = None
     qat_epochs: int = 2  # 0: never
