@@ -4,9 +4,9 @@ For one fine-tuned FP32 model (a `tledge build` folder) and its dataset, in one 
 
 * `ort-defaults`: `onnxruntime.quantization.quantize_static` with its defaults (QDQ, per-tensor, MinMax, U8S8) on
   the same calibration images: the plain approach;
-* `tledge-<method>`: tledge's TensorRT Q/DQ and portable CPU models for each fixed method, no fallback
-  (`+bc`: with bias correction);
-* `tledge-budget`: tledge's default (min-max, drift budget with per-layer fallback);
+* `tledge-<method>`: tledge's TensorRT Q/DQ and portable CPU models for each fixed method, no fallback, no bias
+  correction (`+bc`: with it);
+* `tledge-budget`: tledge's defaults (min-max, bias correction, drift budget with per-layer fallback);
 * `tledge-auto`: method chosen per model on validation, then the drift budget.
 
 Every tledge variant reuses the first one's calibration statistics (one pass of the images through the model).
@@ -58,6 +58,7 @@ def main() -> None:
     ap.add_argument("--data", type=Path, required=True)
     ap.add_argument("--methods", default="minmax,percentile,entropy,mse", help="fixed methods to compare")
     ap.add_argument("--bc-methods", default="minmax,mse", help="fixed methods also run with bias correction")
+    ap.add_argument("--only", default="", help="comma-separated variant names to run (default: all)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
 
@@ -73,15 +74,18 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="tledge-bench-int8-budget-"))
 
     variants: dict[str, dict] = {}  # name -> {"files": {target: path}, "seconds": s, "kept": {target: n}}
+    only = set(filter(None, args.only.split(",")))
     t0 = time.perf_counter()
     from onnxruntime.quantization import QuantFormat, quantize_static
 
-    with _quiet_onnxruntime():
-        quantize_static(str(fp32), str(work / "ort-defaults.onnx"), _ArrayReader(meta["input"], calib_x, 16), quant_format=QuantFormat.QDQ)
-    variants["ort-defaults"] = {"files": {"cpu": work / "ort-defaults.onnx"}, "seconds": time.perf_counter() - t0, "kept": {"cpu": 0}}
-    runs = [(f"tledge-{m}", dict(method=m, fallback_layers=0)) for m in args.methods.split(",")]
+    if not only or "ort-defaults" in only:
+        with _quiet_onnxruntime():
+            quantize_static(str(fp32), str(work / "ort-defaults.onnx"), _ArrayReader(meta["input"], calib_x, 16), quant_format=QuantFormat.QDQ)
+        variants["ort-defaults"] = {"files": {"cpu": work / "ort-defaults.onnx"}, "seconds": time.perf_counter() - t0, "kept": {"cpu": 0}}
+    runs = [(f"tledge-{m}", dict(method=m, fallback_layers=0, bias_correction=False)) for m in args.methods.split(",")]
     runs += [(f"tledge-{m}+bc", dict(method=m, fallback_layers=0, bias_correction=True)) for m in filter(None, args.bc_methods.split(","))]
     runs += [("tledge-budget", {}), ("tledge-auto", dict(method="auto"))]
+    runs = [r for r in runs if not only or r[0] in only]
     stats_file = None
     for name, options in runs:
         if stats_file is not None:
