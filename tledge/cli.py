@@ -296,7 +296,7 @@ def gate_cmd(
     min_agreement: float = typer.Option(D(GateConfig, "min_agreement"), help="Least share of predictions the candidate must share with the baseline."),
     confidence: float = typer.Option(D(GateConfig, "confidence"), help="Confidence of the latency interval."),
     blocks: int = typer.Option(D(GateConfig, "blocks"), help="Timed blocks per model (more: a narrower interval)."),
-    calls_per_block: int = typer.Option(D(GateConfig, "calls_per_block"), help="Calls per block (the block's time is their median)."),
+    calls_per_block: int = typer.Option(D(GateConfig, "calls_per_block"), help="Calls per block (the block's time is their median); 0 fills about 50 ms a block."),
     batch_size: int = typer.Option(D(GateConfig, "batch_size"), help="Batch size for latency."),
     threads: Optional[int] = typer.Option(None, help="CPU threads (default: all)."),
     max_images: Optional[int] = typer.Option(None, help="Cap on accuracy images."),

@@ -42,8 +42,8 @@ class GateConfig:
     max_top1_drop_pp: float = 0.5
     min_agreement: float = 0.99
     confidence: float = 0.95
-    blocks: int = 40  # timed blocks per model
-    calls_per_block: int = 5
+    blocks: int = 100  # timed blocks per model
+    calls_per_block: int = 0  # 0: as many as fill about 50 ms a block (at least 3)
     warmup: int = 10
     batch_size: int = 1
     threads: int | None = None
@@ -59,8 +59,8 @@ class GateConfig:
             raise TledgeError("gate thresholds: latency regression >= 0 (%), 0 <= top-1 drop <= 100 (points), 0 <= agreement <= 1")
         if not 0.5 <= self.confidence < 1:
             raise TledgeError(f"--confidence must be within [0.5, 1), got {self.confidence}")
-        if min(self.blocks, self.calls_per_block, self.batch_size, self.resamples) < 1 or self.warmup < 0:
-            raise TledgeError("blocks, calls per block, batch size and resamples must be at least 1")
+        if min(self.blocks, self.batch_size, self.resamples) < 1 or self.calls_per_block < 0 or self.warmup < 0:
+            raise TledgeError("blocks, batch size and resamples must be at least 1, calls per block at least 0 (0: automatic)")
         if self.blocks < 8:
             raise TledgeError(f"--blocks must be at least 8 for a confidence interval worth the name, got {self.blocks}")
         if self.max_images is not None and self.max_images < 1:
@@ -79,10 +79,19 @@ def paired_ratio_interval(baseline_blocks, candidate_blocks, confidence: float =
         raise TledgeError("paired timings need two equally long lists of positive block times")
     logs = np.log(c / b)
     rng = np.random.default_rng(seed)
-    boot = np.median(logs[rng.integers(0, len(logs), (resamples, len(logs)))], axis=1)
+    boot = _trimmed_mean(logs[rng.integers(0, len(logs), (resamples, len(logs)))])
     alpha = (1 - confidence) / 2
-    return {"ratio": float(np.exp(np.median(logs))), "low": float(np.exp(np.quantile(boot, alpha))),
-            "high": float(np.exp(np.quantile(boot, 1 - alpha))), "method": f"paired blocks, bootstrap of the median log ratio ({len(b)} pairs)"}
+    return {"ratio": float(np.exp(_trimmed_mean(logs[None])[0])), "low": float(np.exp(np.quantile(boot, alpha))),
+            "high": float(np.exp(np.quantile(boot, 1 - alpha))),
+            "method": f"paired blocks, bootstrap of the 20%-trimmed mean log ratio ({len(b)} pairs)"}
+
+
+def _trimmed_mean(rows: np.ndarray, cut: float = 0.1) -> np.ndarray:
+    """Mean of each row without its lowest and highest ``cut`` share: robust to a stalled block, and more
+    efficient than the median on the near-normal log ratios."""
+    rows = np.sort(rows, axis=-1)
+    k = int(rows.shape[-1] * cut)
+    return rows[..., k : rows.shape[-1] - k].mean(axis=-1)
 
 
 def unpaired_ratio_interval(baseline_samples, candidate_samples, confidence: float = 0.95, resamples: int = 2000, seed: int = 0) -> dict:
@@ -127,12 +136,24 @@ def accuracy_checks(candidate_top1: float, baseline_top1: float, agreement: floa
 
 # ---- running the models ----
 
-def _timed_blocks(runners: dict, x: np.ndarray, blocks: int, calls: int, warmup: int) -> dict[str, list[float]]:
-    """Median ms of ``calls`` calls per block, the models' order alternating block by block (A B, B A, ...)."""
+BLOCK_MS = 50.0  # automatic calls per block fill about this much time
+
+
+def _timed_blocks(runners: dict, x: np.ndarray, blocks: int, calls: int, warmup: int) -> tuple[dict[str, list[float]], int]:
+    """Median ms of ``calls`` calls per block, the models' order alternating block by block (A B, B A, ...).
+
+    ``calls=0`` picks the count from the warm-up: enough calls to fill about ``BLOCK_MS`` for the slowest model.
+    """
     names = list(runners)
+    slowest = 0.0
     for runner in runners.values():
-        for _ in range(warmup):
+        for _ in range(max(warmup, 1)):
+            t0 = time.perf_counter()
             runner(x)
+            elapsed = (time.perf_counter() - t0) * 1000
+        slowest = max(slowest, elapsed)
+    if calls <= 0:
+        calls = int(min(50, max(3, BLOCK_MS // max(slowest, 1e-3))))
     out: dict[str, list[float]] = {n: [] for n in names}
     for i in range(blocks):
         for name in (names if i % 2 == 0 else names[::-1]):
@@ -142,7 +163,7 @@ def _timed_blocks(runners: dict, x: np.ndarray, blocks: int, calls: int, warmup:
                 runners[name](x)
                 times.append((time.perf_counter() - t0) * 1000)
             out[name].append(float(np.median(times)))
-    return out
+    return out, calls
 
 
 def _accuracy_runner(path: Path, threads: int | None):
@@ -218,12 +239,12 @@ def gate(cfg: GateConfig) -> dict:
     machine = machine_info()
     notes = []
     if stored is None:
-        timed = _timed_blocks({"baseline": OrtRunner(cfg.baseline, threads=cfg.threads), "candidate": cand_runner},
-                              lat_x, cfg.blocks, cfg.calls_per_block, cfg.warmup)
+        timed, calls = _timed_blocks({"baseline": OrtRunner(cfg.baseline, threads=cfg.threads), "candidate": cand_runner},
+                                     lat_x, cfg.blocks, cfg.calls_per_block, cfg.warmup)
         interval = paired_ratio_interval(timed["baseline"], timed["candidate"], cfg.confidence, cfg.resamples, cfg.seed)
         cand_samples = timed["candidate"]
     else:
-        timed = _timed_blocks({"candidate": cand_runner}, lat_x, cfg.blocks, cfg.calls_per_block, cfg.warmup)
+        timed, calls = _timed_blocks({"candidate": cand_runner}, lat_x, cfg.blocks, cfg.calls_per_block, cfg.warmup)
         cand_samples = timed["candidate"]
         interval = unpaired_ratio_interval(stored["candidate"]["latency_samples_ms"], cand_samples, cfg.confidence, cfg.resamples, cfg.seed)
         if stored["machine"]["cpu"] != machine["cpu"] or stored["machine"]["usable_cpus"] != machine["usable_cpus"]:
@@ -252,6 +273,7 @@ def gate(cfg: GateConfig) -> dict:
         "classes": meta["classes"],
         "accuracy": accuracy,
         "batch_size": cfg.batch_size,
+        "timing": {"blocks": cfg.blocks, "calls_per_block": calls},
         "config": cfg.to_dict(),
         "machine": machine,
         "seconds": round(time.perf_counter() - started, 2),
