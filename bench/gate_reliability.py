@@ -25,8 +25,8 @@ from tledge.machine import machine_info
 from tledge.runners import OrtRunner
 
 
-def measured_ratio(base: Path, cand: Path, x: np.ndarray, blocks: int) -> dict:
-    timed, _ = _timed_blocks({"base": OrtRunner(base), "cand": OrtRunner(cand)}, x, blocks, 0, 10)
+def measured_ratio(base: Path, cand: Path, x: np.ndarray, blocks: int, threads: int | None) -> dict:
+    timed, _ = _timed_blocks({"base": OrtRunner(base, threads=threads), "cand": OrtRunner(cand, threads=threads)}, x, blocks, 0, 10)
     return paired_ratio_interval(timed["base"], timed["cand"])
 
 
@@ -36,6 +36,7 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=20)
     ap.add_argument("--slowdown", type=float, default=1.10, help="the slower variant's target latency ratio")
     ap.add_argument("--tolerance", type=float, default=5.0, help="the gate's --max-latency-regression (percent)")
+    ap.add_argument("--threads", type=int, help="ONNX Runtime threads for both models (default: all cores)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
 
@@ -47,18 +48,18 @@ def main() -> None:
     channels, sizing = 16, []
     for _ in range(4):
         slower_variant(args.model, slow, channels)
-        r = measured_ratio(args.model, slow, x, 60)["ratio"]
+        r = measured_ratio(args.model, slow, x, 60, args.threads)["ratio"]
         sizing.append({"channels": channels, "ratio": round(r, 4)})
         if abs(r - args.slowdown) < 0.01:
             break
         channels = max(1, int(round(channels * (args.slowdown - 1) / max(r - 1, 1e-3))))
-    truth = measured_ratio(args.model, slow, x, 600)
+    truth = measured_ratio(args.model, slow, x, 600, args.threads)
 
     trials = {"self": [], "slower": []}
     t0 = time.perf_counter()
     for i in range(args.trials):
         for name, cand in (("self", args.model), ("slower", slow)):
-            v = gate(GateConfig(candidate=cand, baseline=args.model, max_latency_regression_pct=args.tolerance, seed=i))
+            v = gate(GateConfig(candidate=cand, baseline=args.model, max_latency_regression_pct=args.tolerance, seed=i, threads=args.threads))
             c = v["checks"][0]
             trials[name].append({"ratio": round(c["ratio"], 4), "low": round(c["low"], 4), "high": round(c["high"], 4), "status": c["status"], "seconds": v["seconds"]})
     seconds = time.perf_counter() - t0
@@ -69,7 +70,7 @@ def main() -> None:
     print(f"machine: {info['cpu']}, {info['usable_cpus']} cores; versions {json.dumps(info['versions'])}")
     print(f"model {args.model}; slower variant: {channels} extra channels, measured x{truth['ratio']:.3f} "
           f"(95% interval {truth['low']:.3f} .. {truth['high']:.3f}, 600 blocks); sizing {sizing}")
-    print(f"gate: defaults (100 blocks, calls per block automatic), 95% interval, tolerance {args.tolerance:g}%; {args.trials} trials each; {seconds:.0f} s in all\n")
+    print(f"gate: defaults (100 blocks, calls per block automatic), threads {args.threads or 'all'}, 95% interval, tolerance {args.tolerance:g}%; {args.trials} trials each; {seconds:.0f} s in all\n")
     print("| trial | runs | regressions declared | inconclusive | within | median ratio | median interval width |")
     print("|---|---|---|---|---|---|---|")
     for name, label in (("self", "model vs itself"), ("slower", f"x{truth['ratio']:.3f} variant vs model")):
