@@ -253,7 +253,7 @@ def test_calibration_file_pins_training_images(tiny_pipeline, tiny_dataset):
 
 def test_reusing_a_calibration_file_reuses_its_images(tiny_pipeline, tiny_dataset, tmp_path):
     record = quantize(QuantizeConfig(model=tiny_pipeline / FP32, data=tiny_dataset, out_dir=tmp_path,
-                                     calibration=tiny_pipeline / "calibration.json", num_images=5, targets=("cpu",)))
+                                     calibration=tiny_pipeline / "calibration.json", num_images=5, targets=("cpu",), fallback_layers=0))
     first = json.loads((tiny_pipeline / "calibration.json").read_text())
     second = json.loads((tmp_path / "calibration.json").read_text())
     assert record["calibration"]["images"] == 24
@@ -415,7 +415,7 @@ def test_reusing_calibration_json_reproduces_the_models_bit_for_bit(tiny_pipelin
     from tledge.quantize import QuantizeConfig, quantize
 
     record = quantize(QuantizeConfig(model=tiny_pipeline / "model.fp32.onnx", data=tiny_dataset, out_dir=tmp_path,
-                                     calibration=tiny_pipeline / "calibration.json", targets=("cpu",)))
+                                     calibration=tiny_pipeline / "calibration.json", targets=("cpu",), fallback_layers=0))
     assert record["calibration"]["images"] == 24
     first = json.loads((tiny_pipeline / "calibration.json").read_text())["images"]
     assert json.loads((tmp_path / "calibration.json").read_text())["images"] == first

@@ -53,11 +53,29 @@ def bypass_quantization(model, fp32_model, node_names) -> object:
     fp32_inits = {i.name: i for i in fp32_model.graph.initializer}
     wanted = set(node_names)
     clips: dict[str, list] = {}  # node name -> Clip nodes to insert before it
+
+    def fp32_input(node, k: int) -> str:
+        """A copy of the FP32 model's input ``k`` of ``node`` (found by the node's name), added once."""
+        source = fp32_nodes.get(node.name)
+        float_name = source.input[k] if source is not None and k < len(source.input) else None
+        if float_name not in fp32_inits:
+            raise TledgeError(f"cannot find the FP32 input {k} of {node.name} to measure its sensitivity")
+        copy_name = f"{float_name}__tledge_float"
+        if copy_name not in inits:
+            init = edited.graph.initializer.add()
+            init.CopyFrom(fp32_inits[float_name])
+            init.name = copy_name
+            inits.add(copy_name)
+        return copy_name
+
     for node in edited.graph.node:
         if node.name not in wanted:
             continue
         for k, name in enumerate(node.input):
             dq = producer.get(name)
+            if k == 2 and node.op_type in ("Conv", "Gemm") and name in inits:
+                node.input[k] = fp32_input(node, k)  # bias correction shifted it for int8 weights; float weights need the FP32 bias
+                continue
             if dq is None or dq.op_type != "DequantizeLinear":
                 continue
             q = producer.get(dq.input[0])
@@ -71,18 +89,8 @@ def bypass_quantization(model, fp32_model, node_names) -> object:
                 clips.setdefault(node.name, []).append(
                     helper.make_node("Clip", [q.input[0], f"{base}_lo", f"{base}_hi"], [f"{base}_float"], name=f"{base}_clip"))
                 node.input[k] = f"{base}_float"
-            elif dq.input[0] in inits:  # an int8 weight initializer: take the FP32 weight by the node's name
-                source = fp32_nodes.get(node.name)
-                float_name = source.input[k] if source is not None and k < len(source.input) else None
-                if float_name not in fp32_inits:
-                    raise TledgeError(f"cannot find the FP32 input {k} of {node.name} to measure its sensitivity")
-                copy_name = f"{float_name}__tledge_float"
-                if copy_name not in inits:
-                    init = edited.graph.initializer.add()
-                    init.CopyFrom(fp32_inits[float_name])
-                    init.name = copy_name
-                    inits.add(copy_name)
-                node.input[k] = copy_name
+            elif dq.input[0] in inits:  # an int8 weight or int32 bias initializer: take the FP32 one by the node's name
+                node.input[k] = fp32_input(node, k)
     if clips:  # keep the graph in topological order: each Clip right before the node that reads it
         nodes = list(edited.graph.node)
         del edited.graph.node[:]
