@@ -60,7 +60,19 @@ def sensitive(trained, tmp_path_factory):
     return out / FP32, consumer.name
 
 
-LOOSE = dict(max_top1_drop_pp=5.0, min_agreement=0.9)  # what the 4-epoch tiny model meets without the planted layer
+@pytest.fixture(scope="module")
+def loose(trained) -> dict:
+    """A budget the trained tiny model meets without the planted layer, with one image to spare.
+
+    Its own drift depends on the CPU it was trained on (float kernels differ between AVX2 and AVX-512 machines, and
+    15 full-batch steps carry the difference into other weights), so the budget is read from its quantize record
+    rather than written down; the planted layer costs far more than one image (checked below).
+    """
+    record = json.loads((trained / "quantize.json").read_text())["models"]
+    drifts = [record[t]["drift"] for t in ("tensorrt", "cpu")]
+    one_image = 1 / drifts[0]["images"]
+    return dict(max_top1_drop_pp=round(max(0.0, *(d["top1_drop_pp"] for d in drifts)) + 100 * one_image, 3),
+                min_agreement=round(min(d["agreement"] for d in drifts) - one_image, 5))
 
 
 def test_the_planted_layer_leaves_fp32_unchanged(trained, sensitive, tiny_dataset):
@@ -97,9 +109,9 @@ def test_the_search_finds_the_sensitive_layer(sensitive, tiny_dataset, tmp_path)
 
 
 @pytest.mark.parametrize("target", ["tensorrt", "cpu"])
-def test_fallback_keeps_the_sensitive_layer_in_float_and_meets_the_budget(target, sensitive, tiny_dataset, tmp_path):
+def test_fallback_keeps_the_sensitive_layer_in_float_and_meets_the_budget(target, sensitive, loose, tiny_dataset, tmp_path):
     path, planted = sensitive
-    record = quantize(QuantizeConfig(model=path, data=tiny_dataset, out_dir=tmp_path, num_images=24, targets=(target,), **LOOSE))
+    record = quantize(QuantizeConfig(model=path, data=tiny_dataset, out_dir=tmp_path, num_images=24, targets=(target,), **loose))
     info = record["models"][target]
     fallback = info["fallback"]
     assert fallback["tried"][0]["layers"] == 0 and not fallback["tried"][0]["met"], "without fallback the planted layer breaks the budget"
@@ -121,12 +133,12 @@ def test_fallback_keeps_the_sensitive_layer_in_float_and_meets_the_budget(target
         assert cost["p50_ms"]["with_fallback"] > 0 and cost["slowdown"] > 0
 
 
-def test_a_missed_budget_is_said_and_the_models_are_still_written(sensitive, tiny_dataset, tmp_path):
+def test_a_missed_budget_is_said_and_the_models_are_still_written(sensitive, loose, tiny_dataset, tmp_path):
     path, _ = sensitive
-    record = quantize(QuantizeConfig(model=path, data=tiny_dataset, out_dir=tmp_path, num_images=24, fallback_layers=0, **LOOSE))
+    record = quantize(QuantizeConfig(model=path, data=tiny_dataset, out_dir=tmp_path, num_images=24, fallback_layers=0, **loose))
     missed = [w for w in record["warnings"] if "INT8 DRIFT BUDGET MISSED" in w]
     assert len(missed) == 2 and missed[0].startswith("tensorrt:") and missed[1].startswith("cpu:")
-    assert "agreement" in missed[0] and "budget: drop <= 5.0 pt" in missed[0]
+    assert "agreement" in missed[0] and f"budget: drop <= {loose['max_top1_drop_pp']} pt" in missed[0]
     for target in ("tensorrt", "cpu"):
         assert not record["models"][target]["drift"]["met"] and "fallback" not in record["models"][target]
     assert (tmp_path / "model.int8.qdq.onnx").is_file() and (tmp_path / "model.int8.cpu.onnx").is_file()
