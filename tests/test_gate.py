@@ -110,7 +110,7 @@ def test_gate_command_end_to_end(tiny_pipeline, tiny_dataset, tmp_path):
 
     # The stored verdict serves as a baseline later; a model many times slower fails on latency against it
     slow = tmp_path / "slow.onnx"
-    slower_variant(fp32, slow, extra_channels=4096)
+    slower_variant(fp32, slow, extra_work=4.0)
     shutil.copy(tiny_pipeline / "splits.json", tmp_path)  # a model travels with the split it was trained on
     stored = runner.invoke(app, ["gate", str(slow), str(tmp_path / "base" / "gate.json"), *args])
     assert stored.exit_code == EXIT_FAILED, stored.output
@@ -125,3 +125,26 @@ def test_a_stored_baseline_from_other_images_or_classes_is_refused(tiny_pipeline
     (tmp_path / "bad.json").write_text(json.dumps({"kind": "something else"}))
     with pytest.raises(TledgeError, match="not a gate.json"):
         gate(GateConfig(candidate=fp32, baseline=tmp_path / "bad.json", blocks=8))
+
+
+@pytest.mark.parametrize("name", ["model.fp32.onnx", "model.int8.cpu.onnx", "model.int8.qdq.onnx"])
+def test_the_slower_variant_repeats_the_share_of_work_asked_and_computes_the_same(tiny_pipeline, tmp_path, name):
+    from tledge.gate import _node_macs
+    from tledge.runners import OrtRunner
+
+    src = tiny_pipeline / name
+    x = np.random.default_rng(0).normal(0, 1, (2, 3, 32, 32)).astype(np.float32)
+    base = sum(_node_macs(onnx.load(str(src))).values())
+    for extra in (0.1, 0.5, 1.0, 2.3):
+        slow = slower_variant(src, tmp_path / f"slow-{extra}.onnx", extra_work=extra)
+        added = sum(_node_macs(onnx.load(str(slow))).values()) / base - 1
+        # whole copies, then a prefix that stops at the first layer boundary past the share
+        assert extra <= added < extra + 0.3, (extra, added)
+        np.testing.assert_array_equal(OrtRunner(slow)(x), OrtRunner(src)(x))
+    with pytest.raises(TledgeError, match="positive"):
+        slower_variant(src, tmp_path / "none.onnx", extra_work=0)
+
+
+def test_negative_threads_are_refused():
+    with pytest.raises(TledgeError, match="threads"):
+        GateConfig(candidate="a.onnx", baseline="b.onnx", threads=-1)

@@ -298,7 +298,7 @@ def gate_cmd(
     blocks: int = typer.Option(D(GateConfig, "blocks"), help="Timed blocks per model (more: a narrower interval)."),
     calls_per_block: int = typer.Option(D(GateConfig, "calls_per_block"), help="Calls per block (the block's time is their median); 0 fills about 50 ms a block."),
     batch_size: int = typer.Option(D(GateConfig, "batch_size"), help="Batch size for latency."),
-    threads: Optional[int] = typer.Option(None, help="CPU threads (default: all)."),
+    threads: int = typer.Option(D(GateConfig, "threads"), help="CPU threads per model (0: every core). One repeats best on shared runners."),
     max_images: Optional[int] = typer.Option(None, help="Cap on accuracy images."),
     summary: Optional[Path] = typer.Option(None, help="Append the Markdown summary to this file (e.g. $GITHUB_STEP_SUMMARY)."),
     as_json: bool = typer.Option(False, "--json", help="Print the verdict as JSON."),

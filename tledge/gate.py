@@ -2,9 +2,10 @@
 
 Latency on a shared CI runner is noisy, so the gate decides on a confidence interval, never on one number:
 
-* **both models runnable here** (the usual case): they are timed in interleaved blocks (A B, then B A, ...), each
-  block the median of a few calls, so drifts in machine speed hit both alike. The per-block ratio
-  candidate / baseline is bootstrapped (median of the log ratios, resampled over blocks);
+* **both models runnable here** (the usual case): they are timed call by call in turn (A B, then B A, ...), one
+  thread each and ONNX Runtime's thread spinning off, so a change of machine speed hits both alike and neither
+  steals the other's cores. Each block's time of a model is the median of its calls in the block; the per-block
+  ratio candidate / baseline is bootstrapped (20%-trimmed mean of the log ratios, resampled over blocks);
 * **a stored baseline** (a ``gate.json`` written earlier): its recorded per-call times stand for the baseline, the
   candidate is timed now, and both medians are bootstrapped independently, so the stored spread counts too.
 
@@ -46,7 +47,9 @@ class GateConfig:
     calls_per_block: int = 0  # 0: as many as fill about 50 ms a block (at least 3)
     warmup: int = 10
     batch_size: int = 1
-    threads: int | None = None
+    # One thread per model by default: on a shared 2-core runner single-threaded latency repeats within about 1%
+    # between interleaved calls, two threads within 2-3% (bench/gate_reliability.py); 0 lets ONNX Runtime use every core.
+    threads: int | None = 1
     max_images: int | None = None
     resamples: int = 2000
     seed: int = 0
@@ -65,6 +68,8 @@ class GateConfig:
             raise TledgeError(f"--blocks must be at least 8 for a confidence interval worth the name, got {self.blocks}")
         if self.max_images is not None and self.max_images < 1:
             raise TledgeError(f"--max-images must be at least 1, got {self.max_images}")
+        if self.threads is not None and self.threads < 0:
+            raise TledgeError(f"--threads must be at least 0 (0: every core), got {self.threads}")
 
     def to_dict(self) -> dict:
         return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}
@@ -140,9 +145,10 @@ BLOCK_MS = 50.0  # automatic calls per block fill about this much time
 
 
 def _timed_blocks(runners: dict, x: np.ndarray, blocks: int, calls: int, warmup: int) -> tuple[dict[str, list[float]], int]:
-    """Median ms of ``calls`` calls per block, the models' order alternating block by block (A B, B A, ...).
+    """Per block, the median ms of each model over ``calls`` rounds in which every model runs once, the order
+    alternating round by round (A B, B A, ...): a change of machine speed longer than one call hits both alike.
 
-    ``calls=0`` picks the count from the warm-up: enough calls to fill about ``BLOCK_MS`` for the slowest model.
+    ``calls=0`` picks the count from the warm-up: enough rounds to fill about ``BLOCK_MS`` per model.
     """
     names = list(runners)
     slowest = 0.0
@@ -155,23 +161,25 @@ def _timed_blocks(runners: dict, x: np.ndarray, blocks: int, calls: int, warmup:
     if calls <= 0:
         calls = int(min(50, max(3, BLOCK_MS // max(slowest, 1e-3))))
     out: dict[str, list[float]] = {n: [] for n in names}
-    for i in range(blocks):
-        for name in (names if i % 2 == 0 else names[::-1]):
-            times = []
-            for _ in range(calls):
+    for _ in range(blocks):
+        times: dict[str, list[float]] = {n: [] for n in names}
+        for i in range(calls):
+            for name in (names if i % 2 == 0 else names[::-1]):
                 t0 = time.perf_counter()
                 runners[name](x)
-                times.append((time.perf_counter() - t0) * 1000)
-            out[name].append(float(np.median(times)))
+                times[name].append((time.perf_counter() - t0) * 1000)
+        for name in names:
+            out[name].append(float(np.median(times[name])))
     return out, calls
 
 
-def _accuracy_runner(path: Path, threads: int | None):
-    """How the model's accuracy is judged, as in ``bench``: a TensorRT Q/DQ model by its simulated arithmetic."""
+def _accuracy_runner(path: Path):
+    """How the model's accuracy is judged, as in ``bench``: a TensorRT Q/DQ model by its simulated arithmetic (on
+    every core: only the timing needs the gate's thread setting)."""
     from .export import read_metadata
     from .runners import OrtRunner
 
-    return OrtRunner(path, threads=threads, simulate_int8=read_metadata(path).get("precision") == "int8-tensorrt")
+    return OrtRunner(path, simulate_int8=read_metadata(path).get("precision") == "int8-tensorrt")
 
 
 def _load_stored(path: Path) -> dict:
@@ -219,10 +227,10 @@ def gate(cfg: GateConfig) -> dict:
         samples = splits.evaluation[: cfg.max_images] if cfg.max_images else splits.evaluation
         x, y = load_array(samples, pre)
         split_id = hashlib.sha256("\n".join(s.path.relative_to(splits.root).as_posix() for s in samples).encode()).hexdigest()
-        predictions = _accuracy_runner(cfg.candidate, cfg.threads).run_batches(x).argmax(1)
+        predictions = _accuracy_runner(cfg.candidate).run_batches(x).argmax(1)
         top1 = float(np.mean(predictions == y))
         if stored is None:
-            base_pred = _accuracy_runner(cfg.baseline, cfg.threads).run_batches(x).argmax(1)
+            base_pred = _accuracy_runner(cfg.baseline).run_batches(x).argmax(1)
             base_top1, agreement = float(np.mean(base_pred == y)), float(np.mean(base_pred == predictions))
         else:
             if stored.get("accuracy") is None:
@@ -235,11 +243,12 @@ def gate(cfg: GateConfig) -> dict:
 
     # Latency on real images where there are any (the same input for both), else zeros of the model's shape.
     lat_x = x[: cfg.batch_size] if cfg.data is not None and len(x) >= cfg.batch_size else np.zeros((cfg.batch_size, *pre.input_shape), np.float32)
-    cand_runner = OrtRunner(cfg.candidate, threads=cfg.threads)
+    # Worker threads that spin after a run would steal the cores from the other model's next call.
+    cand_runner = OrtRunner(cfg.candidate, threads=cfg.threads, spinning=False)
     machine = machine_info()
     notes = []
     if stored is None:
-        timed, calls = _timed_blocks({"baseline": OrtRunner(cfg.baseline, threads=cfg.threads), "candidate": cand_runner},
+        timed, calls = _timed_blocks({"baseline": OrtRunner(cfg.baseline, threads=cfg.threads, spinning=False), "candidate": cand_runner},
                                      lat_x, cfg.blocks, cfg.calls_per_block, cfg.warmup)
         interval = paired_ratio_interval(timed["baseline"], timed["candidate"], cfg.confidence, cfg.resamples, cfg.seed)
         cand_samples = timed["candidate"]
@@ -308,28 +317,120 @@ def format_markdown(verdict: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def slower_variant(src: Path, dst: Path, extra_channels: int) -> Path:
-    """A copy of ``src`` that computes the same logits with extra work (a 3x3 convolution of the input with
-    ``extra_channels`` outputs, multiplied by zero and added to the logits; ONNX Runtime keeps it). For checking
-    that a gate on your runners catches a slowdown of known size (bench/gate_reliability.py)."""
+def slower_variant(src: Path, dst: Path, extra_work: float) -> Path:
+    """A copy of ``src`` that computes the same logits with ``extra_work`` more of its own work (0.1: 10% more).
+
+    The extra work is the model itself: copies of its first layers (whole copies for ``extra_work >= 1``, then a
+    prefix holding that share of the multiply-accumulates of its Conv and Gemm layers), run on the input scaled
+    by 1.001 so that ONNX Runtime's common-subexpression elimination cannot merge them with the originals, their
+    result multiplied by zero and added to the logits. The same kind of kernels run more, so the slowdown is
+    close to the share of work added, which a made-up extra branch is not (one extra convolution cost 13% at
+    batch 1 whatever its size). For checking that a gate catches a slowdown of known size
+    (bench/gate_reliability.py).
+    """
     import onnx
     from onnx import helper, numpy_helper
 
+    if extra_work <= 0:
+        raise TledgeError(f"extra work must be positive, got {extra_work}")
     model = onnx.load(str(src))
     g = model.graph
+    macs = _node_macs(model)
+    inferred = onnx.shape_inference.infer_shapes(model)
+    ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in (*inferred.graph.value_info, *inferred.graph.output)}
+    total = sum(macs.values())
+    if total == 0:
+        raise TledgeError(f"{src} has no Conv or Gemm layer to repeat")
+    source_nodes = list(g.node)
+    producers = {o: n for n in source_nodes for o in n.output}
+    weights = {i.name for i in g.initializer}
+    quantized = any(n.op_type == "QuantizeLinear" for n in source_nodes)
     out = g.output[0].name
-    producer = next(n for n in g.node if out in n.output)
-    producer.output[list(producer.output).index(out)] = "slow_logits"
-    w = np.random.default_rng(0).normal(0, 0.1, (extra_channels, 3, 3, 3)).astype(np.float32)
-    g.initializer.extend([numpy_helper.from_array(w, "slow_w"), numpy_helper.from_array(np.zeros((1,), np.float32), "slow_zero"),
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 17)
+    g.initializer.extend([numpy_helper.from_array(np.zeros((1,), np.float32), "slow_zero"),
                           numpy_helper.from_array(np.array([1], np.int64), "slow_axes")])
-    g.node.extend([
-        helper.make_node("Conv", [g.input[0].name, "slow_w"], ["slow_conv"], pads=[1, 1, 1, 1], name="slow_conv"),
-        helper.make_node("ReduceMean", ["slow_conv"], ["slow_mean"], keepdims=0, axes=[1, 2, 3], name="slow_mean"),
-        helper.make_node("Unsqueeze", ["slow_mean", "slow_axes"], ["slow_column"], name="slow_unsqueeze"),
-        helper.make_node("Mul", ["slow_column", "slow_zero"], ["slow_nothing"], name="slow_times_zero"),
-        helper.make_node("Add", ["slow_logits", "slow_nothing"], [out], name="slow_add"),
-    ])
+
+    def is_end(node) -> bool:  # a float tensor where copying may stop without breaking the copied layers' fusion
+        if not quantized:
+            return node.op_type in ("Conv", "Gemm")
+        # in a Q/DQ model, after an activation's DequantizeLinear: a Conv without its QuantizeLinear would run in float
+        q = producers.get(node.input[0]) if node.op_type == "DequantizeLinear" else None
+        return q is not None and q.op_type == "QuantizeLinear" and q.input[0] not in weights
+
+    added, copy, remaining, last = [], 0, extra_work, "slow_logits"
+    while remaining > 1e-9:
+        share = min(remaining, 1.0)
+        prefix, done, end = f"slow{copy}/", 0, out
+        for node in source_nodes:
+            done += macs.get(node.name, 0)
+            if done >= share * total and is_end(node):
+                end = node.output[0]
+                break
+        needed, todo = set(), [end]  # the nodes the end tensor depends on, and nothing else
+        while todo:
+            node = producers.get(todo.pop())
+            if node is not None and id(node) not in needed:
+                needed.add(id(node))
+                todo.extend(node.input)
+        scale = numpy_helper.from_array(np.array(1 + 1e-3 * (copy + 1), np.float32), prefix + "scale")
+        g.initializer.append(scale)
+        renamed = {g.input[0].name: prefix + "input"}
+        added.append(helper.make_node("Mul", [g.input[0].name, scale.name], [prefix + "input"], name=prefix + "scale_input"))
+        for node in source_nodes:
+            if id(node) in needed:
+                clone = onnx.NodeProto()
+                clone.CopyFrom(node)
+                clone.name = prefix + node.name
+                clone.input[:] = [renamed.get(i, i) for i in node.input]
+                for k, o in enumerate(node.output):
+                    renamed[o] = clone.output[k] = prefix + o
+                added.append(clone)
+        end_rank = ranks.get(end, 4)
+        axes = list(range(1, end_rank))
+        end = renamed[end]
+        if opset < 18:  # ReduceMean takes its axes as an attribute before opset 18, as an input since
+            reduce = helper.make_node("ReduceMean", [end], [prefix + "mean"], keepdims=0, axes=axes, name=prefix + "mean")
+        else:
+            g.initializer.append(numpy_helper.from_array(np.array(axes, np.int64), prefix + "axes"))
+            reduce = helper.make_node("ReduceMean", [end, prefix + "axes"], [prefix + "mean"], keepdims=0, name=prefix + "mean")
+        nxt = out if remaining - share <= 1e-9 else f"slow{copy}/sum"
+        added += [
+            reduce,
+            helper.make_node("Unsqueeze", [prefix + "mean", "slow_axes"], [prefix + "column"], name=prefix + "unsqueeze"),
+            helper.make_node("Mul", [prefix + "column", "slow_zero"], [prefix + "nothing"], name=prefix + "times_zero"),
+            helper.make_node("Add", [last, prefix + "nothing"], [nxt], name=prefix + "add"),
+        ]
+        last, remaining, copy = nxt, remaining - share, copy + 1
+    producer = next(n for n in source_nodes if out in n.output)  # the original logits now feed the zero-sum chain
+    producer.output[list(producer.output).index(out)] = "slow_logits"
+    g.node.extend(added)
     onnx.checker.check_model(model)
     onnx.save(model, str(dst))
     return Path(dst)
+
+
+def _node_macs(model) -> dict[str, int]:
+    """Multiply-accumulates per Conv and Gemm node at batch 1, from ONNX shape inference."""
+    import onnx
+    from onnx import numpy_helper
+
+    inferred = onnx.shape_inference.infer_shapes(model)
+    shapes = {v.name: [d.dim_value or 1 for d in v.type.tensor_type.shape.dim]
+              for v in (*inferred.graph.value_info, *inferred.graph.output, *inferred.graph.input)}
+    weights = {i.name: tuple(i.dims) for i in model.graph.initializer}
+    producers = {o: n for n in model.graph.node for o in n.output}
+
+    def weight_shape(name):  # through the Q/DQ nodes in front of a quantized weight
+        while name not in weights and name in producers and producers[name].op_type in ("QuantizeLinear", "DequantizeLinear"):
+            name = producers[name].input[0]
+        return weights.get(name)
+
+    macs = {}
+    for node in model.graph.node:
+        w = weight_shape(node.input[1]) if node.op_type in ("Conv", "Gemm") else None
+        if w is None or node.output[0] not in shapes:
+            continue
+        # Conv: every output element sums (input channels / groups) x kernel products; Gemm at batch 1: in x out
+        macs[node.name] = int(np.prod(shapes[node.output[0]][1:]) * np.prod(w[1:]) if node.op_type == "Conv" else np.prod(w))
+    return macs
+

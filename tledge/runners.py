@@ -61,8 +61,11 @@ class OrtRunner:
     name = "onnxruntime"
 
     def __init__(self, path, threads: int | None = None, providers: tuple[str, ...] = ("CPUExecutionProvider",),
-                 simulate_int8: bool = False):
-        """``path``: an ONNX file, or an in-memory ``onnx.ModelProto`` (an edited model that was never saved)."""
+                 simulate_int8: bool = False, spinning: bool = True):
+        """``path``: an ONNX file, or an in-memory ``onnx.ModelProto`` (an edited model that was never saved).
+
+        ``spinning=False`` makes ONNX Runtime's worker threads sleep as soon as a run ends instead of spinning
+        for more work: two sessions timed in turn then do not steal each other's cores."""
         ort = require("onnxruntime", "pip install onnxruntime   (or onnxruntime-gpu)")
         in_memory = hasattr(path, "SerializeToString")
         source = path.SerializeToString() if in_memory else str(path)
@@ -74,6 +77,8 @@ class OrtRunner:
         if simulate_int8:
             options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         self.simulate_int8 = simulate_int8
+        if not spinning:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if threads:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
