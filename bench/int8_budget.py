@@ -6,7 +6,8 @@ For one fine-tuned FP32 model (a `tledge build` folder) and its dataset, in one 
   the same calibration images: the plain approach;
 * `tledge-<method>`: tledge's TensorRT Q/DQ and portable CPU models for each fixed method, no fallback, no bias
   correction (`+bc`: with it);
-* `tledge-budget`: tledge's defaults (min-max, bias correction, drift budget with per-layer fallback);
+* `tledge-budget`: tledge's defaults, as `tledge build` runs them: min-max, bias correction, the drift budget with
+  per-layer fallback and, when that still misses it, quantization-aware fine-tuning from the build's `model.pt`;
 * `tledge-auto`: method chosen per model on validation, then the drift budget.
 
 Every tledge variant reuses the first one's calibration statistics (one pass of the images through the model).
@@ -84,7 +85,9 @@ def main() -> None:
         variants["ort-defaults"] = {"files": {"cpu": work / "ort-defaults.onnx"}, "seconds": time.perf_counter() - t0, "kept": {"cpu": 0}}
     runs = [(f"tledge-{m}", dict(method=m, fallback_layers=0, bias_correction=False)) for m in args.methods.split(",")]
     runs += [(f"tledge-{m}+bc", dict(method=m, fallback_layers=0, bias_correction=True)) for m in filter(None, args.bc_methods.split(","))]
-    runs += [("tledge-budget", {}), ("tledge-auto", dict(method="auto"))]
+    checkpoint = args.build / "model.pt"
+    qat = dict(checkpoint=checkpoint) if checkpoint.is_file() else {}  # as build: QAT when post-training misses the budget
+    runs += [("tledge-budget", qat), ("tledge-auto", dict(method="auto", **qat))]
     runs = [r for r in runs if not only or r[0] in only]
     stats_file = None
     for name, options in runs:
@@ -98,13 +101,17 @@ def main() -> None:
             "seconds": time.perf_counter() - t0,
             "kept": {t: len(m["kept_float"]) for t, m in record["models"].items()},
             "methods": {t: m["calibration_method"] for t, m in record["models"].items()},
+            "qat": {t: m["qat"]["chosen"] for t, m in record["models"].items() if "qat" in m},
         }
         stats_file = stats_file or work / name / STATS_FILE
 
     rows = []
     for name, v in variants.items():
         for target, path in v["files"].items():
-            row = {"variant": name, "target": target, "method": v.get("methods", {}).get(target, "ort minmax per-tensor"),
+            method = v.get("methods", {}).get(target, "ort minmax per-tensor")
+            if target in v.get("qat", {}):
+                method += " + QAT (shipped)" if v["qat"][target] else " (QAT tried, not better)"
+            row = {"variant": name, "target": target, "method": method,
                    "layers_in_float": v["kept"][target], "quantize_s": round(v["seconds"], 1)}
             for split, (x, y) in sets.items():
                 row[split] = drift(logits(path, x, True), refs[split], y)
