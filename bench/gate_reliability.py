@@ -56,7 +56,7 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=20)
     ap.add_argument("--slowdown", type=float, default=1.10, help="the slower variant's target latency ratio")
     ap.add_argument("--tolerance", type=float, default=5.0, help="the gate's --max-latency-regression (percent)")
-    ap.add_argument("--threads", type=int, help="ONNX Runtime threads for both models (default: all cores)")
+    ap.add_argument("--threads", type=int, default=GateConfig.threads, help="ONNX Runtime threads per model (default: the gate's, 1; 0: every core)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
 
@@ -97,7 +97,7 @@ def main() -> None:
     print(f"machine: {info['cpu']}, {info['usable_cpus']} cores, int8 class {info['cpu_class']} ({', '.join(info['cpu_int8_flags']) or 'no int8 flags'}); versions {json.dumps(info['versions'])}")
     print(f"model {args.model}; slower variant: {extra:.3f} more work, measured x{truth['ratio']:.3f} "
           f"(95% interval {truth['low']:.3f} .. {truth['high']:.3f}, 600 blocks); sizing {sizing}")
-    print(f"gate: defaults (100 blocks, calls per block automatic), threads {args.threads or 'all'}, 95% interval, tolerance {args.tolerance:g}%; "
+    print(f"gate: defaults (100 blocks, calls per block automatic), threads {args.threads or 'all cores'}, 95% interval, tolerance {args.tolerance:g}%; "
           f"{args.trials} trials each; {seconds:.0f} s in all\n")
     print("| approach | trial | runs | regressions declared | inconclusive | within | median ratio | ratio range / median interval width |")
     print("|---|---|---|---|---|---|---|---|")
