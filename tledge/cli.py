@@ -237,7 +237,8 @@ def _parse_variants(specs: list[str], threads: int | None) -> list:
         name, sep, path = spec.partition("=")
         if not sep:
             path = spec
-            stem = Path(spec).name.removesuffix(Path(spec).suffix).removeprefix("model.")
+            stem = Path(spec).stem  # (no str.removeprefix: the device install runs on Python 3.8)
+            stem = stem[len("model."):] if stem.startswith("model.") else stem
             name = stem if stem and stem != "model" else (backend or default_backend(Path(spec)))
         if name in names:
             raise TledgeError(f"two models are named {name!r}; name them: NAME=PATH")
@@ -323,7 +324,7 @@ def gate_cmd(
             raise TledgeError(f"cannot append the summary to {summary}: {exc.strerror}") from None
     _print_warnings(verdict["notes"])
     if as_json:
-        print(json.dumps({k: v for k, v in verdict.items() if k != "candidate"} | {"candidate": {
+        print(json.dumps({**{k: v for k, v in verdict.items() if k != "candidate"}, "candidate": {
             k: v for k, v in verdict["candidate"].items() if k not in ("latency_samples_ms", "predictions")}}, indent=2))
     else:
         for c in verdict["checks"]:
