@@ -392,19 +392,22 @@ def engine_cmd(
                        timing_cache_dir=timing_cache_dir)
     record = build_engine(cfg)
     _print_warnings(record["notes"])
+    timing = None
+    if time_iterations > 0:
+        from .engine import time_engine
+
+        timing = time_engine(bundle / record["path"], time_iterations)
     if as_json:
-        print(json.dumps(record, indent=2))
+        print(json.dumps({**record, **({"timing": timing} if timing else {})}, indent=2))
     else:
         p = record["profile"]
         print(f"wrote {bundle / record['path']}: TensorRT {record['tensorrt']}, {record['gpu']} (compute capability {record['compute_capability']})"
               f"{', DLA core %d' % record['dla_core'] if record['dla_core'] is not None else ''}, {record['precision']}"
               f"{' (' + record['int8_path'] + ')' if record['int8_path'] else ''}, batch {p['min'][0]}/{p['opt'][0]}/{p['max'][0]}, "
               f"{record['build_seconds']:.0f} s{' (timing cache reused)' if record['timing_cache_reused'] else ''}; manifest.json re-signed")
-    if time_iterations > 0:
-        from .engine import time_engine
-
-        t = time_engine(bundle / record["path"], time_iterations)
-        print(f"latency at batch {t['batch']}: p50 {t['p50_ms']:.3f} ms, p90 {t['p90_ms']:.3f} ms, p99 {t['p99_ms']:.3f} ms ({t['iterations']} runs)")
+        if timing:
+            t = timing
+            print(f"latency at batch {t['batch']}: p50 {t['p50_ms']:.3f} ms, p90 {t['p90_ms']:.3f} ms, p99 {t['p99_ms']:.3f} ms ({t['iterations']} runs)")
 
 
 @app.command(name="verify", epilog=_examples(

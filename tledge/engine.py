@@ -198,12 +198,12 @@ def build_engine(cfg: EngineConfig, trt=None, device: Optional[Device] = None) -
     config = builder.create_builder_config()
     calibrator = configure(trt, builder, config, plan, cache, timing)
     serialized = builder.build_serialized_network(network, config)
-    if serialized is None:
-        detail = "; ".join(logger.errors[-3:]) or "TensorRT gave no reason"
-        raise TledgeError(f"TensorRT could not build {plan.engine}: {detail}")
     if calibrator is not None and calibrator.asked_for_images:
         raise TledgeError("TensorRT did not accept calibration.cache (it asked for calibration images instead); "
-                          f"re-run `tledge quantize --trt-version {version}` and bundle again")
+                          f"re-run `tledge quantize --trt-version {version}` and bundle again, or use --int8-path explicit")
+    if serialized is None:
+        detail = "; ".join(logger.errors[-3:]) or "TensorRT gave no reason"
+        raise TledgeError(f"TensorRT could not build {plan.engine} from {plan.onnx}: {detail}")
     engine_path = write_bytes(bundle / plan.engine, bytes(serialized))
     write_bytes(timing_path, bytes(config.get_timing_cache().serialize()))
 
