@@ -161,3 +161,15 @@ def test_bench_reads_an_engines_record_as_its_model_metadata(with_engine):
     meta, onnx_meta = variant_metadata(folder / engine), read_metadata(folder / "model.int8.qdq.onnx")
     assert meta["classes"] == onnx_meta["classes"] and meta["preprocess"] == onnx_meta["preprocess"]
     assert meta["precision"] == "tensorrt-int8" and meta.get("splits_sha256") == onnx_meta.get("splits_sha256")
+
+
+def test_gate_and_bench_take_an_engine_and_say_when_it_cannot_run_here(with_engine):
+    import importlib.util
+
+    from tledge.gate import GateConfig, gate
+
+    if importlib.util.find_spec("tensorrt") is not None:
+        pytest.skip("TensorRT is installed here")
+    folder, engine = with_engine
+    with pytest.raises(TledgeError, match="backend tensorrt cannot run here: tensorrt is not installed"):
+        gate(GateConfig(candidate=folder / engine, baseline=folder / "model.int8.qdq.onnx"))

@@ -288,8 +288,8 @@ def bench(
 ))
 def gate_cmd(
     ctx: typer.Context,
-    candidate: Path = typer.Argument(..., help="The model to release (ONNX)."),
-    baseline: Path = typer.Argument(..., help="The model it must not regress from (ONNX, timed here interleaved), or a gate.json recorded earlier."),
+    candidate: Path = typer.Argument(..., help="The model to release (ONNX, or a TensorRT .engine built by `tledge engine`, timed on this GPU)."),
+    baseline: Path = typer.Argument(..., help="The model it must not regress from (ONNX or engine, timed here interleaved), or a gate.json recorded earlier."),
     data: Optional[Path] = typer.Option(None, "--data", "-d", help="ImageFolder root: accuracy on its test split (else val). Without it, latency only."),
     out_dir: Optional[Path] = typer.Option(None, "--out-dir", "-o", help="Write gate.json (the verdict; also a stored baseline for later runs) and gate.md here."),
     max_latency_regression: float = typer.Option(D(GateConfig, "max_latency_regression_pct"), help="Most latency increase allowed, in percent; a regression needs the whole confidence interval above it."),

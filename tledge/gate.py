@@ -166,12 +166,21 @@ def _timed_blocks(runners: dict, x: np.ndarray, blocks: int, calls: int, warmup:
     return out, calls
 
 
-def _accuracy_runner(path: Path, threads: int | None):
-    """How the model's accuracy is judged, as in ``bench``: a TensorRT Q/DQ model by its simulated arithmetic."""
-    from .export import read_metadata
-    from .runners import OrtRunner
+def _runner(path: Path, threads: int | None, simulate_int8: bool = False):
+    """An ONNX model in ONNX Runtime, or a TensorRT engine (``.engine``, built by `tledge engine`) on this GPU."""
+    from .runners import OrtRunner, Variant, make_runner
 
-    return OrtRunner(path, threads=threads, simulate_int8=read_metadata(path).get("precision") == "int8-tensorrt")
+    if path.suffix in (".engine", ".plan"):
+        return make_runner(Variant(path.name, path, "tensorrt"))
+    return OrtRunner(path, threads=threads, simulate_int8=simulate_int8)
+
+
+def _accuracy_runner(path: Path, threads: int | None):
+    """How the model's accuracy is judged, as in ``bench``: a TensorRT Q/DQ model by its simulated arithmetic,
+    an engine by itself."""
+    from .bench import variant_metadata
+
+    return _runner(path, threads, simulate_int8=variant_metadata(path).get("precision") == "int8-tensorrt")
 
 
 def _load_stored(path: Path) -> dict:
@@ -191,20 +200,19 @@ def gate(cfg: GateConfig) -> dict:
     >>> verdict = gate(GateConfig(candidate="new/model.int8.cpu.onnx", baseline="release/model.int8.cpu.onnx", data="my_images"))  # doctest: +SKIP
     >>> verdict["passed"]  # doctest: +SKIP
     """
+    from .bench import variant_metadata
     from .data import Preprocess, load_array, splits_for
-    from .export import read_metadata
     from .machine import machine_info
-    from .runners import OrtRunner
 
     started = time.perf_counter()
     for p in (cfg.candidate, cfg.baseline):
         if not p.is_file():
             raise TledgeError(f"{p} does not exist")
     stored = _load_stored(cfg.baseline) if cfg.baseline.suffix == ".json" else None
-    meta = read_metadata(cfg.candidate)
+    meta = variant_metadata(cfg.candidate)
     pre = Preprocess.from_dict(meta["preprocess"])
     if stored is None:
-        base_meta = read_metadata(cfg.baseline)
+        base_meta = variant_metadata(cfg.baseline)
         if base_meta["classes"] != meta["classes"] or base_meta["preprocess"] != meta["preprocess"]:
             raise TledgeError(f"{cfg.candidate} and {cfg.baseline} were made for other classes or preprocessing: they cannot be compared")
     elif stored["classes"] != meta["classes"]:
@@ -235,11 +243,11 @@ def gate(cfg: GateConfig) -> dict:
 
     # Latency on real images where there are any (the same input for both), else zeros of the model's shape.
     lat_x = x[: cfg.batch_size] if cfg.data is not None and len(x) >= cfg.batch_size else np.zeros((cfg.batch_size, *pre.input_shape), np.float32)
-    cand_runner = OrtRunner(cfg.candidate, threads=cfg.threads)
+    cand_runner = _runner(cfg.candidate, cfg.threads)
     machine = machine_info()
     notes = []
     if stored is None:
-        timed, calls = _timed_blocks({"baseline": OrtRunner(cfg.baseline, threads=cfg.threads), "candidate": cand_runner},
+        timed, calls = _timed_blocks({"baseline": _runner(cfg.baseline, cfg.threads), "candidate": cand_runner},
                                      lat_x, cfg.blocks, cfg.calls_per_block, cfg.warmup)
         interval = paired_ratio_interval(timed["baseline"], timed["candidate"], cfg.confidence, cfg.resamples, cfg.seed)
         cand_samples = timed["candidate"]

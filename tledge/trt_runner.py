@@ -79,6 +79,11 @@ class TrtRunner:
         self.cuda.synchronize()
         return results[self.outputs[0]].astype(np.float32, copy=False)
 
+    def run_batches(self, x: np.ndarray, batch: int | None = None) -> np.ndarray:
+        """Logits of every image in ``x``, at most the profile's largest batch at a time."""
+        batch = batch or int(self.record["profile"]["max"][0])
+        return np.concatenate([self(x[i : i + batch]) for i in range(0, len(x), batch)])
+
     def describe(self) -> dict:
         r = self.record
         return {"backend": "tensorrt", "runtime": f"tensorrt {self.trt.__version__}", "device": r.get("gpu"),
