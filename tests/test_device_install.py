@@ -29,6 +29,24 @@ TRAINING_ONLY = ("torch", "torchvision", "sklearn")
 # Python 3.9+ methods and operators that parse on 3.8 but fail when run there.
 NEWER_ATTRIBUTES = {"removeprefix", "removesuffix", "is_relative_to", "bit_count", "readlink", "with_stem"}
 
+# JetPack 5 in one script: TensorRT 8.5's API surface (tests/_fake_tensorrt.py), a Xavier with DLA, the implicit
+# INT8 path from calibration.cache, then verify against that device. Run where torch cannot be imported.
+JETPACK5_BUILD = """
+import sys
+sys.path.insert(0, {tests!r})
+from _fake_tensorrt import make_trt
+from tledge.engine import build_engine
+from tledge.release import Here, verify
+from tledge.trt_plan import Device, EngineConfig
+jetson = {{"l4t": "35.4.1", "jetpack": "5.1.2", "model": "Jetson AGX Xavier"}}
+record = build_engine(EngineConfig({folder!r}, dla_core=0, batch=(1, 1, 1), timing_cache_dir={cache!r}),
+                      trt=make_trt("8.5.2"), device=Device("Xavier", "7.2", jetson, dla_cores=2))
+assert record["int8_path"] == "implicit" and record["dla_core"] == 0, record
+report = verify({folder!r}, here=Here("8.5.2.2", "Xavier", "7.2", jetson))
+assert report["engines"][0]["runs_here"], report
+print("JETPACK5-OK", record["path"])
+"""
+
 BLOCKER = """
 import sys
 class _NoTraining:
@@ -130,6 +148,7 @@ for args in (["engine", "--help"], ["verify", "--help"], ["bench", "--help"], ["
              ["verify", {str(folder)!r}, "--hashes-only"]):
     code = run(args)
     assert code in (0, None), (args, code)
+{JETPACK5_BUILD.format(tests=str(ROOT / "tests"), folder=str(folder), cache=str(tmp_path / "timing"))}
 for name in {TRAINING_ONLY!r}:
     assert name not in sys.modules, name
 print("DEVICE-OK")
@@ -185,3 +204,6 @@ def test_device_install_in_a_plain_venv(tiny_pipeline, tmp_path):
         assert proc.returncode == 0, (args, proc.stderr[-3000:])
     proc = subprocess.run([tledge, "engine", str(folder)], capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert proc.returncode == 1 and proc.stderr.startswith("tledge: error: tensorrt"), proc.stderr
+    script = JETPACK5_BUILD.format(tests=str(ROOT / "tests"), folder=str(folder), cache=str(tmp_path / "timing"))
+    proc = subprocess.run([py, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0 and "JETPACK5-OK" in proc.stdout, proc.stderr[-3000:]

@@ -173,3 +173,15 @@ def test_gate_and_bench_take_an_engine_and_say_when_it_cannot_run_here(with_engi
     folder, engine = with_engine
     with pytest.raises(TledgeError, match="backend tensorrt cannot run here: tensorrt is not installed"):
         gate(GateConfig(candidate=folder / engine, baseline=folder / "model.int8.qdq.onnx"))
+
+
+def test_another_jetson_module_of_the_same_gpu_is_refused(with_engine):
+    # every Orin says "Orin", compute capability 8.7; the module name tells an AGX Orin from an Orin Nano
+    from tledge.cuda import jetson_release
+    from tledge.release import engine_mismatch
+
+    assert jetson_release("# R35 (release), REVISION: 4.1, GCID: 33958178, BOARD: t186ref", "NVIDIA Jetson AGX Orin")["jetpack"] == "5.1.2"
+    record = {"tensorrt": "10.3.0", "gpu": "Orin", "compute_capability": "8.7", "jetson": {"l4t": "36.4.0", "model": "NVIDIA Jetson AGX Orin Developer Kit"}}
+    nano = Here("10.3.0", "Orin", "8.7", {"l4t": "36.4.0", "model": "NVIDIA Jetson Orin Nano Developer Kit"})
+    assert "Orin Nano" in engine_mismatch(record, nano)
+    assert engine_mismatch(record, Here("10.3.0", "Orin", "8.7", {"l4t": "36.4.0", "model": "NVIDIA Jetson AGX Orin Developer Kit"})) is None

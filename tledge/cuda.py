@@ -35,19 +35,31 @@ def _load(names) -> Optional[ctypes.CDLL]:
     return None
 
 
-def jetson_release(text: Optional[str] = None) -> Optional[dict]:
-    """``{"l4t": "36.4.0", "jetpack": "6.1/6.2"}`` from ``/etc/nv_tegra_release`` (or its text); None elsewhere."""
+def _module_model() -> Optional[str]:
+    """The Jetson module ("NVIDIA Jetson AGX Orin Developer Kit"): every Orin reports the GPU name "Orin" and
+    compute capability 8.7, but an AGX Orin and an Orin Nano differ in SMs, and an engine is tuned for one."""
+    try:
+        with open("/proc/device-tree/model", "rb") as f:
+            return f.read().rstrip(b"\0").decode(errors="replace").strip() or None
+    except OSError:
+        return None
+
+
+def jetson_release(text: Optional[str] = None, model: Optional[str] = None) -> Optional[dict]:
+    """``{"l4t": "36.4.0", "jetpack": "6.1/6.2", "model": ...}`` from ``/etc/nv_tegra_release`` (or its text);
+    None elsewhere."""
     if text is None:
         try:
             with open("/etc/nv_tegra_release", encoding="utf-8") as f:
                 text = f.readline()
         except OSError:
             return None
+        model = model or _module_model()
     match = re.search(r"R(\d+)\s*\(release\),\s*REVISION:\s*(\d+)(?:\.(\d+))?", text)
     if match is None:
-        return {"l4t": text.strip()[:80], "jetpack": None}
+        return {"l4t": text.strip()[:80], "jetpack": None, "model": model}
     major, minor, patch = int(match.group(1)), int(match.group(2)), int(match.group(3) or 0)
-    return {"l4t": f"{major}.{minor}.{patch}", "jetpack": JETPACK.get((major, minor))}
+    return {"l4t": f"{major}.{minor}.{patch}", "jetpack": JETPACK.get((major, minor)), "model": model}
 
 
 def device_info(index: int = 0) -> Optional[dict]:

@@ -153,6 +153,11 @@ def engine_mismatch(record: dict, here: Here) -> Optional[str]:
     elif record.get("gpu") != here.gpu or record.get("compute_capability") != here.compute_capability:
         reasons.append(f"it was built for {record.get('gpu')} (compute capability {record.get('compute_capability')}), "
                        f"this is {here.gpu} ({here.compute_capability})")
+    else:
+        built_on = (record.get("jetson") or {}).get("model")
+        this = (here.jetson or {}).get("model")
+        if built_on and this and built_on != this:
+            reasons.append(f"it was built on a {built_on}, this is a {this} (same GPU architecture, other SM count and memory)")
     return "; ".join(reasons) or None
 
 
