@@ -20,6 +20,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from _bundles import copy_build
 
 ROOT = Path(__file__).resolve().parent.parent
 DEVICE_MODULES = ["cli", "engine", "trt_plan", "trt_runner", "cuda", "release", "bundle", "bench", "runners", "data",
@@ -132,8 +133,7 @@ def test_blocker_can_fail(tmp_path):
 
 
 def test_device_commands_run_where_torch_cannot_be_imported(tiny_pipeline, tmp_path):
-    folder = tmp_path / "release"
-    shutil.copytree(tiny_pipeline, folder, ignore=shutil.ignore_patterns("manifest.json", "gate*", "bench*", "report*", "*.svg"))
+    folder = copy_build(tiny_pipeline, tmp_path / "release", sign=False)
     code = f"""
 import importlib
 for m in {["tledge." + m for m in DEVICE_MODULES]!r}:
@@ -196,8 +196,7 @@ def test_device_install_in_a_plain_venv(tiny_pipeline, tmp_path):
                            "assert (pathlib.Path(tledge.__file__).parent / 'calibration_sets' / 'digits-efficientnet_lite0-128.json').is_file()"],
                           capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    folder = tmp_path / "release"
-    shutil.copytree(tiny_pipeline, folder, ignore=shutil.ignore_patterns("manifest.json", "gate*", "bench*", "report*", "*.svg"))
+    folder = copy_build(tiny_pipeline, tmp_path / "release", sign=False)
     tledge = str(venv / "bin" / "tledge")
     for args in (["verify", "--help"], ["engine", "--help"], ["bundle", str(folder)], ["verify", str(folder), "--hashes-only"]):
         proc = subprocess.run([tledge, *args], capture_output=True, text=True, cwd=tmp_path, timeout=300)

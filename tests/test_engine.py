@@ -5,7 +5,6 @@ surface (tests/_fake_tensorrt.py) to prove it makes no call that version lacks. 
 from __future__ import annotations
 
 import json
-import shutil
 
 import onnx
 import pytest
@@ -110,13 +109,6 @@ def test_versions_and_opsets():
 # --- the builder against each version's API surface --------------------------------------------------------------
 
 
-@pytest.fixture
-def release(tiny_pipeline, tmp_path):
-    """A copy of the tiny build folder, signed by `tledge bundle` as it would be shipped."""
-    folder = tmp_path / "release"
-    shutil.copytree(tiny_pipeline, folder, ignore=shutil.ignore_patterns("manifest.json", "gate*", "bench*", "report*", "*.svg"))
-    bundle(folder)
-    return folder
 
 
 def _built(folder, record) -> dict:

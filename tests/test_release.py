@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-import shutil
 import subprocess
 import sys
 import tarfile
@@ -24,12 +23,6 @@ ORIN = Device("Orin", "8.7", {"l4t": "36.4.0", "jetpack": "6.1/6.2"}, dla_cores=
 ORIN_HERE = Here("10.3.0.30", "Orin", "8.7", {"l4t": "36.4.0", "jetpack": "6.1/6.2"})
 
 
-@pytest.fixture
-def release(tiny_pipeline, tmp_path):
-    folder = tmp_path / "release"
-    shutil.copytree(tiny_pipeline, folder, ignore=shutil.ignore_patterns("manifest.json", "gate*", "bench*", "report*", "*.svg"))
-    bundle(folder)
-    return folder
 
 
 @pytest.fixture
