@@ -187,6 +187,14 @@ def test_a_changed_bundle_file_is_never_built(release, tmp_path):
         build_engine(EngineConfig(release, timing_cache_dir=tmp_path), trt=make_trt("10.3.0"), device=H100)
 
 
+def test_a_bundle_with_any_changed_file_is_not_built_nor_re_signed(release, tmp_path):
+    (release / "splits.json").write_text((release / "splits.json").read_text().replace("circle", "circl3"))
+    signed = (release / "manifest.json").read_bytes()
+    with pytest.raises(TledgeError, match="splits.json does not match its sha256"):
+        build_engine(EngineConfig(release, timing_cache_dir=tmp_path), trt=make_trt("10.3.0"), device=H100)
+    assert (release / "manifest.json").read_bytes() == signed and not list(release.glob("*.engine"))
+
+
 def test_opset_newer_than_the_version_reads_is_refused_before_parsing(release, tmp_path):
     model = onnx.load(str(release / "model.int8.qdq.onnx"))
     for o in model.opset_import:

@@ -164,6 +164,10 @@ def build_engine(cfg: EngineConfig, trt=None, device: Optional[Device] = None) -
     bundle = cfg.bundle
     if not (bundle / MANIFEST).is_file():
         raise TledgeError(f"{bundle} has no manifest.json: run `tledge bundle {bundle}` on the build machine first")
+    from .release import verify
+
+    # Every file first: the build re-signs the bundle, which must never vouch for a file changed since it was signed.
+    verify(bundle, check_device=False)
     manifest = read_json(bundle / MANIFEST)
     files = {a.get("path") for a in manifest.get("artifacts", [])}
     version = str(trt.__version__)
