@@ -18,7 +18,9 @@ from .errors import TledgeError, require
 class TrtRunner:
     name = "tensorrt"
 
-    def __init__(self, path, trt=None):
+    def __init__(self, path, trt=None, cuda=None, here=None):
+        """``trt``, ``cuda`` (a :class:`tledge.cuda.Cudart`) and ``here`` (a :class:`tledge.release.Here`) default
+        to this machine's; tests pass stand-ins."""
         from .cuda import Cudart
         from .engine import TRT_INSTALL, _logger, engine_record
         from .release import engine_mismatch, this_machine
@@ -28,7 +30,7 @@ class TrtRunner:
         if self.record is None:
             raise TledgeError(f"{self.path} has no record in engine.json beside it; build engines with `tledge engine`")
         trt = trt or require("tensorrt", TRT_INSTALL)
-        here = this_machine()
+        here = here or this_machine()
         why = engine_mismatch(self.record, here)
         if why:  # TensorRT's own message for this is a deserialization error that names neither version nor GPU
             raise TledgeError(f"{self.path.name} cannot run here: {why}; rebuild it on this device with `tledge engine`")
@@ -37,6 +39,8 @@ class TrtRunner:
         self.runtime = trt.Runtime(self.logger)
         if self.record.get("version_compatible"):
             self.runtime.engine_host_code_allowed = True  # a version-compatible engine carries its own runtime code
+        if self.record.get("dla_core") is not None:
+            self.runtime.DLA_core = int(self.record["dla_core"])  # must be set before the engine is deserialized
         self.engine = self.runtime.deserialize_cuda_engine(self.path.read_bytes())
         if self.engine is None:
             raise TledgeError(f"TensorRT cannot load {self.path.name}: {'; '.join(self.logger.errors[-2:]) or 'no reason given'}")
@@ -47,13 +51,14 @@ class TrtRunner:
         if len(self.inputs) != 1 or not self.outputs:
             raise TledgeError(f"{self.path.name} has inputs {self.inputs} and outputs {self.outputs}; tledge runs one image input to logits")
         self.dtypes = {n: np.dtype(trt.nptype(self.engine.get_tensor_dtype(n))) for n in names}
-        self.cuda = Cudart()
+        self.cuda = cuda or Cudart()
         self.buffers = {}  # name -> (device pointer, bytes)
 
     def _buffer(self, name: str, nbytes: int) -> int:
         ptr, size = self.buffers.get(name, (0, 0))
         if size < nbytes:
-            self.cuda.free(ptr)
+            if ptr:
+                self.cuda.free(ptr)
             ptr, size = self.cuda.malloc(nbytes), nbytes
             self.buffers[name] = (ptr, size)
         return ptr

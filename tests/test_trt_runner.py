@@ -1,0 +1,115 @@
+"""The TensorRT runner against each version's runtime API surface (tests/_fake_tensorrt.py): name-based I/O
+only, buffers sized and reused right, outputs copied back, the profile's batch range enforced, DLA core and
+version compatibility set before deserializing. Device memory is host memory here (same interface as
+tledge.cuda.Cudart, real memmoves); the real CUDA path runs in the `tensorrt`-marked test of test_engine.py."""
+
+from __future__ import annotations
+
+import ctypes
+
+import numpy as np
+import pytest
+
+from tledge.engine import build_engine
+from tledge.errors import TledgeError
+from tledge.release import Here
+from tledge.trt_plan import Device, EngineConfig
+from tledge.trt_runner import TrtRunner
+
+from _fake_tensorrt import make_trt
+
+H100 = Device("NVIDIA H100 80GB HBM3", "9.0")
+XAVIER = Device("Xavier", "7.2", {"l4t": "35.4.1", "jetpack": "5.1.2"}, dla_cores=2)
+
+
+class HostMemory:
+    """tledge.cuda.Cudart's interface on host buffers; every copy is checked to stay inside its allocation."""
+
+    stream = 0
+
+    def __init__(self):
+        self.blocks, self.freed = {}, []
+
+    def malloc(self, nbytes):
+        buf = ctypes.create_string_buffer(nbytes)
+        self.blocks[ctypes.addressof(buf)] = buf
+        return ctypes.addressof(buf)
+
+    def free(self, ptr):
+        self.freed.append(ptr)
+        del self.blocks[ptr]
+
+    def _check(self, ptr, nbytes):
+        assert ptr in self.blocks and nbytes <= len(self.blocks[ptr]), "copy outside a device allocation"
+
+    def to_device(self, ptr, array):
+        self._check(ptr, array.nbytes)
+        ctypes.memmove(ptr, array.ctypes.data, array.nbytes)
+
+    def to_host(self, array, ptr):
+        self._check(ptr, array.nbytes)
+        ctypes.memmove(array.ctypes.data, ptr, array.nbytes)
+
+    def synchronize(self):
+        pass
+
+    def close(self):
+        pass
+
+
+def expected(x):
+    return x.reshape(len(x), -1).mean(1)[:, None] * np.arange(1, 4)
+
+
+def _here(device, version):
+    return Here(version, device.gpu, device.compute_capability, device.jetson)
+
+
+@pytest.mark.parametrize("version", ["8.5.2", "10.3.0", "11.0.0"])
+def test_runner_runs_by_tensor_name_and_grows_its_buffers(release, tmp_path, version):
+    trt = make_trt(version)
+    record = build_engine(EngineConfig(release, batch=(1, 2, 4), timing_cache_dir=tmp_path), trt=trt, device=H100)
+    memory = HostMemory()
+    runner = TrtRunner(release / record["path"], trt=trt, cuda=memory, here=_here(H100, trt.__version__))
+    x = np.random.default_rng(0).normal(0, 1, (4, 3, 32, 32)).astype(np.float32)
+    np.testing.assert_allclose(runner(x[:1]), expected(x[:1]), rtol=1e-5)
+    first = dict(runner.buffers)
+    np.testing.assert_allclose(runner(x), expected(x), rtol=1e-5)
+    assert set(memory.freed) == {ptr for ptr, _ in first.values()}, "smaller buffers are freed when they grow"
+    grown = set(memory.blocks)
+    np.testing.assert_allclose(runner(x[:2]), expected(x[:2]), rtol=1e-5)
+    assert set(memory.blocks) == grown and len(grown) == 2, "a smaller batch reuses the larger buffers"
+    many = np.concatenate([x, x[:3]])
+    np.testing.assert_allclose(runner.run_batches(many), expected(many), rtol=1e-5)
+    with pytest.raises(TledgeError, match="takes batches of 1 to 4"):
+        runner(np.concatenate([x, x[:1]]))
+    info = runner.describe()
+    assert info["backend"] == "tensorrt" and info["runtime"] == f"tensorrt {trt.__version__}" and info["device"] == H100.gpu
+    runner.close()
+    assert not memory.blocks
+    assert "execute_async_v3(batch 4)" in trt.calls
+
+
+def test_runner_refuses_an_engine_of_another_device_before_loading_it(release, tmp_path):
+    trt = make_trt("10.3.0")
+    record = build_engine(EngineConfig(release, timing_cache_dir=tmp_path), trt=trt, device=H100)
+    with pytest.raises(TledgeError, match="cannot run here: it was built with TensorRT 10.3.0.1, this device has 8.6.2"):
+        TrtRunner(release / record["path"], trt=make_trt("8.6.2"), cuda=HostMemory(), here=Here("8.6.2", H100.gpu, "9.0"))
+
+
+def test_dla_engine_sets_the_core_before_deserializing(release, tmp_path):
+    trt = make_trt("8.5.2")
+    record = build_engine(EngineConfig(release, dla_core=1, batch=(1, 1, 1), timing_cache_dir=tmp_path), trt=trt, device=XAVIER)
+    runner = TrtRunner(release / record["path"], trt=trt, cuda=HostMemory(), here=_here(XAVIER, trt.__version__))
+    assert runner.runtime.DLA_core == 1
+    x = np.ones((1, 3, 32, 32), np.float32)
+    np.testing.assert_allclose(runner(x), expected(x), rtol=1e-6)
+    runner.close()
+
+
+def test_version_compatible_engine_allows_host_code(release, tmp_path):
+    trt = make_trt("10.3.0")
+    record = build_engine(EngineConfig(release, version_compatible=True, timing_cache_dir=tmp_path), trt=trt, device=H100)
+    runner = TrtRunner(release / record["path"], trt=trt, cuda=HostMemory(), here=_here(H100, trt.__version__))
+    assert runner.runtime.engine_host_code_allowed is True
+    runner.close()
