@@ -81,8 +81,10 @@ def test_runner_runs_by_tensor_name_and_grows_its_buffers(release, tmp_path, ver
     assert set(memory.blocks) == grown and len(grown) == 2, "a smaller batch reuses the larger buffers"
     many = np.concatenate([x, x[:3]])
     np.testing.assert_allclose(runner.run_batches(many), expected(many), rtol=1e-5)
-    with pytest.raises(TledgeError, match="takes batches of 1 to 4"):
-        runner(np.concatenate([x, x[:1]]))
+    five = np.concatenate([x, x[:1]])  # more than the profile's largest batch: run in chunks
+    np.testing.assert_allclose(runner(five), expected(five), rtol=1e-5)
+    with pytest.raises(TledgeError, match=r"takes input \[3, 32, 32\] per image in batches of 1 to 4"):
+        runner(np.zeros((2, 3, 16, 16), np.float32))
     info = runner.describe()
     assert info["backend"] == "tensorrt" and info["runtime"] == f"tensorrt {trt.__version__}" and info["device"] == H100.gpu
     runner.close()
@@ -99,11 +101,11 @@ def test_runner_refuses_an_engine_of_another_device_before_loading_it(release, t
 
 def test_dla_engine_sets_the_core_before_deserializing(release, tmp_path):
     trt = make_trt("8.5.2")
-    record = build_engine(EngineConfig(release, dla_core=1, batch=(1, 1, 1), timing_cache_dir=tmp_path), trt=trt, device=XAVIER)
+    record = build_engine(EngineConfig(release, dla_core=1, batch=(2, 2, 2), timing_cache_dir=tmp_path), trt=trt, device=XAVIER)
     runner = TrtRunner(release / record["path"], trt=trt, cuda=HostMemory(), here=_here(XAVIER, trt.__version__))
     assert runner.runtime.DLA_core == 1
-    x = np.ones((1, 3, 32, 32), np.float32)
-    np.testing.assert_allclose(runner(x), expected(x), rtol=1e-6)
+    x = np.random.default_rng(1).normal(0, 1, (3, 3, 32, 32)).astype(np.float32)
+    np.testing.assert_allclose(runner(x), expected(x), rtol=1e-5)  # a static batch of 2: one full, one padded
     runner.close()
 
 
@@ -113,3 +115,30 @@ def test_version_compatible_engine_allows_host_code(release, tmp_path):
     runner = TrtRunner(release / record["path"], trt=trt, cuda=HostMemory(), here=_here(H100, trt.__version__))
     assert runner.runtime.engine_host_code_allowed is True
     runner.close()
+
+
+def test_bench_measures_an_engine_in_the_same_report_format(release, tmp_path, tiny_dataset, monkeypatch):
+    """bench with the tensorrt backend end to end, TensorRT being 10.3's surface and device memory host memory."""
+    import importlib.machinery
+    import json
+    import sys
+
+    from tledge.bench import BenchConfig, bench
+    from tledge.report import write_report
+    from tledge.runners import Variant, backend_unavailable
+
+    trt = make_trt("10.3.0")
+    trt.__spec__ = importlib.machinery.ModuleSpec("tensorrt", None)
+    record = build_engine(EngineConfig(release, batch=(1, 4, 16), timing_cache_dir=tmp_path / "timing"), trt=trt, device=H100)
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    monkeypatch.setattr("tledge.cuda.device_info", lambda index=0: {"gpu": H100.gpu, "compute_capability": "9.0", "jetson": None})
+    monkeypatch.setattr("tledge.cuda.Cudart", HostMemory)
+    assert backend_unavailable("tensorrt") is None
+    out = tmp_path / "device-bench"
+    bench(BenchConfig(models={}, variants=[Variant("engine", release / record["path"], "tensorrt")], data=tiny_dataset, out_dir=out,
+                      iterations=5, rounds=1, warmup=1, throughput_batch=4))
+    summary = write_report(out)
+    v = json.loads((out / "bench.json").read_text())["variants"]["engine"]
+    assert v["precision"] == "tensorrt-int8" and v["accuracy_method"].startswith("the TensorRT engine itself")
+    assert v["backend"]["backend"] == "tensorrt" and v["runtime"] == "tensorrt 10.3.0.1"
+    assert v["latency_ms"]["p50"] > 0 and summary["variants"]["engine"]["top1"] >= 0

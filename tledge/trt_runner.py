@@ -64,11 +64,19 @@ class TrtRunner:
         return ptr
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
+        """Logits of any number of images: more than the profile's largest batch run in chunks, fewer than its
+        smallest (a static DLA batch) are padded with zeros and cut off again."""
         name = self.inputs[0]
         x = np.ascontiguousarray(x, dtype=self.dtypes[name])
+        p = self.record["profile"]
+        lo, hi = int(p["min"][0]), int(p["max"][0])
+        if len(x) > hi:
+            return self.run_batches(x, hi)
+        if len(x) < lo:
+            pad = np.zeros((lo - len(x), *x.shape[1:]), x.dtype)
+            return self(np.concatenate([x, pad]))[: len(x)]
         if not self.context.set_input_shape(name, tuple(x.shape)):
-            p = self.record.get("profile", {})
-            raise TledgeError(f"{self.path.name} takes batches of {p.get('min', ['?'])[0]} to {p.get('max', ['?'])[0]}, got input shape {x.shape}")
+            raise TledgeError(f"{self.path.name} takes input {p['opt'][1:]} per image in batches of {lo} to {hi}, got shape {x.shape}")
         ptr = self._buffer(name, x.nbytes)
         self.cuda.to_device(ptr, x)
         self.context.set_tensor_address(name, ptr)
@@ -86,7 +94,7 @@ class TrtRunner:
 
     def run_batches(self, x: np.ndarray, batch: int | None = None) -> np.ndarray:
         """Logits of every image in ``x``, at most the profile's largest batch at a time."""
-        batch = batch or int(self.record["profile"]["max"][0])
+        batch = min(batch or len(x), int(self.record["profile"]["max"][0]))
         return np.concatenate([self(x[i : i + batch]) for i in range(0, len(x), batch)])
 
     def describe(self) -> dict:
