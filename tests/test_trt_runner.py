@@ -117,7 +117,7 @@ def test_version_compatible_engine_allows_host_code(release, tmp_path):
     runner.close()
 
 
-def test_bench_measures_an_engine_in_the_same_report_format(release, tmp_path, tiny_dataset, monkeypatch):
+def test_bench_and_gate_measure_an_engine_in_the_same_report_format(release, tmp_path, tiny_dataset, monkeypatch):
     """bench with the tensorrt backend end to end, TensorRT being 10.3's surface and device memory host memory."""
     import importlib.machinery
     import json
@@ -142,3 +142,10 @@ def test_bench_measures_an_engine_in_the_same_report_format(release, tmp_path, t
     assert v["precision"] == "tensorrt-int8" and v["accuracy_method"].startswith("the TensorRT engine itself")
     assert v["backend"]["backend"] == "tensorrt" and v["runtime"] == "tensorrt 10.3.0.1"
     assert v["latency_ms"]["p50"] > 0 and summary["variants"]["engine"]["top1"] >= 0
+
+    # and gate: the same engine against itself passes, accuracy exactly equal
+    from tledge.gate import GateConfig, gate
+
+    engine = release / record["path"]
+    verdict = gate(GateConfig(candidate=engine, baseline=engine, data=tiny_dataset, blocks=8, calls_per_block=3, max_latency_regression_pct=50))
+    assert verdict["passed"] and {c["check"] for c in verdict["checks"]} == {"latency", "top1", "agreement"}
