@@ -149,3 +149,23 @@ def test_bench_and_gate_measure_an_engine_in_the_same_report_format(release, tmp
     engine = release / record["path"]
     verdict = gate(GateConfig(candidate=engine, baseline=engine, data=tiny_dataset, blocks=8, calls_per_block=3, max_latency_regression_pct=50))
     assert verdict["passed"] and {c["check"] for c in verdict["checks"]} == {"latency", "top1", "agreement"}
+
+
+def test_the_real_cuda_runtime_works_or_says_why():
+    # Here (CUDA toolkit, no driver) cudaStreamCreate fails; on a GPU machine a buffer makes a round trip.
+    from tledge.cuda import Cudart
+
+    try:
+        cuda = Cudart()
+    except TledgeError as exc:
+        assert "CUDA" in str(exc) or "libcudart" in str(exc)
+        return
+    x = np.arange(16, dtype=np.float32)
+    back = np.zeros_like(x)
+    ptr = cuda.malloc(x.nbytes)
+    cuda.to_device(ptr, x)
+    cuda.to_host(back, ptr)
+    cuda.synchronize()
+    cuda.free(ptr)
+    cuda.close()
+    np.testing.assert_array_equal(back, x)

@@ -82,11 +82,24 @@ def device_info(index: int = 0) -> Optional[dict]:
             "jetson": jetson_release()}
 
 
+def _cudart_candidates() -> list:
+    """The loader's libcudart, then CUDA's default prefix (JetPack), then the pip wheels' copy (x86 TensorRT wheels
+    bring nvidia-cuda-runtime, which is not on the loader path)."""
+    import glob
+    import sys
+
+    names = ["libcudart.so", "libcudart.so.12", "libcudart.so.11.0", ctypes.util.find_library("cudart")]
+    names += sorted(glob.glob("/usr/local/cuda*/lib64/libcudart.so*"), reverse=True)
+    for entry in sys.path:
+        names += sorted(glob.glob(f"{entry}/nvidia/cuda_runtime/lib/libcudart.so*"), reverse=True)
+    return [n for n in names if n]
+
+
 class Cudart:
     """Device buffers, host<->device copies and one stream (CUDA runtime API through ctypes)."""
 
     def __init__(self):
-        lib = _load(["libcudart.so", "libcudart.so.12", "libcudart.so.11.0", ctypes.util.find_library("cudart") or "libcudart.so"])
+        lib = _load(_cudart_candidates())
         if lib is None:
             raise TledgeError("the CUDA runtime (libcudart) is not loadable; on a Jetson it comes with JetPack, elsewhere with the CUDA toolkit or TensorRT")
         self.lib = lib
