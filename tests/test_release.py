@@ -178,3 +178,15 @@ def test_another_jetson_module_of_the_same_gpu_is_refused(with_engine):
     nano = Here("10.3.0", "Orin", "8.7", {"l4t": "36.4.0", "model": "NVIDIA Jetson Orin Nano Developer Kit"})
     assert "Orin Nano" in engine_mismatch(record, nano)
     assert engine_mismatch(record, Here("10.3.0", "Orin", "8.7", {"l4t": "36.4.0", "model": "NVIDIA Jetson AGX Orin Developer Kit"})) is None
+
+
+def test_bundle_command_writes_the_archive(release, tmp_path):
+    from typer.testing import CliRunner
+
+    from tledge.cli import app
+
+    result = CliRunner().invoke(app, ["bundle", str(release), "--archive", str(tmp_path / "r.tar.gz")])
+    assert result.exit_code == 0 and f"wrote {tmp_path / 'r.tar.gz'}" in result.output
+    assert verify(tmp_path / "r.tar.gz", check_device=False)["files_checked"] >= 5
+    result = CliRunner().invoke(app, ["bundle", str(release), "--archive", str(tmp_path / "r.zip")])
+    assert result.exit_code == 1 and "--archive must end in one of" in str(result.exception)

@@ -169,3 +169,35 @@ def test_the_real_cuda_runtime_works_or_says_why():
     cuda.free(ptr)
     cuda.close()
     np.testing.assert_array_equal(back, x)
+
+
+@pytest.mark.parametrize("version", ["8.6.2", "10.3.0"])
+def test_engine_and_verify_commands_on_a_device(release, tmp_path, monkeypatch, version):
+    """`tledge engine --time` and `tledge verify` as a user runs them on the device (TensorRT's API surface of
+    that version, this machine standing in for an Orin)."""
+    import importlib.machinery
+    import json
+    import sys
+
+    from typer.testing import CliRunner
+
+    from tledge.cli import app
+
+    trt = make_trt(version)
+    trt.__spec__ = importlib.machinery.ModuleSpec("tensorrt", None)
+    orin = {"gpu": "Orin", "compute_capability": "8.7", "jetson": {"l4t": "36.4.0", "jetpack": "6.1/6.2", "model": "NVIDIA Jetson AGX Orin"}}
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    monkeypatch.setattr("tledge.cuda.device_info", lambda index=0: orin)
+    monkeypatch.setattr("tledge.cuda.Cudart", HostMemory)
+    monkeypatch.setenv("TLEDGE_CACHE", str(tmp_path / "cache"))
+    cli = CliRunner()
+    result = cli.invoke(app, ["engine", str(release), "--batch", "1,2,4", "--time", "5"])
+    assert result.exit_code == 0, result.output
+    name = f"model.int8.orin-sm87.trt{version}.engine"
+    assert f"wrote {release / name}: TensorRT {trt.__version__}, Orin (compute capability 8.7), int8 (explicit), batch 1/2/4" in result.output
+    assert "latency at batch 2: p50" in result.output and "manifest.json re-signed" in result.output
+    result = cli.invoke(app, ["engine", str(release), "--batch", "4", "--json"])
+    record = json.loads(result.output)
+    assert record["profile"]["min"][0] == record["profile"]["max"][0] == 4 and record["timing_cache_reused"] is True
+    result = cli.invoke(app, ["verify", str(release)])
+    assert result.exit_code == 0 and f"runs here  {name}" in result.output and "bundle OK" in result.output
