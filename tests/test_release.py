@@ -11,7 +11,6 @@ import tarfile
 
 import pytest
 
-from tledge.bundle import bundle
 from tledge.engine import build_engine
 from tledge.errors import TledgeError
 from tledge.release import Here, safe_extract, verify, write_archive
