@@ -210,8 +210,8 @@ def make_trt(version: str) -> types.ModuleType:
             if calibrator is not None:
                 cache = calibrator.read_calibration_cache()
                 header = (cache or b"").split(b"\n", 1)[0].decode()
-                if header.split("-")[1:2] != [str(s["code"])]:
-                    # TensorRT skips a cache of another version silently and calibrates from images instead.
+                if header != f"TRT-{s['code']}-EntropyCalibration2":
+                    # TensorRT skips a cache of another version or calibrator silently and calibrates from images.
                     calibrator.get_batch(["input"])
                     self.logger.log(ILogger.ERROR, "Calibration failure occurred with no scaling factors detected.")
                     return None

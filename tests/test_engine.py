@@ -157,6 +157,14 @@ def test_dla_build_on_tensorrt_8_reads_the_retargeted_cache(release, tmp_path):
     assert record["path"].endswith(".dla0.engine")
 
 
+def test_a_cache_headed_for_another_calibrator_is_re_headed_for_the_entropy2_reader(release, tmp_path):
+    text = (release / "calibration.cache").read_text()
+    (release / "calibration.cache").write_text("TRT-8502-MinMaxCalibration\n" + text.split("\n", 1)[1])
+    bundle(release)
+    record = build_engine(EngineConfig(release, dla_core=0, batch=(1, 1, 1), timing_cache_dir=tmp_path), trt=make_trt("8.5.2"), device=XAVIER)
+    assert record["int8_path"] == "implicit"
+
+
 def test_hardware_compatible_build_sets_the_level(release, tmp_path):
     record = build_engine(EngineConfig(release, hardware_compatible=True, version_compatible=True, timing_cache_dir=tmp_path),
                           trt=make_trt("10.3.0"), device=H100)

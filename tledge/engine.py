@@ -181,12 +181,15 @@ def build_engine(cfg: EngineConfig, trt=None, device: Optional[Device] = None) -
     check_opset(opset, version)
     cache = _checked_file(bundle, manifest, plan.calibration_cache).read_bytes() if plan.calibration_cache else None
     if cache is not None:
-        from .trt_cache import parse_cache, retarget, version_code
+        from .trt_cache import DEFAULT_CALIBRATOR, parse_cache, retarget, version_code
 
-        header, _ = parse_cache(cache.decode("utf-8"))
-        if header["version_code"] != version_code(version):
-            # The scales are tledge's (from its statistics), not TensorRT's: only the header is version-bound.
-            cache = retarget(cache.decode("utf-8"), version).encode("utf-8")
+        text = cache.decode("utf-8")
+        header, _ = parse_cache(text)
+        if header["version_code"] != version_code(version) or header["calibrator"] != DEFAULT_CALIBRATOR:
+            # The scales are tledge's (from its statistics), not TensorRT's: only the header is bound to a version
+            # and to the calibrator class that reads it (an IInt8EntropyCalibrator2 here).
+            body = text.split("\n", 1)[1] if "\n" in text else ""
+            cache = retarget(f"TRT-{header['version_code']}-{DEFAULT_CALIBRATOR}\n{body}", version).encode("utf-8")
 
     network = create_network(trt, builder, plan)
     parser = trt.OnnxParser(network, logger)
