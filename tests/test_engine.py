@@ -229,24 +229,28 @@ def test_without_tensorrt_the_cli_says_how_to_install_it(release):
 
 
 @pytest.mark.tensorrt
-def test_real_tensorrt_builds_and_runs_the_engine(release, tmp_path):
-    """Where TensorRT and a GPU exist: build the INT8 engine and check its logits against the simulated Q/DQ model."""
+def test_real_tensorrt_builds_and_runs_the_engine(release, tmp_path, tiny_dataset):
+    """Where TensorRT and a GPU exist: build the INT8 engine, run it on the test images and compare its predictions
+    with the Q/DQ model's simulated INT8 arithmetic (the figure bench reports for it before there is an engine)."""
     trt = pytest.importorskip("tensorrt")
     import numpy as np
 
     from tledge.cuda import device_info
+    from tledge.data import Preprocess, load_array, splits_for
+    from tledge.export import read_metadata
     from tledge.runners import OrtRunner
     from tledge.trt_runner import TrtRunner
 
     if device_info() is None:
         pytest.skip("no NVIDIA GPU visible")
-    record = build_engine(EngineConfig(release, batch=(1, 2, 4), timing_cache_dir=tmp_path))
+    record = build_engine(EngineConfig(release, batch=(1, 4, 8), timing_cache_dir=tmp_path))
     assert record["tensorrt"] == trt.__version__
-    x = np.random.default_rng(0).normal(0, 1, (2, 3, 32, 32)).astype(np.float32)
+    meta = read_metadata(release / "model.int8.qdq.onnx")
+    x, _ = load_array(splits_for(tiny_dataset, release, 0, meta.get("splits_sha256")).evaluation, Preprocess.from_dict(meta["preprocess"]))
     runner = TrtRunner(release / record["path"])
     try:
-        got = runner(x)
+        got = runner(x)  # 18 images: chunks of at most 8
     finally:
         runner.close()
-    want = OrtRunner(release / "model.int8.qdq.onnx", simulate_int8=True)(x)
-    assert got.shape == want.shape and (got.argmax(1) == want.argmax(1)).all()
+    want = OrtRunner(release / "model.int8.qdq.onnx", simulate_int8=True).run_batches(x)
+    assert got.shape == want.shape and np.mean(got.argmax(1) == want.argmax(1)) >= 0.9
