@@ -196,7 +196,7 @@ def _device_venv(python: str) -> Path:
 
 
 @pytest.mark.device_venv
-def test_device_install_in_a_plain_venv(tiny_pipeline, tmp_path):
+def test_device_install_in_a_plain_venv(tiny_pipeline, tiny_dataset, tmp_path):
     python = _python_38() or sys.executable  # Python 3.8 is JetPack 5's; without it, this machine's Python
     venv = _device_venv(python)
     py = str(venv / "bin" / "python")
@@ -215,6 +215,11 @@ def test_device_install_in_a_plain_venv(tiny_pipeline, tmp_path):
         assert proc.returncode == 0, (args, proc.stderr[-3000:])
     proc = subprocess.run([tledge, "engine", str(folder)], capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert proc.returncode == 1 and proc.stderr.startswith("tledge: error: tensorrt"), proc.stderr
+    # bench and its reports with the [ort] extra (ONNX Runtime's last release for this Python where it is 3.8)
+    models = [str(folder / m) for m in ("model.fp32.onnx", "model.int8.qdq.onnx", "model.int8.cpu.onnx")]
+    proc = subprocess.run([tledge, "bench", *models, "--data", str(tiny_dataset), "--out-dir", str(tmp_path / "bench"), "--iterations", "5"],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0 and (tmp_path / "bench" / "report.html").is_file(), proc.stderr[-3000:]
     script = JETPACK5_BUILD.format(tests=str(ROOT / "tests"), folder=str(folder), cache=str(tmp_path / "timing"))
     proc = subprocess.run([py, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert proc.returncode == 0 and "JETPACK5-OK" in proc.stdout, proc.stderr[-3000:]
