@@ -45,7 +45,7 @@ def _previous_versions(out_dir: Path) -> dict | None:
 
 # What a device must match to run an engine (tledge verify compares them), from the record tledge engine wrote.
 ENGINE_FIELDS = ("tensorrt", "gpu", "compute_capability", "jetson", "dla_core", "precision", "int8_path", "profile",
-                 "hardware_compatibility", "version_compatible", "from")
+                 "hardware_compatibility", "version_compatible", "from", "versions")
 
 
 def _engine_entry(path: Path) -> dict:
