@@ -412,7 +412,7 @@ def engine_cmd(
 
 @app.command(name="verify", epilog=_examples(
     "tledge verify release                       # on the device: hashes, and whether its engines run here",
-    "tledge verify release.tar.gz                # extracts safely to ./release first",
+    "tledge verify release.tar.gz                # extracts it safely beside it (release/) first",
     "tledge verify release --hashes-only         # before flashing, on a machine without TensorRT",
     "tledge verify release --engine model.int8.orin-sm87.trt10.3.0.engine",
 ))
