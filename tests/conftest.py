@@ -95,3 +95,11 @@ def tiny_pipeline(tiny_dataset, tiny_weights, tmp_path_factory) -> Path:
     # fallback_layers=0: the budget is checked and recorded, but every layer stays quantized for the structure tests
     quantize(QuantizeConfig(model=out / "model.fp32.onnx", data=tiny_dataset, out_dir=out, num_images=24, fallback_layers=0))
     return out
+
+
+@pytest.fixture
+def release(tiny_pipeline, tmp_path) -> Path:
+    """A copy of the tiny build folder, signed by `tledge bundle` as it would be shipped to a device."""
+    from _bundles import copy_build
+
+    return copy_build(tiny_pipeline, tmp_path / "release")

@@ -14,7 +14,8 @@ from tledge.data import load_splits
 from tledge.datasets import DIGITS_SPLITS, digits_dataset
 
 REPO = Path(__file__).resolve().parent.parent
-PINNED_CALIBRATION = REPO / "calibration" / "digits-efficientnet_lite0-128.json"
+# package data, so a wheel install pins the same images (tledge.build.PINNED_CALIBRATION_DIR)
+PINNED_CALIBRATION = REPO / "tledge" / "calibration_sets" / "digits-efficientnet_lite0-128.json"
 DIGIT_CLASSES = [str(d) for d in range(10)]
 # images per digit in sklearn's load_digits (UCI optdigits test set)
 PER_CLASS = {0: 178, 1: 182, 2: 177, 3: 183, 4: 181, 5: 182, 6: 181, 7: 179, 8: 174, 9: 180}
@@ -99,8 +100,9 @@ def test_incomplete_tree_is_replaced(tmp_path):
 
 
 def test_pinned_calibration_matches_the_dataset(digits):
-    if not PINNED_CALIBRATION.is_file():
-        pytest.skip(f"{PINNED_CALIBRATION} is not in this checkout")
+    from tledge.build import DEFAULT_CALIBRATION, PINNED_CALIBRATION_DIR
+
+    assert PINNED_CALIBRATION_DIR / DEFAULT_CALIBRATION == PINNED_CALIBRATION and PINNED_CALIBRATION.is_file()
     calib = load_calibration_set(PINNED_CALIBRATION, digits, DIGIT_CLASSES, (3, 128, 128))
     assert len(calib.images) == 256
     assert all(rel.startswith("train/") for rel, _ in calib.images)

@@ -56,7 +56,7 @@ def test_top_level_help_is_light():
     assert "Usage:" in proc.stdout and "build" in proc.stdout
 
 
-@pytest.mark.parametrize("command", ["build", "export", "quantize", "bench"])
+@pytest.mark.parametrize("command", ["build", "export", "quantize", "bench", "engine", "verify"])
 def test_command_help_is_light(command):
     proc = _run(HELP.format(argv=[[command, "--help"]]))
     _assert_checked(proc)

@@ -39,8 +39,11 @@ ARTIFACTS: dict[str, tuple[str, str]] = {
     "report.html": ("report", "report (one self-contained page with charts)"),
     "latency.svg": ("report", "chart"),
     "accuracy.svg": ("report", "chart"),
+    "engine.json": ("engine", "stage record: every TensorRT engine in the bundle, with the device and version it runs on"),
+    # engines are named model.<precision>.<gpu>-sm<cc>.trt<version>[.dla<N>].engine (tledge.trt_plan.engine_name)
 }
-STAGE_RECORDS = {"finetune": "finetune.json", "export": "export.json", "quantize": "quantize.json", "bench": "bench.json", "report": "report.json"}
+STAGE_RECORDS = {"finetune": "finetune.json", "export": "export.json", "quantize": "quantize.json", "bench": "bench.json", "report": "report.json",
+                 "engine": "engine.json"}
 
 
 @contextlib.contextmanager

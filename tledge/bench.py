@@ -91,6 +91,13 @@ def variant_metadata(path: Path) -> dict | None:
         # as ONNX metadata holds it (JSON: lists, not tuples), so the two kinds compare equal
         return {"classes": meta["classes"], "preprocess": json.loads(json.dumps(meta["preprocess"].to_dict())), "precision": "fp32",
                 **({"splits_sha256": meta["extra"]["splits_sha256"]} if "splits_sha256" in meta.get("extra", {}) else {})}
+    if Path(path).suffix in (".engine", ".plan"):
+        from .engine import engine_record
+
+        record = engine_record(path)  # an engine has no metadata of its own: tledge engine recorded its ONNX's
+        if record is None:
+            raise TledgeError(f"{path} has no record in engine.json beside it; build engines with `tledge engine`")
+        return record["model"]
     from .export import read_metadata
 
     return read_metadata(path)
@@ -113,6 +120,7 @@ ACCURACY_METHODS = {
                      "TensorRT's int32-accumulating INT8 kernels up to float rounding; not this CPU's int8 kernels",
     "int8-cpu": "this CPU's int8 kernels (ONNX Runtime, optimized); the simulated arithmetic is given beside it",
     "other": "ONNX Runtime on this CPU",
+    "engine": "the TensorRT engine itself, on this device's GPU (or DLA)",
 }
 
 
@@ -351,7 +359,8 @@ def bench(cfg: BenchConfig) -> dict:
             "precision": precisions[name],
             "backend": runners[name].describe(),
             "runtime": runners[name].describe()["runtime"],
-            "accuracy_method": ACCURACY_METHODS[precisions[name] if precisions[name] in ACCURACY_METHODS else "other"],
+            "accuracy_method": ACCURACY_METHODS[precisions[name] if precisions[name] in ACCURACY_METHODS
+                                                else "engine" if str(precisions[name]).startswith("tensorrt-") else "other"],
             **checks,
             "bytes": path.stat().st_size,
             "memory_mb_at_load": memory_mb[name],

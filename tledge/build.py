@@ -18,7 +18,8 @@ from .quantize import QuantizeConfig
 
 # The offline default: real handwritten digits at 128x128 (no crop: the 8x8 scans fill the frame).
 DEFAULT_IMAGE_SIZE = 128
-REPO_CALIBRATION_DIR = Path(__file__).resolve().parent.parent / "calibration"
+# Package data, so an installed tledge (not only a source checkout) pins the default run's calibration images.
+PINNED_CALIBRATION_DIR = Path(__file__).resolve().parent / "calibration_sets"
 DEFAULT_CALIBRATION = "digits-efficientnet_lite0-128.json"
 
 
@@ -127,8 +128,8 @@ def build(cfg: BuildConfig) -> dict:
         resize = resize or DEFAULT_IMAGE_SIZE
     calibration = cfg.calibration
     if calibration is None and default_data and cfg.image_size is None and cfg.model == "efficientnet_lite0":
-        pinned = REPO_CALIBRATION_DIR / DEFAULT_CALIBRATION
-        calibration = pinned if pinned.is_file() else None  # a source checkout pins the default's calibration images
+        pinned = PINNED_CALIBRATION_DIR / DEFAULT_CALIBRATION
+        calibration = pinned if pinned.is_file() else None
     steps = 5
     timings = {}
 

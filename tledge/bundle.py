@@ -28,6 +28,35 @@ def _cpu_target_entry(path: Path, out_dir: Path) -> dict:
     return entry
 
 
+def _previous_versions(out_dir: Path) -> dict | None:
+    """The versions an earlier manifest recorded, if it signed the same FP32 model (so the same build made it)."""
+    import json
+
+    from .artifacts import sha256_file
+
+    try:
+        old = json.loads((out_dir / MANIFEST).read_text(encoding="utf-8"))
+        fp32 = next(a for a in old["artifacts"] if a["path"] == "model.fp32.onnx")
+        same = fp32["sha256"] == sha256_file(out_dir / "model.fp32.onnx")
+    except (OSError, ValueError, KeyError, TypeError, StopIteration):
+        return None
+    return old.get("versions") if same and isinstance(old.get("versions"), dict) else None
+
+
+# What a device must match to run an engine (tledge verify compares them), from the record tledge engine wrote.
+ENGINE_FIELDS = ("tensorrt", "gpu", "compute_capability", "jetson", "dla_core", "precision", "int8_path", "profile",
+                 "hardware_compatibility", "version_compatible", "from", "versions")
+
+
+def _engine_entry(path: Path) -> dict:
+    from .engine import engine_record
+
+    record = engine_record(path)
+    if record is None:
+        raise TledgeError(f"{path.name} is not in engine.json beside it; rebuild it with `tledge engine`")
+    return {k: record.get(k) for k in ENGINE_FIELDS}
+
+
 def declared_artifacts(out_dir: Path) -> dict[str, str]:
     """``{artifact: stage}`` for every file the stage records in ``out_dir`` say they wrote (records included)."""
     found = {}
@@ -58,6 +87,7 @@ def bundle(out_dir: str | Path) -> dict:
     from .machine import machine_info
 
     out_dir = Path(out_dir)
+    previous = _previous_versions(out_dir)
     (out_dir / MANIFEST).unlink(missing_ok=True)
     fp32 = out_dir / "model.fp32.onnx"
     if not fp32.is_file():
@@ -75,6 +105,8 @@ def bundle(out_dir: str | Path) -> dict:
         entry["kind"] = ARTIFACTS.get(name, (None, "stage record" if path.suffix == ".json" else "file"))[1]
         if name == "model.int8.cpu.onnx":
             entry["cpu_target"] = _cpu_target_entry(path, out_dir)
+        if path.suffix == ".engine":
+            entry["kind"], entry["engine"] = "tensorrt engine", _engine_entry(path)
         artifacts.append(entry)
     leftovers = sorted(p.relative_to(out_dir).as_posix() for p in out_dir.rglob("*")
                        if p.is_file() and p.relative_to(out_dir).as_posix() not in declared and p.name != MANIFEST
@@ -89,7 +121,9 @@ def bundle(out_dir: str | Path) -> dict:
         "classes": meta["classes"],
         "artifacts": artifacts,
         "not_signed": leftovers,
-        "versions": machine_info()["versions"],
+        # The versions that made the models: re-signing the same build on a device (after `tledge engine`) keeps them.
+        "versions": previous or machine_info()["versions"],
+        **({"signed_on": {"versions": machine_info()["versions"]}} if previous else {}),
     }
     write_json(out_dir / MANIFEST, manifest)
     return manifest

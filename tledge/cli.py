@@ -237,7 +237,8 @@ def _parse_variants(specs: list[str], threads: int | None) -> list:
         name, sep, path = spec.partition("=")
         if not sep:
             path = spec
-            stem = Path(spec).name.removesuffix(Path(spec).suffix).removeprefix("model.")
+            stem = Path(spec).stem  # (no str.removeprefix: the device install runs on Python 3.8)
+            stem = stem[len("model."):] if stem.startswith("model.") else stem
             name = stem if stem and stem != "model" else (backend or default_backend(Path(spec)))
         if name in names:
             raise TledgeError(f"two models are named {name!r}; name them: NAME=PATH")
@@ -287,8 +288,8 @@ def bench(
 ))
 def gate_cmd(
     ctx: typer.Context,
-    candidate: Path = typer.Argument(..., help="The model to release (ONNX)."),
-    baseline: Path = typer.Argument(..., help="The model it must not regress from (ONNX, timed here interleaved), or a gate.json recorded earlier."),
+    candidate: Path = typer.Argument(..., help="The model to release (ONNX, or a TensorRT .engine built by `tledge engine`, timed on this GPU)."),
+    baseline: Path = typer.Argument(..., help="The model it must not regress from (ONNX or engine, timed here interleaved), or a gate.json recorded earlier."),
     data: Optional[Path] = typer.Option(None, "--data", "-d", help="ImageFolder root: accuracy on its test split (else val). Without it, latency only."),
     out_dir: Optional[Path] = typer.Option(None, "--out-dir", "-o", help="Write gate.json (the verdict; also a stored baseline for later runs) and gate.md here."),
     max_latency_regression: float = typer.Option(D(GateConfig, "max_latency_regression_pct"), help="Most latency increase allowed, in percent; a regression needs the whole confidence interval above it."),
@@ -323,7 +324,7 @@ def gate_cmd(
             raise TledgeError(f"cannot append the summary to {summary}: {exc.strerror}") from None
     _print_warnings(verdict["notes"])
     if as_json:
-        print(json.dumps({k: v for k, v in verdict.items() if k != "candidate"} | {"candidate": {
+        print(json.dumps({**{k: v for k, v in verdict.items() if k != "candidate"}, "candidate": {
             k: v for k, v in verdict["candidate"].items() if k not in ("latency_samples_ms", "predictions")}}, indent=2))
     else:
         for c in verdict["checks"]:
@@ -333,13 +334,110 @@ def gate_cmd(
         raise typer.Exit(verdict["exit_code"])
 
 
-@app.command(name="bundle", epilog=_examples("tledge bundle tledge-out"))
-def bundle_cmd(out_dir: Path = typer.Argument(..., help="A build folder.")):
+@app.command(name="bundle", epilog=_examples("tledge bundle tledge-out", "tledge bundle tledge-out --archive release.tar.gz   # one file to copy to the device"))
+def bundle_cmd(out_dir: Path = typer.Argument(..., help="A build folder."),
+               archive: Optional[Path] = typer.Option(None, help="Also write one archive (.tar.gz, .tar.xz, .tar) of manifest.json and every file it signs.")):
     """Write manifest.json: every artifact with sha256 and size, input spec, preprocessing, labels, versions."""
     from .bundle import bundle
 
     manifest = bundle(out_dir)
     print(f"wrote {out_dir / 'manifest.json'} ({len(manifest['artifacts'])} artifacts)")
+    if archive is not None:
+        from .release import write_archive
+
+        write_archive(out_dir, archive)
+        print(f"wrote {archive}")
+
+
+def _parse_batch(text: Optional[str]):
+    if text is None:
+        return None
+    try:
+        parts = tuple(int(p) for p in text.split(","))
+    except ValueError:
+        parts = ()
+    if len(parts) == 1:
+        parts = parts * 3
+    if len(parts) != 3:
+        raise TledgeError(f"--batch takes N or min,opt,max such as 1,4,8, got {text!r}")
+    return parts
+
+
+@app.command(name="engine", epilog=_examples(
+    "tledge engine release                                  # INT8 from the Q/DQ model, batch 1..max",
+    "tledge engine release --precision fp16 --batch 1,8,16",
+    "tledge engine release --dla 0 --batch 1                # Jetson AGX/NX DLA core 0, GPU fallback",
+    "tledge engine release --int8-path implicit             # from calibration.cache (TensorRT 8.5-10.x)",
+    "tledge engine release --time 200                       # then time the engine here",
+))
+def engine_cmd(
+    bundle: Path = typer.Argument(..., help="A bundle folder (manifest.json and the ONNX models), on the device that will run the engine."),
+    precision: str = typer.Option("int8", help="int8, fp16 or fp32."),
+    int8_path: str = typer.Option("auto", help="INT8 from the Q/DQ model (explicit; TensorRT 8.5+, the only one on 11.x), from calibration.cache (implicit; 8.5-10.x), or auto: explicit, except DLA on TensorRT 8.x."),
+    batch: Optional[str] = typer.Option(None, help="Optimization profile of the batch axis: N, or min,opt,max (default 1,1,the model's max batch)."),
+    dla: Optional[int] = typer.Option(None, "--dla", help="Build for this DLA core (Jetson AGX/NX), layers DLA cannot run fall back to the GPU; needs a static batch."),
+    workspace: int = typer.Option(1024, help="Builder workspace limit in MiB."),
+    hardware_compatible: bool = typer.Option(False, help="One engine for every Ampere-or-newer datacenter GPU (TensorRT 8.6+, not Jetson; may be slower)."),
+    version_compatible: bool = typer.Option(False, help="Loadable by later TensorRT releases of the same major (8.6+)."),
+    timing_cache_dir: Optional[Path] = typer.Option(None, help="Where timing caches are kept, one per GPU model and TensorRT version (default $TLEDGE_CACHE/trt-timing)."),
+    time_iterations: int = typer.Option(0, "--time", help="After building, time this many runs of the engine at the profile's opt batch and print p50/p90/p99."),
+    as_json: bool = typer.Option(False, "--json", help="Print the engine's record as JSON."),
+):
+    """Build a TensorRT engine from a bundle with this device's TensorRT; record and sign it in the bundle."""
+    from .engine import build_engine
+    from .trt_plan import EngineConfig
+
+    cfg = EngineConfig(bundle, precision=precision, int8_path=int8_path, batch=_parse_batch(batch), dla_core=dla,
+                       workspace_mib=workspace, hardware_compatible=hardware_compatible, version_compatible=version_compatible,
+                       timing_cache_dir=timing_cache_dir)
+    record = build_engine(cfg)
+    _print_warnings(record["notes"])
+    timing = None
+    if time_iterations > 0:
+        from .engine import time_engine
+
+        timing = time_engine(bundle / record["path"], time_iterations)
+    if as_json:
+        print(json.dumps({**record, **({"timing": timing} if timing else {})}, indent=2))
+    else:
+        p = record["profile"]
+        print(f"wrote {bundle / record['path']}: TensorRT {record['tensorrt']}, {record['gpu']} (compute capability {record['compute_capability']})"
+              f"{', DLA core %d' % record['dla_core'] if record['dla_core'] is not None else ''}, {record['precision']}"
+              f"{' (' + record['int8_path'] + ')' if record['int8_path'] else ''}, batch {p['min'][0]}/{p['opt'][0]}/{p['max'][0]}, "
+              f"{record['build_seconds']:.0f} s{' (timing cache reused)' if record['timing_cache_reused'] else ''}; manifest.json re-signed")
+        if timing:
+            t = timing
+            print(f"latency at batch {t['batch']}: p50 {t['p50_ms']:.3f} ms, p90 {t['p90_ms']:.3f} ms, p99 {t['p99_ms']:.3f} ms ({t['iterations']} runs)")
+
+
+@app.command(name="verify", epilog=_examples(
+    "tledge verify release                       # on the device: hashes, and whether its engines run here",
+    "tledge verify release.tar.gz                # extracts it safely beside it (release/) first",
+    "tledge verify release --hashes-only         # before flashing, on a machine without TensorRT",
+    "tledge verify release --engine model.int8.orin-sm87.trt10.3.0.engine",
+))
+def verify_cmd(
+    bundle: Path = typer.Argument(..., help="A bundle folder, or an archive of one (.tar.gz, .tar.xz, .tar)."),
+    hashes_only: bool = typer.Option(False, help="Check only the files' sha256, not whether this machine can run the engines."),
+    engine: List[str] = typer.Option([], help="An engine that must run here (repeatable); default: at least one engine must."),
+    extract_to: Optional[Path] = typer.Option(None, help="Where to extract an archive (a new folder; default: beside it, named after it)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+):
+    """Check every file of a bundle against manifest.json, and whether this device can run its engines."""
+    from .release import verify
+
+    report = verify(bundle, check_device=not hashes_only, engines=engine or None, extract_to=extract_to)
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return
+    if report["extracted_from"]:
+        print(f"extracted {report['extracted_from']} to {report['bundle']}")
+    print(f"{report['files_checked']} files match manifest.json")
+    for e in report["engines"]:
+        print(f"{'runs here' if e['runs_here'] else 'not here '}  {e['path']}" + (f"  ({e['why_not']})" if not e["runs_here"] else ""))
+    if not hashes_only and not report["engines"]:
+        print("no engine in the bundle yet: build one on the device with `tledge engine " + str(bundle) + "`")
+    print("bundle OK")
 
 
 @app.command(name="models", epilog=_examples("tledge models"))

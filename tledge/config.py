@@ -49,7 +49,13 @@ def read_section(path: Path | None, section: str) -> dict:
     """The settings of ``section`` in the TOML file at ``path`` ({} without a file), checked against the fields."""
     if path is None:
         return {}
-    import tomllib
+    try:
+        import tomllib
+    except ImportError:  # Python < 3.11 (a JetPack device): the same parser as a package
+        try:
+            import tomli as tomllib
+        except ImportError:
+            raise TledgeError(f"reading {path} needs Python 3.11+ or the tomli package (pip install tomli)") from None
 
     path = Path(path)
     try:

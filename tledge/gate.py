@@ -173,13 +173,24 @@ def _timed_blocks(runners: dict, x: np.ndarray, blocks: int, calls: int, warmup:
     return out, calls
 
 
-def _accuracy_runner(path: Path):
-    """How the model's accuracy is judged, as in ``bench``: a TensorRT Q/DQ model by its simulated arithmetic (on
-    every core: only the timing needs the gate's thread setting)."""
-    from .export import read_metadata
-    from .runners import OrtRunner
+def _runner(path: Path, threads: int | None, simulate_int8: bool = False):
+    """An ONNX model in ONNX Runtime, or a TensorRT engine (``.engine``, built by `tledge engine`) on this GPU.
 
-    return OrtRunner(path, simulate_int8=read_metadata(path).get("precision") == "int8-tensorrt")
+    ONNX Runtime's thread spinning is off: workers that spin after a run would steal the cores from the other
+    model's next call."""
+    from .runners import OrtRunner, Variant, make_runner
+
+    if path.suffix in (".engine", ".plan"):
+        return make_runner(Variant(path.name, path, "tensorrt"))
+    return OrtRunner(path, threads=threads, simulate_int8=simulate_int8, spinning=False)
+
+
+def _accuracy_runner(path: Path):
+    """How the model's accuracy is judged, as in ``bench``: a TensorRT Q/DQ model by its simulated arithmetic,
+    an engine by itself (on every core: only the timing needs the gate's thread setting)."""
+    from .bench import variant_metadata
+
+    return _runner(path, None, simulate_int8=variant_metadata(path).get("precision") == "int8-tensorrt")
 
 
 def _load_stored(path: Path) -> dict:
@@ -199,20 +210,19 @@ def gate(cfg: GateConfig) -> dict:
     >>> verdict = gate(GateConfig(candidate="new/model.int8.cpu.onnx", baseline="release/model.int8.cpu.onnx", data="my_images"))  # doctest: +SKIP
     >>> verdict["passed"]  # doctest: +SKIP
     """
+    from .bench import variant_metadata
     from .data import Preprocess, load_array, splits_for
-    from .export import read_metadata
     from .machine import machine_info
-    from .runners import OrtRunner
 
     started = time.perf_counter()
     for p in (cfg.candidate, cfg.baseline):
         if not p.is_file():
             raise TledgeError(f"{p} does not exist")
     stored = _load_stored(cfg.baseline) if cfg.baseline.suffix == ".json" else None
-    meta = read_metadata(cfg.candidate)
+    meta = variant_metadata(cfg.candidate)
     pre = Preprocess.from_dict(meta["preprocess"])
     if stored is None:
-        base_meta = read_metadata(cfg.baseline)
+        base_meta = variant_metadata(cfg.baseline)
         if base_meta["classes"] != meta["classes"] or base_meta["preprocess"] != meta["preprocess"]:
             raise TledgeError(f"{cfg.candidate} and {cfg.baseline} were made for other classes or preprocessing: they cannot be compared")
     elif stored["classes"] != meta["classes"]:
@@ -243,12 +253,11 @@ def gate(cfg: GateConfig) -> dict:
 
     # Latency on real images where there are any (the same input for both), else zeros of the model's shape.
     lat_x = x[: cfg.batch_size] if cfg.data is not None and len(x) >= cfg.batch_size else np.zeros((cfg.batch_size, *pre.input_shape), np.float32)
-    # Worker threads that spin after a run would steal the cores from the other model's next call.
-    cand_runner = OrtRunner(cfg.candidate, threads=cfg.threads, spinning=False)
+    cand_runner = _runner(cfg.candidate, cfg.threads)
     machine = machine_info()
     notes = []
     if stored is None:
-        timed, calls = _timed_blocks({"baseline": OrtRunner(cfg.baseline, threads=cfg.threads, spinning=False), "candidate": cand_runner},
+        timed, calls = _timed_blocks({"baseline": _runner(cfg.baseline, cfg.threads), "candidate": cand_runner},
                                      lat_x, cfg.blocks, cfg.calls_per_block, cfg.warmup)
         interval = paired_ratio_interval(timed["baseline"], timed["candidate"], cfg.confidence, cfg.resamples, cfg.seed)
         cand_samples = timed["candidate"]

@@ -188,12 +188,18 @@ def _tensorrt_unavailable() -> str | None:
     import importlib.util
 
     if importlib.util.find_spec("tensorrt") is None:
-        return "tensorrt is not installed (on a Jetson it comes with JetPack; elsewhere pip install tensorrt)"
-    return "the native TensorRT engine runner is not in this version of tledge yet"
+        return "tensorrt is not installed (on a Jetson it comes with JetPack; elsewhere pip install 'tledge[tensorrt]')"
+    from .cuda import device_info
+
+    if device_info() is None:
+        return "no NVIDIA GPU visible (in a container: --runtime nvidia on a Jetson, --gpus all elsewhere)"
+    return None
 
 
 def _make_tensorrt(path: Path, options: dict):
-    raise TledgeError(_tensorrt_unavailable() or "the native TensorRT engine runner is not in this version of tledge yet")
+    from .trt_runner import TrtRunner
+
+    return TrtRunner(path)
 
 
 BACKENDS: dict[str, Backend] = {
