@@ -313,6 +313,10 @@ def gate_cmd(
         calls_per_block=calls_per_block, batch_size=batch_size, threads=threads, max_images=max_images,
     )
     renames = {"max_latency_regression_pct": "max_latency_regression", "max_top1_drop_pp": "max_top1_drop"}
+    if summary is not None:
+        from .validate import output_file
+
+        output_file(summary, "--summary")  # before the minutes of timing, not after
     verdict = gate(GateConfig(**merge(config, "gate", given, _typed(ctx, {k: renames.get(k, k) for k in given}))))
     text = format_markdown(verdict)
     if summary is not None:
@@ -361,7 +365,8 @@ def main() -> None:
         print(f"tledge: error: {exc}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
-        print("tledge: interrupted", file=sys.stderr)
+        # atomic writes leave no half file, and the manifest goes first, so what is left vouches for nothing new
+        print("tledge: interrupted; no manifest vouches for a half-written folder, re-run the command", file=sys.stderr)
         sys.exit(130)
 
 

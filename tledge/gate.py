@@ -65,6 +65,11 @@ class GateConfig:
             raise TledgeError(f"--blocks must be at least 8 for a confidence interval worth the name, got {self.blocks}")
         if self.max_images is not None and self.max_images < 1:
             raise TledgeError(f"--max-images must be at least 1, got {self.max_images}")
+        from . import validate as V
+
+        V.number("--threads", self.threads, minimum=1, optional=True)
+        for name in ("max_latency_regression_pct", "max_top1_drop_pp", "min_agreement", "confidence"):
+            V.number(name, getattr(self, name))
 
     def to_dict(self) -> dict:
         return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}
@@ -192,19 +197,22 @@ def gate(cfg: GateConfig) -> dict:
     >>> verdict["passed"]  # doctest: +SKIP
     """
     from .data import Preprocess, load_array, splits_for
-    from .export import read_metadata
     from .machine import machine_info
     from .runners import OrtRunner
+
+    from . import validate
 
     started = time.perf_counter()
     for p in (cfg.candidate, cfg.baseline):
         if not p.is_file():
             raise TledgeError(f"{p} does not exist")
+    if cfg.out_dir is not None:
+        validate.output_dir(cfg.out_dir, "--out-dir")
     stored = _load_stored(cfg.baseline) if cfg.baseline.suffix == ".json" else None
-    meta = read_metadata(cfg.candidate)
+    meta = validate.onnx_metadata(cfg.candidate)
     pre = Preprocess.from_dict(meta["preprocess"])
     if stored is None:
-        base_meta = read_metadata(cfg.baseline)
+        base_meta = validate.onnx_metadata(cfg.baseline)
         if base_meta["classes"] != meta["classes"] or base_meta["preprocess"] != meta["preprocess"]:
             raise TledgeError(f"{cfg.candidate} and {cfg.baseline} were made for other classes or preprocessing: they cannot be compared")
     elif stored["classes"] != meta["classes"]:

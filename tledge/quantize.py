@@ -566,10 +566,15 @@ def quantize(cfg: QuantizeConfig) -> dict:
     from .drift_budget import DriftBudget, describe_drift, score
     from .export import load_onnx, read_metadata, set_metadata
 
+    from . import validate
+
     started = time.perf_counter()
     if not cfg.model.is_file():
         raise TledgeError(f"ONNX model {cfg.model} does not exist; run `tledge export` first")
-    meta = read_metadata(cfg.model)
+    validate.output_dir(cfg.out_dir, "--out-dir")
+    meta = validate.onnx_metadata(cfg.model)
+    if meta.get("precision", "fp32") != "fp32":
+        raise TledgeError(f"{cfg.model} is already quantized ({meta['precision']}); quantize the FP32 model from `tledge export`")
     pre = Preprocess.from_dict(meta["preprocess"])
     if cfg.keep_float:
         names = {n.name for n in load_onnx(cfg.model, load_external_data=False).graph.node}
@@ -584,8 +589,10 @@ def quantize(cfg: QuantizeConfig) -> dict:
         calib = load_calibration_set(cfg.calibration, splits.root, meta["classes"], pre.input_shape)
     else:
         calib = sample_calibration_set(splits, cfg.num_images, cfg.seed)
+    validate.scan_images(s.path for s in splits.train + splits.val + splits.test)
     x, _ = load_array([Sample(p, 0) for p in calib.paths], pre)  # labels are not used by calibration
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
+    validate.start_rewrite(cfg.out_dir, "quantize.json")
 
     budget = DriftBudget(cfg, splits, pre)
     fp32_proto = onnx.load(str(cfg.model))
@@ -684,5 +691,6 @@ def quantize(cfg: QuantizeConfig) -> dict:
         "warnings": warnings,
         "seconds": round(time.perf_counter() - started, 2),
     }
+    record["sha256"] = validate.digests(cfg.out_dir, [n for n in record["artifacts"] if n != "quantize.json"])
     write_json(cfg.out_dir / "quantize.json", record)
     return record

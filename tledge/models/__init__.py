@@ -84,6 +84,9 @@ class TransferNet(nn.Module):
 
 def _load_state_dict_into(module, state: dict, source: str) -> None:
     """Load ``state`` into ``module`` keeping everything but a classifier whose shape differs (it gets replaced)."""
+    from ..validate import finite_state
+
+    finite_state(state, f"weights file {source}")
     own = module.state_dict()
     missing = [k for k in own if k not in state]
     mismatched = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
@@ -185,6 +188,11 @@ def load_checkpoint(path: str | Path):
     missing = [k for k in ("arch", "classes", "preprocess", "state_dict") if k not in payload]
     if missing:
         raise TledgeError(f"tledge checkpoint {path} is incomplete (no {', '.join(missing)}); fine-tune again to rewrite it")
+    if not isinstance(payload["state_dict"], dict):
+        raise TledgeError(f"tledge checkpoint {path} holds no state dict; fine-tune again to rewrite it")
+    from ..validate import finite_state
+
+    finite_state(payload["state_dict"], f"checkpoint {path}")
     model, _ = create_model(payload["arch"], weights="none", num_classes=len(payload["classes"]))
     try:
         model.load_state_dict(payload["state_dict"], strict=True)
