@@ -199,7 +199,12 @@ class Splits:
 
 
 def _images_in(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS)
+    named = [p for p in folder.iterdir() if not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS]
+    broken = [p for p in named if p.is_symlink() and not p.exists()]
+    if broken:  # skipping it silently would train on fewer images than the user gave
+        raise TledgeError(f"{broken[0]} is a broken symbolic link" + (f" (and {len(broken) - 1} more)" if len(broken) > 1 else "")
+                          + "; restore its target or remove it")
+    return sorted(p for p in named if p.is_file())
 
 
 def scan_class_folders(folder: Path) -> dict[str, list[Path]]:

@@ -39,20 +39,21 @@ def number(flag: str, value, minimum=None, maximum=None, above=None, optional: b
 # --- output locations -------------------------------------------------------------------------------------------
 
 
-def _writable_location(path: Path, flag: str) -> None:
+def _writable_location(path: Path, flag: str, shown: Path | None = None) -> None:
     """``path`` (a folder, existing or not) can be created and written in: its first existing ancestor is a folder
     that accepts a new file (a probe, removed at once, catches what permission bits do not: read-only mounts, /proc)."""
+    shown = shown or path
     existing = path
     while not existing.exists():
         if existing.is_symlink():
-            raise TledgeError(f"{flag} {path}: {existing} is a broken symbolic link")
+            raise TledgeError(f"{flag} {shown}: {existing} is a broken symbolic link")
         existing = existing.parent
     if not existing.is_dir():
-        raise TledgeError(f"{flag} {path} cannot be created: {existing} is a file, not a folder")
+        raise TledgeError(f"{flag} {shown} cannot be created: {existing} is a file, not a folder")
     try:
         fd, probe = tempfile.mkstemp(prefix=".tledge-probe-", dir=existing)
     except OSError as exc:
-        raise TledgeError(f"{flag} {path}: cannot write in {existing} ({exc.strerror or exc})") from None
+        raise TledgeError(f"{flag} {shown}: cannot write in {existing} ({exc.strerror or exc})") from None
     os.close(fd)
     os.unlink(probe)
 
@@ -75,7 +76,7 @@ def output_file(path: str | os.PathLike, flag: str = "--out") -> Path:
         raise TledgeError(f"{flag} {path} exists and is not a regular file")
     if path.name in ("", ".", ".."):
         raise TledgeError(f"{flag} {path} names no file")
-    output_dir(path.parent, flag=f"{flag} {path}: its folder")
+    _writable_location(path.parent, flag, shown=path)
     return path
 
 
