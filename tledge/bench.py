@@ -398,6 +398,6 @@ def bench(cfg: BenchConfig) -> dict:
         "seconds": round(time.perf_counter() - started, 2),
     }
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
-    validate.start_rewrite(cfg.out_dir)
+    validate.start_rewrite(cfg.out_dir, "bench")
     write_json(cfg.out_dir / "bench.json", record)
     return record

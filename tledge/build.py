@@ -132,7 +132,6 @@ def build(cfg: BuildConfig) -> dict:
     >>> build(BuildConfig(out="tledge-out"))                        # offline default  # doctest: +SKIP
     >>> build(BuildConfig(out="release", data="my_images", model="mobilenet_v3_large"))  # doctest: +SKIP
     """
-    from .artifacts import STAGE_RECORDS
     from .bench import bench
     from .bundle import bundle
     from .export import ExportConfig, export_onnx
@@ -146,7 +145,7 @@ def build(cfg: BuildConfig) -> dict:
     data, image_size, resize, calibration, default_data = (checked[k] for k in ("data", "image_size", "resize", "calibration", "default_data"))
     # Nothing of the previous build is vouched for from here on: the manifest and every stage record go first (each
     # stage writes its record last), and leftovers of an interrupted run go, so a re-run starts clean.
-    validate.start_rewrite(out, *STAGE_RECORDS.values())
+    validate.start_rewrite(out, "finetune")
     validate.remove_partials(out)
     steps = 5
     timings = {}

@@ -80,8 +80,11 @@ def bundle(out_dir: str | Path) -> dict:
     fp32 = out_dir / "model.fp32.onnx"
     if not fp32.is_file():
         raise TledgeError(f"{out_dir} has no model.fp32.onnx; nothing to bundle")
-    meta = read_metadata(fp32)
     declared = declared_artifacts(out_dir)
+    if fp32.name not in declared:  # a leftover of an earlier build must not describe this one's input and classes
+        raise TledgeError(f"no stage record in {out_dir} declares {fp32.name} (export.json is missing: an interrupted build?); "
+                          "re-run the export stage or the build")
+    meta = read_metadata(fp32)
     missing = sorted(name for name in declared if not (out_dir / name).is_file())
     if missing:
         raise TledgeError(f"{out_dir} lacks artifacts its stage records say they wrote: {', '.join(missing)}; re-run those stages")

@@ -365,9 +365,31 @@ def main() -> None:
         print(f"tledge: error: {exc}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
-        # atomic writes leave no half file, and the manifest goes first, so what is left vouches for nothing new
-        print("tledge: interrupted; no manifest vouches for a half-written folder, re-run the command", file=sys.stderr)
+        _say_interrupted()
         sys.exit(130)
+    except SystemExit as exc:
+        if exc.code == 130 and _caused_by_interrupt(exc):  # typer turns Ctrl-C into a silent exit 130
+            _say_interrupted()
+        raise
+    except OSError as exc:  # the machine's refusal mid-run (disk full, a folder removed): its reason, not a traceback
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"tledge: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        sys.exit(1)
+
+
+def _caused_by_interrupt(exc: BaseException) -> bool:
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, KeyboardInterrupt):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def _say_interrupted() -> None:
+    # atomic writes leave no half file and the manifest goes first, so what is left vouches for nothing half-done
+    print("\ntledge: interrupted; no manifest vouches for the unfinished run: run the command again", file=sys.stderr)
 
 
 if __name__ == "__main__":

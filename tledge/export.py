@@ -244,7 +244,7 @@ def export_onnx(cfg: ExportConfig) -> dict:
     x, source = _parity_inputs(cfg, pre, meta["classes"], splits_sha256)  # the data is checked before any work
     example = torch.zeros((2, *pre.input_shape))  # batch >= 2 so the exporter cannot specialize on batch 1
     cfg.out.parent.mkdir(parents=True, exist_ok=True)
-    validate.start_rewrite(cfg.out.parent, "export.json")
+    validate.start_rewrite(cfg.out.parent, "export")
     with atomic_path(cfg.out) as tmp:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice

@@ -309,7 +309,7 @@ def finetune(cfg: FinetuneConfig, splits: Splits | None = None) -> dict:
 
     validate.finite_state(model.state_dict(), "the fine-tuned model")
     cfg.out.mkdir(parents=True, exist_ok=True)
-    validate.start_rewrite(cfg.out, "finetune.json")
+    validate.start_rewrite(cfg.out, "finetune")
     # Written once, here: every later stage reads this split instead of re-deriving it from (seed, fractions).
     splits_sha256 = write_splits(splits, cfg.out / SPLITS_FILE, cfg.seed, cfg.val_fraction, cfg.test_fraction)
     record = {

@@ -592,7 +592,7 @@ def quantize(cfg: QuantizeConfig) -> dict:
     validate.scan_images(s.path for s in splits.train + splits.val + splits.test)
     x, _ = load_array([Sample(p, 0) for p in calib.paths], pre)  # labels are not used by calibration
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
-    validate.start_rewrite(cfg.out_dir, "quantize.json")
+    validate.start_rewrite(cfg.out_dir, "quantize")
 
     budget = DriftBudget(cfg, splits, pre)
     fp32_proto = onnx.load(str(cfg.model))

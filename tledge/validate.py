@@ -80,13 +80,19 @@ def output_file(path: str | os.PathLike, flag: str = "--out") -> Path:
     return path
 
 
-def start_rewrite(folder: Path, *records: str) -> None:
-    """Before a stage rewrites ``folder``: its manifest and the given stage records go first, so that a failure or
-    a kill midway leaves nothing that vouches for a mix of old and new files (records are written last)."""
+def start_rewrite(folder: Path, stage: str | None = None) -> None:
+    """Before ``stage`` rewrites ``folder``: the manifest goes, and so do the records of that stage and of every stage
+    after it (they describe what was made from the files about to change). Records are written last, so a failure
+    or a kill midway leaves nothing that vouches for a mix of old and new files."""
+    from .artifacts import STAGE_RECORDS
+
     folder = Path(folder)
-    if folder.is_dir():
-        for name in (MANIFEST, *records):
-            (folder / name).unlink(missing_ok=True)
+    if not folder.is_dir():
+        return
+    order = list(STAGE_RECORDS)  # finetune, export, quantize, bench, report: the order data flows
+    records = [STAGE_RECORDS[s] for s in order[order.index(stage):]] if stage else []
+    for name in (MANIFEST, *records):
+        (folder / name).unlink(missing_ok=True)
 
 
 # What an interrupted run leaves (hidden, never signed): atomic writes' temporary files, quantize's work folders.
