@@ -133,7 +133,7 @@ class Case:
     id: str
     make: Callable[[Ctx], object]  # -> argv (command cases) or (image path, expected HxWx3 uint8) (pixel cases)
     expect: str = ""  # a command case: text the one-line error must contain; "" = the command must succeed
-    kind: str = "cli"  # "cli" or "pixels"
+    kind: str = "cli"  # "cli", "pixels", or "call" (a library call that must raise the error)
     code: int = 1  # exit status of a failing command (2: a usage error typer reports)
     removes: tuple[str, ...] = ()  # files the failing command must remove (a stale manifest)
     check: Callable[[Ctx], None] | None = None  # a succeeding command: what must be true after
@@ -351,10 +351,60 @@ CLI_CASES = [
          removes=("build/manifest.json",)),
     Case("bundle-metadata-disagrees", lambda c: ["bundle", _swap_meta(c, _manifest_first(c))], "its metadata says",
          removes=("build/manifest.json",)),
+    # more files tledge reads, empty or truncated; links; negative seeds
+    Case("splits-json-empty", lambda c: quant(c, model=_with_file(c, "splits.json", b"") / "model.fp32.onnx"), "is not the split the model was trained on"),
+    Case("splits-json-truncated", lambda c: bench(c, models=[_with_file(c, "splits.json", (c.pipe / "splits.json").read_bytes()[:200]) / "model.fp32.onnx"]),
+         "is not the split the model was trained on"),
+    Case("gate-baseline-json-empty", lambda c: ["gate", c.pipe / "model.fp32.onnx", c.file("gate.json", b"")], "is not valid JSON"),
+    Case("gate-baseline-json-truncated", lambda c: ["gate", c.pipe / "model.fp32.onnx", c.file("gate.json", '{"kind": "tledge-gate", "candi')],
+         "is not valid JSON"),
+    Case("gate-baseline-json-other", lambda c: ["gate", c.pipe / "model.fp32.onnx", c.file("gate.json", "[1, 2]")], "is not a gate.json"),
+    Case("stats-npz-truncated", lambda c: _load_stats(c.file("calibration.stats.npz", (c.pipe / "calibration.stats.npz").read_bytes()[:500])),
+         "is not a tledge calibration statistics file", kind="call"),
+    Case("stats-npz-empty", lambda c: _load_stats(c.file("calibration.stats.npz", b"")), "is not a tledge calibration statistics file", kind="call"),
+    Case("calib-truncated-json", lambda c: quant(c, "--calibration", c.file("calib.json", (c.pipe / "calibration.json").read_bytes()[:150])),
+         "is not valid JSON"),
+    Case("image-empty-in-unicode-folder", lambda c: ft(c, data=c.small_data("dätä mit leer", bad={"train/circle/ïmage 1.png": b""})),
+         "dätä mit leer/train/circle/ïmage 1.png (an empty file)"),
+    Case("data-symlink-loop", lambda c: ft(c, data=_looped_data(c)), "is a broken symbolic link"),
+    Case("finetune-out-dangling-symlink", lambda c: ft(c)[:3] + ["--out", _dangling(c)] + ft(c)[5:], "is a broken symbolic link"),
+    Case("finetune-out-symlink-to-a-file", lambda c: ft(c)[:3] + ["--out", _link_to(c, c.file("target.txt"))] + ft(c)[5:], "exists and is not a folder"),
+    Case("finetune-seed-negative", lambda c: ft(c, "--seed", "-1"), "--seed must be at least 0"),
+    Case("export-seed-negative", lambda c: export(c, "--config", c.file("t.toml", "[export]\nseed = -3\n")), "--seed must be at least 0"),
+    Case("build-seed-negative", lambda c: build(c, "--seed", "-1"), "--seed must be at least 0"),
     # awkward but valid: these must succeed, and be right
     Case("export-unicode-and-spaces", lambda c: export(c, out=c.p("ünï cödé/my model.onnx")), "", check=_exported_ok),
     Case("bundle-unicode-folder", lambda c: ["bundle", c.copy_pipe("büild ok")], "", check=_bundled_ok),
 ]
+
+
+def _with_file(ctx: Ctx, name: str, content: bytes) -> Path:
+    """A copy of the pipeline folder with one file replaced."""
+    folder = ctx.copy_pipe("pipe")
+    (folder / name).write_bytes(content)
+    return folder
+
+
+def _load_stats(path: Path):
+    from tledge.calib_stats import CalibrationStats
+
+    return lambda: CalibrationStats.load(path)
+
+
+def _looped_data(ctx: Ctx) -> Path:
+    root = ctx.small_data()
+    os.symlink("loop.png", root / "train" / "square" / "loop.png")  # a link to itself
+    return root
+
+
+def _dangling(ctx: Ctx) -> Path:
+    os.symlink(ctx.p("nowhere/at/all"), ctx.p("out-link"))
+    return ctx.p("out-link")
+
+
+def _link_to(ctx: Ctx, target: Path) -> Path:
+    os.symlink(target, ctx.p("link"))
+    return ctx.p("link")
 
 
 def _pickled_code(ctx: Ctx) -> Path:
@@ -556,7 +606,7 @@ def ctx(tmp_path, tiny_dataset, tiny_pipeline, tiny_weights) -> Ctx:
 
 def test_corpus_is_large_and_covers_every_command():
     assert len({c.id for c in CASES}) == len(CASES)
-    assert sum(1 for c in CASES if c.kind == "cli" and c.expect) >= 60, "at least 60 bad inputs that must be clear errors"
+    assert sum(1 for c in CASES if c.kind != "pixels" and c.expect) >= 60, "at least 60 bad inputs that must be clear errors"
     prefixes = {c.id.split("-")[0] for c in CLI_CASES}
     assert {"finetune", "export", "quantize", "bench", "gate", "build", "bundle", "calib", "image", "data"} <= prefixes
     assert sum(1 for c in CASES if c.kind == "pixels") >= 20, "images of every mode and bit depth"
@@ -575,6 +625,15 @@ def test_corpus(case: Case, ctx: Ctx):
         got = np.round(x.transpose(1, 2, 0) * 255).astype(int)
         diff = np.abs(got - expected.astype(int))
         assert diff.max() <= case.tolerance, f"{case.id}: {int((diff > case.tolerance).sum())} values off, by up to {diff.max()}"
+        return
+
+    if case.kind == "call":
+        call = case.make(ctx)
+        before = _snapshot(ctx.tmp)
+        with pytest.raises(TledgeError) as info:
+            call()
+        assert "\n" not in str(info.value) and case.expect in str(info.value), str(info.value)
+        assert _snapshot(ctx.tmp) == before
         return
 
     argv = [str(a) for a in case.make(ctx)]

@@ -63,6 +63,7 @@ class BenchConfig:
         from . import validate as V
 
         V.number("--threads", self.threads, minimum=1, optional=True)
+        V.number("--seed", self.seed, minimum=0)  # numpy refuses negative seeds, deep inside a stage
         V.number("--max-images", self.max_images, minimum=1, optional=True)
 
     def to_dict(self) -> dict:

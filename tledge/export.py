@@ -48,6 +48,7 @@ class ExportConfig:
         from . import validate as V
 
         V.number("--atol", self.atol, minimum=0)
+        V.number("--seed", self.seed, minimum=0)  # numpy refuses negative seeds, deep inside a stage
         V.number("--rtol", self.rtol, minimum=0)
         for name in ("parity_images", "max_batch"):
             V.number(name, getattr(self, name), minimum=1)

@@ -62,6 +62,7 @@ class FinetuneConfig:
         from . import validate as V
 
         V.number("--image-size", self.image_size, minimum=8, optional=True)
+        V.number("--seed", self.seed, minimum=0)  # numpy refuses negative seeds, deep inside a stage
         V.number("--resize", self.resize, minimum=8, optional=True)
         V.number("--lr", self.lr, above=0)
         V.number("--lr-decay", self.lr_decay, above=0, maximum=1)

@@ -90,6 +90,9 @@ class QuantizeConfig:
             version_code(self.trt_version)  # a bad or unsupported version fails before calibration
         if not 0 <= self.max_top1_drop_pp <= 100 or not 0 <= self.min_agreement <= 1:
             raise TledgeError("the drift budget needs 0 <= max top-1 drop <= 100 (points) and 0 <= min agreement <= 1")
+        from . import validate as V
+
+        V.number("--seed", self.seed, minimum=0)  # numpy refuses negative seeds, deep inside a stage
         if self.fallback_layers < 0:
             raise TledgeError(f"--fallback-layers must be 0 or more, got {self.fallback_layers}")
         for name, flag in (("num_images", "--num-calib"), ("sensitivity_images", "sensitivity_images"), ("budget_images", "budget_images"),
