@@ -7,6 +7,7 @@ benchmarking and on a device that has no torch. The resulting arrays are what th
 from __future__ import annotations
 
 import contextlib
+import functools
 import random
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -84,17 +85,24 @@ _PIL_FILTERS = {"bilinear": 2, "bicubic": 3, "nearest": 0}  # PIL.Image.Resampli
 MAX_ASPECT_RATIO = 50
 
 
+@functools.cache
+def _quiet_pillow() -> None:
+    """Pillow's own warnings (bomb-size hints, odd EXIF, palette transparency) would break tledge's one-line output."""
+    import warnings
+
+    from PIL import Image
+
+    warnings.filterwarnings("ignore", module="PIL")
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
+
 @contextlib.contextmanager
 def open_image(path: str | Path):
     """``PIL.Image.open`` with user errors: a missing, empty, unreadable, oversized (decompression bomb) or absurdly
     shaped file is a TledgeError naming it. Reads the header only; pixels are decoded on first use."""
-    import warnings
-
     from PIL import Image, UnidentifiedImageError
 
-    # Pillow's own warnings (bomb-size hints, odd EXIF, palette transparency) would break tledge's one-line output.
-    warnings.filterwarnings("ignore", module="PIL")
-    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+    _quiet_pillow()
     path = Path(path)
     try:
         img = Image.open(path)

@@ -592,7 +592,7 @@ def quantize(cfg: QuantizeConfig) -> dict:
         calib = load_calibration_set(cfg.calibration, splits.root, meta["classes"], pre.input_shape)
     else:
         calib = sample_calibration_set(splits, cfg.num_images, cfg.seed)
-    validate.scan_images(s.path for s in splits.train + splits.val + splits.test)
+    validate.scan_images([*calib.paths, *(s.path for s in splits.val)])  # what calibration and the drift budget read
     x, _ = load_array([Sample(p, 0) for p in calib.paths], pre)  # labels are not used by calibration
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
     validate.start_rewrite(cfg.out_dir, "quantize")
