@@ -96,9 +96,12 @@ def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def _check_inputs(cfg: BuildConfig) -> dict:
+def _check_inputs(cfg: BuildConfig) -> tuple[Path, int | None, int | None, Path | None, bool]:
     """What every stage of the build will need, checked up front: the output folder, the model name, the dataset
-    and its images, the input size, and a given calibration definition against that dataset and size."""
+    and its images, the input size, and a given calibration definition against that dataset and size.
+
+    Returns what the stages are given: ``(data, image_size, resize, calibration, default_data)``.
+    """
     from .calibration import load_calibration_set
     from .data import load_splits
     from .datasets import digits_dataset
@@ -123,7 +126,7 @@ def _check_inputs(cfg: BuildConfig) -> dict:
     pre = resolve_preprocess(spec.preprocess, image_size, resize)
     if calibration is not None:
         load_calibration_set(calibration, splits.root, splits.classes, pre.input_shape)
-    return {"data": data, "image_size": image_size, "resize": resize, "calibration": calibration, "default_data": default_data}
+    return data, image_size, resize, calibration, default_data
 
 
 def build(cfg: BuildConfig) -> dict:
@@ -141,8 +144,8 @@ def build(cfg: BuildConfig) -> dict:
 
     started = time.perf_counter()
     out = cfg.out
-    checked = _check_inputs(cfg)  # everything a stage would refuse, before minutes of work and before any file is touched
-    data, image_size, resize, calibration, default_data = (checked[k] for k in ("data", "image_size", "resize", "calibration", "default_data"))
+    # everything a stage would refuse, before minutes of work and before any file is touched
+    data, image_size, resize, calibration, default_data = _check_inputs(cfg)
     # Nothing of the previous build is vouched for from here on: the manifest and every stage record go first (each
     # stage writes its record last), and leftovers of an interrupted run go, so a re-run starts clean.
     validate.start_rewrite(out, "finetune")

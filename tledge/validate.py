@@ -182,7 +182,7 @@ def onnx_metadata(path: str | os.PathLike, proto=None) -> dict:
     if not isinstance(meta["classes"], list) or len(meta["classes"]) < 2:
         raise TledgeError(f"{path}: its tledge metadata lists no classes")
     graph = proto.graph
-    inputs = {i.name: i for i in graph.input} 
+    inputs = {i.name: i for i in graph.input}
     outputs = {o.name: o for o in graph.output}
     if meta["input"] not in inputs or meta["output"] not in outputs:
         raise TledgeError(f"{path}: the graph has no input {meta['input']!r} or no output {meta['output']!r} as its metadata says "
@@ -227,15 +227,14 @@ def check_artifact(path: Path) -> None:
     if suffix == ".onnx":
         from .export import load_onnx
 
-        proto = load_onnx(path)
-        meta = onnx_metadata(path, proto)
         import onnx
 
+        proto = load_onnx(path)
+        onnx_metadata(path, proto)
         try:
             onnx.checker.check_model(proto)
         except Exception as exc:  # onnx raises ValidationError and friends
             raise TledgeError(f"{path} fails the ONNX checker ({type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]})") from None
-        del meta
     elif suffix == ".json":
         from .artifacts import read_json
 
