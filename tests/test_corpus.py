@@ -177,6 +177,17 @@ def _nan_state(ctx: Ctx) -> Path:
     return ctx.p("nan.pt")
 
 
+def _negative_variance(ctx: Ctx) -> Path:
+    """Finite weights that compute NaN: a batch norm's running variance below zero (its sqrt is NaN in eval mode)."""
+    import torch
+
+    state = torch.load(ctx.weights, weights_only=True)
+    name = next(k for k in state if k.endswith("running_var"))
+    state[name] = -torch.ones_like(state[name])
+    torch.save(state, ctx.p("negvar.pt"))
+    return ctx.p("negvar.pt")
+
+
 def _nan_checkpoint(payload: dict) -> None:
     name = next(k for k, v in payload["state_dict"].items() if v.is_floating_point() and "weight" in k)
     payload["state_dict"][name][:] = float("nan")
@@ -372,10 +383,34 @@ CLI_CASES = [
     Case("finetune-seed-negative", lambda c: ft(c, "--seed", "-1"), "--seed must be at least 0"),
     Case("export-seed-negative", lambda c: export(c, "--config", c.file("t.toml", "[export]\nseed = -3\n")), "--seed must be at least 0"),
     Case("build-seed-negative", lambda c: build(c, "--seed", "-1"), "--seed must be at least 0"),
+    # non-finite values stop the stage
+    Case("finetune-lr-overflows-float32", lambda c: ft(c, "--lr", "1e38"), "--lr must be at most 10"),
+    Case("finetune-weights-compute-nan", lambda c: ft(c)[:7] + ["--weights", _negative_variance(c)] + ft(c)[9:], "training diverged"),
+    Case("quantize-nan-onnx-weights", lambda c: quant(c, model=_nan_onnx(c, "m/model.fp32.onnx")), "holds non-finite weights"),
+    Case("bench-nan-logits", lambda c: bench(c, models=[_nan_onnx(c, "m/model.fp32.onnx")]), "logits are not finite"),
+    Case("bundle-nan-onnx", lambda c: ["bundle", _nan_onnx_in_folder(c, _manifest_first(c))], "holds non-finite weights", removes=("build/manifest.json",)),
     # awkward but valid: these must succeed, and be right
     Case("export-unicode-and-spaces", lambda c: export(c, out=c.p("ünï cödé/my model.onnx")), "", check=_exported_ok),
     Case("bundle-unicode-folder", lambda c: ["bundle", c.copy_pipe("büild ok")], "", check=_bundled_ok),
 ]
+
+
+def _nan_onnx(ctx: Ctx, name: str) -> Path:
+    """The FP32 model with one weight tensor NaN (the file itself is well-formed)."""
+    from onnx import numpy_helper
+
+    def edit(proto):
+        init = max(proto.graph.initializer, key=lambda i: len(i.raw_data))
+        init.CopyFrom(numpy_helper.from_array(np.full(numpy_helper.to_array(init).shape, np.nan, np.float32), init.name))
+
+    path = ctx.onnx(edit, name=name)
+    shutil.copy(ctx.pipe / "splits.json", path.parent / "splits.json")  # the split beside it, as export leaves it
+    return path
+
+
+def _nan_onnx_in_folder(ctx: Ctx, folder: Path) -> Path:
+    shutil.copy(_nan_onnx(ctx, "nan/model.fp32.onnx"), folder / "model.fp32.onnx")
+    return folder
 
 
 def _with_file(ctx: Ctx, name: str, content: bytes) -> Path:

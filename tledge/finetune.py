@@ -64,7 +64,7 @@ class FinetuneConfig:
         V.number("--image-size", self.image_size, minimum=8, optional=True)
         V.number("--seed", self.seed, minimum=0)  # numpy refuses negative seeds, deep inside a stage
         V.number("--resize", self.resize, minimum=8, optional=True)
-        V.number("--lr", self.lr, above=0)
+        V.number("--lr", self.lr, above=0, maximum=10)  # far beyond any AdamW rate; near 1e38 the optimizer overflows float32
         V.number("--lr-decay", self.lr_decay, above=0, maximum=1)
         V.number("weight_decay", self.weight_decay, minimum=0)
         V.number("label_smoothing", self.label_smoothing, minimum=0, maximum=0.99)

@@ -575,7 +575,9 @@ def quantize(cfg: QuantizeConfig) -> dict:
     if not cfg.model.is_file():
         raise TledgeError(f"ONNX model {cfg.model} does not exist; run `tledge export` first")
     validate.output_dir(cfg.out_dir, "--out-dir")
-    meta = validate.onnx_metadata(cfg.model)
+    fp32_proto = load_onnx(cfg.model)
+    meta = validate.onnx_metadata(cfg.model, fp32_proto)
+    validate.finite_onnx_weights(fp32_proto, cfg.model)  # NaN weights would calibrate NaN ranges
     if meta.get("precision", "fp32") != "fp32":
         raise TledgeError(f"{cfg.model} is already quantized ({meta['precision']}); quantize the FP32 model from `tledge export`")
     pre = Preprocess.from_dict(meta["preprocess"])
@@ -598,7 +600,6 @@ def quantize(cfg: QuantizeConfig) -> dict:
     validate.start_rewrite(cfg.out_dir, "quantize")
 
     budget = DriftBudget(cfg, splits, pre)
-    fp32_proto = onnx.load(str(cfg.model))
     # One pass of the calibration images through the FP32 model; every method below is a choice over its statistics.
     key = calibration_key(cfg.model, [digest for _, digest in calib.images])
     stats, stats_reused = calibrate(cfg.model, x, key, cfg.out_dir / STATS_FILE)

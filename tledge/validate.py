@@ -201,6 +201,18 @@ def onnx_metadata(path: str | os.PathLike, proto=None) -> dict:
     return meta
 
 
+def finite_onnx_weights(proto, path: str | os.PathLike) -> None:
+    """Every float initializer of an ONNX graph is finite (a NaN weight makes every output NaN)."""
+    import numpy as np
+    from onnx import TensorProto, numpy_helper
+
+    floats = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16)
+    for init in proto.graph.initializer:
+        if init.data_type in floats and init.data_location != TensorProto.EXTERNAL:
+            if not bool(np.isfinite(numpy_helper.to_array(init).astype(np.float32)).all()):
+                raise TledgeError(f"{path} holds non-finite weights (NaN or inf) in {init.name}; it cannot be used. Export it from a sound checkpoint")
+
+
 # --- artifacts before signing ----------------------------------------------------------------------------------
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -231,6 +243,7 @@ def check_artifact(path: Path) -> None:
 
         proto = load_onnx(path)
         onnx_metadata(path, proto)
+        finite_onnx_weights(proto, path)
         try:
             onnx.checker.check_model(proto)
         except Exception as exc:  # onnx raises ValidationError and friends
