@@ -692,3 +692,24 @@ def test_corpus(case: Case, ctx: Ctx):
     written = {p: v for p, v in after.items() if before.get(p) != v}
     vanished = set(before) - set(after) - removed
     assert not written and not vanished, f"{case.id}: files written {sorted(written)} / removed {sorted(vanished)}"
+
+
+CONSOLE_SAMPLE = ("bench-max-images-0", "image-decompression-bomb", "calib-entry-without-sha256", "export-nan-checkpoint")
+
+
+@pytest.mark.parametrize("case_id", CONSOLE_SAMPLE)
+def test_corpus_sample_through_the_real_console(case_id: str, ctx: Ctx):
+    """A few cases as a user runs them (`python -m tledge.cli`, a fresh process): stderr is exactly one line, so no
+    library warning or progress bar leaks around the error, and the exit status is 1."""
+    import subprocess
+    import sys
+
+    case = next(c for c in CASES if c.id == case_id)
+    argv = [str(a) for a in case.make(ctx)]
+    before = _snapshot(ctx.tmp, ctx.pipe, ctx.data)
+    proc = subprocess.run([sys.executable, "-m", "tledge.cli", *argv], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("tledge: error: ") and case.expect in lines[0], proc.stderr[-2000:]
+    assert proc.stdout == ""
+    assert _snapshot(ctx.tmp, ctx.pipe, ctx.data) == before

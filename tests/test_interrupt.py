@@ -1,4 +1,5 @@
-"""Interruptions: ``tledge build`` killed (SIGKILL) or interrupted (Ctrl-C) at several points, in a subprocess.
+"""Interruptions: ``tledge build`` killed (SIGKILL), terminated (SIGTERM) or interrupted (Ctrl-C) at several points,
+in a subprocess.
 
 After each interruption no manifest vouches for anything but a complete build (the previous manifest is removed
 before the build touches a file and the new one is written last), ``tledge bundle`` signs only what passes its own
@@ -99,6 +100,12 @@ def test_build_killed_at_several_points_never_leaves_a_lying_manifest(tmp_path, 
         if (out / "manifest.json").exists():  # the build got to write it before the kill: then it is complete
             assert code == 0 or json.loads((out / "manifest.json").read_text()) != first
         _bundle_signs_only_sound_files(out)
+
+    # SIGTERM (how CI cancels a job): exit 143, one line, and the unwinding removes its temporary files
+    code, _, err = _build(data, out, "[2/5]", 0.2, sig=signal.SIGTERM)
+    assert code == 143, err[-2000:]
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("tledge: terminated"), err[-500:]
+    assert not (out / "manifest.json").exists() and not list(out.glob(".*.partial"))
 
     # Ctrl-C: exit 130 and one line of its own (the progress lines before it are the build's)
     code, _, err = _build(data, out, "[3/5]", 0.3, sig=signal.SIGINT)

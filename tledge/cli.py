@@ -359,8 +359,14 @@ def models_cmd():
 
 def main() -> None:
     # Typer handles usage errors (exit 2) and --help itself; a TledgeError from a stage becomes one line and exit 1.
+    import signal
+
+    signal.signal(signal.SIGTERM, _terminated)  # CI cancels a job with SIGTERM: unwind (temporary files go), one line
     try:
         app()
+    except Terminated:
+        print("\ntledge: terminated; no manifest vouches for the unfinished run: run the command again", file=sys.stderr)
+        sys.exit(143)
     except TledgeError as exc:
         print(f"tledge: error: {exc}", file=sys.stderr)
         sys.exit(1)
@@ -375,6 +381,14 @@ def main() -> None:
         where = f" ({exc.filename})" if exc.filename else ""
         print(f"tledge: error: {exc.strerror or exc}{where}", file=sys.stderr)
         sys.exit(1)
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised where the program is, so that ``finally`` blocks run; not an Exception, so nothing swallows it."""
+
+
+def _terminated(signum, frame):
+    raise Terminated()
 
 
 def _caused_by_interrupt(exc: BaseException) -> bool:
