@@ -92,8 +92,8 @@ def test_build_killed_at_several_points_never_leaves_a_lying_manifest(tmp_path, 
     assert _manifest_is_true(out) and (out / "manifest.json").is_file()
     first = json.loads((out / "manifest.json").read_text())
 
-    # SIGKILL between stages, in the middle of quantization, and while the report and manifest are written
-    for stop_at, delay in (("[2/5]", 0.0), ("[3/5]", 0.4), ("[5/5]", 0.0)):
+    # SIGKILL in the middle of fine-tuning, in the middle of quantization, and while the report and manifest are written
+    for stop_at, delay in (("[1/5]", 0.5), ("[3/5]", 0.4), ("[5/5]", 0.0)):
         code, _, err = _build(data, out, stop_at, delay)
         assert code in (-signal.SIGKILL, 0), err[-2000:]
         assert _manifest_is_true(out), f"killed at {stop_at}: the manifest vouches for files that are not what it says"
