@@ -345,6 +345,9 @@ CLI_CASES = [
     Case("bench-onnx-without-metadata", lambda c: bench(c, models=[c.onnx(lambda m: _tledge_prop(m, None))]), "has no tledge metadata"),
     Case("bench-onnx-corrupt-metadata", lambda c: bench(c, models=[c.onnx(lambda m: _tledge_prop(m, "{oops"))]), "corrupt tledge metadata"),
     Case("bench-model-missing", lambda c: bench(c, models=[c.p("missing.onnx")]), "not found"),
+    Case("quantize-model-is-a-folder", lambda c: quant(c, model=c.tmp), "is a folder, not a file"),
+    Case("export-checkpoint-is-a-folder", lambda c: export(c, checkpoint=c.tmp), "is a folder, not a file"),
+    Case("gate-candidate-is-a-folder", lambda c: gate(c, candidate=c.tmp), "is a folder, not a model file"),
     Case("gate-empty-candidate", lambda c: gate(c, candidate=c.file("cand.onnx", b"")), "is not a valid ONNX file"),
     # config files
     Case("config-not-toml", lambda c: ft(c, "--config", c.file("tledge.toml", "[finetune\nx=")), "is not valid TOML"),

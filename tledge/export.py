@@ -65,7 +65,7 @@ def load_onnx(path: str | Path, load_external_data: bool = True):
 
     path = Path(path)
     if not path.is_file():
-        raise TledgeError(f"ONNX model {path} does not exist")
+        raise TledgeError(f"ONNX model {path} {'is a folder, not a file' if path.is_dir() else 'does not exist'}")
     try:
         model = onnx.load(str(path), load_external_data=load_external_data)
     except Exception as exc:  # protobuf DecodeError, missing external data, ...

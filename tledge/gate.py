@@ -205,7 +205,7 @@ def gate(cfg: GateConfig) -> dict:
     started = time.perf_counter()
     for p in (cfg.candidate, cfg.baseline):
         if not p.is_file():
-            raise TledgeError(f"{p} does not exist")
+            raise TledgeError(f"{p} {'is a folder, not a model file' if p.is_dir() else 'does not exist'}")
     if cfg.out_dir is not None:
         validate.output_dir(cfg.out_dir, "--out-dir")
     stored = _load_stored(cfg.baseline) if cfg.baseline.suffix == ".json" else None

@@ -573,7 +573,7 @@ def quantize(cfg: QuantizeConfig) -> dict:
 
     started = time.perf_counter()
     if not cfg.model.is_file():
-        raise TledgeError(f"ONNX model {cfg.model} does not exist; run `tledge export` first")
+        raise TledgeError(f"ONNX model {cfg.model} {'is a folder, not a file' if cfg.model.is_dir() else 'does not exist'}; run `tledge export` first")
     validate.output_dir(cfg.out_dir, "--out-dir")
     fp32_proto = load_onnx(cfg.model)
     meta = validate.onnx_metadata(cfg.model, fp32_proto)

@@ -124,7 +124,7 @@ def create_model(name: str, weights: str = "pretrained", num_classes: int | None
     elif weights != "none":
         path = Path(weights).expanduser()
         if not path.is_file():
-            raise TledgeError(f"weights file {path} does not exist (use 'pretrained', 'none' or a checkpoint path)")
+            raise TledgeError(f"weights file {path} {'is a folder' if path.is_dir() else 'does not exist'} (use 'pretrained', 'none' or a checkpoint path)")
         state = _torch_load(path)
         if isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT:
             raise TledgeError(f"{path} is a tledge fine-tuned checkpoint; load it with tledge.models.load_checkpoint")
@@ -181,7 +181,7 @@ def load_checkpoint(path: str | Path):
     """Read a checkpoint written by :func:`save_checkpoint`; returns ``(model in eval mode, metadata dict)``."""
     path = Path(path).expanduser()
     if not path.is_file():
-        raise TledgeError(f"checkpoint {path} does not exist")
+        raise TledgeError(f"checkpoint {path} {'is a folder, not a file' if path.is_dir() else 'does not exist'}")
     payload = _torch_load(path)
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise TledgeError(f"{path} is not a tledge checkpoint (written by `tledge finetune`)")
