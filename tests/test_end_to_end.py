@@ -55,7 +55,7 @@ def test_corrupt_onnx_is_one_line_error(command, tiny_dataset, tmp_path):
 @pytest.mark.parametrize(
     "kwargs, message",
     [({"calib_method": "foo"}, "calibration method"), ({"num_calib": 0}, "num-calib"), ({"epochs": 0}, "epochs"),
-     ({"image_size": 4}, "image size"), ({"calibration": "/no/such/calibration.json"}, "does not exist")],
+     ({"image_size": 4}, "--image-size must be at least 8"), ({"calibration": "/no/such/calibration.json"}, "does not exist")],
 )
 def test_build_settings_fail_before_any_work(kwargs, message, tmp_path):
     from tledge.build import BuildConfig

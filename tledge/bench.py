@@ -60,6 +60,11 @@ class BenchConfig:
         object.__setattr__(self, "throughput_batch", tuple(int(b) for b in batches) if len(batches) > 1 else int(batches[0]))
         if not batches or min(self.batch_size, *batches, self.iterations, self.rounds) < 1 or self.warmup < 0:
             raise TledgeError("batch sizes, iterations and rounds must be at least 1")
+        from . import validate as V
+
+        V.number("--threads", self.threads, minimum=1, optional=True)
+        V.number("--seed", self.seed, minimum=0)  # numpy refuses negative seeds, deep inside a stage
+        V.number("--max-images", self.max_images, minimum=1, optional=True)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -98,9 +103,9 @@ def variant_metadata(path: Path) -> dict | None:
         if record is None:
             raise TledgeError(f"{path} has no record in engine.json beside it; build engines with `tledge engine`")
         return record["model"]
-    from .export import read_metadata
+    from .validate import onnx_metadata
 
-    return read_metadata(path)
+    return onnx_metadata(path)
 
 
 @dataclass
@@ -130,6 +135,9 @@ def _log_softmax(z: np.ndarray) -> np.ndarray:
 
 
 def _accumulate(a: _Accumulator, logits: np.ndarray, ref_logits: np.ndarray, y: np.ndarray) -> None:
+    from .validate import finite_array
+
+    finite_array(logits, "a model's logits")
     pred = logits.argmax(1)
     classes = logits.shape[1]
     a.correct += int((pred == y).sum())
@@ -267,7 +275,10 @@ def bench(cfg: BenchConfig) -> dict:
     from .machine import machine_info
     from .runners import OrtRunner, backend_unavailable, make_runner
 
+    from . import validate
+
     started = time.perf_counter()
+    validate.output_dir(cfg.out_dir, "--out-dir")
     candidates = cfg.all_variants()
     skipped = {}
     for v in candidates:
@@ -292,6 +303,7 @@ def bench(cfg: BenchConfig) -> dict:
     if splits.classes != ref_meta["classes"]:
         raise TledgeError(f"{cfg.data} has classes {splits.classes}, the models were trained on {ref_meta['classes']}")
     samples = splits.evaluation[: cfg.max_images] if cfg.max_images else splits.evaluation
+    validate.scan_images(s.path for s in samples)
 
     # Latency always times the backend as deployed (ONNX Runtime fuses Q/DQ into int8 kernels); accuracy uses
     # the method fit for the model.
@@ -396,5 +408,6 @@ def bench(cfg: BenchConfig) -> dict:
         "seconds": round(time.perf_counter() - started, 2),
     }
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
+    validate.start_rewrite(cfg.out_dir, "bench")
     write_json(cfg.out_dir / "bench.json", record)
     return record

@@ -15,6 +15,7 @@ from .config import default as D
 from .errors import TledgeError
 from .finetune import FinetuneConfig
 from .quantize import QuantizeConfig
+from . import validate
 
 # The offline default: real handwritten digits at 128x128 (no crop: the 8x8 scans fill the frame).
 DEFAULT_IMAGE_SIZE = 128
@@ -96,30 +97,20 @@ def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def build(cfg: BuildConfig) -> dict:
-    """Run the whole pipeline into ``cfg.out``; returns the report summary. ``manifest.json`` is written last.
+def _check_inputs(cfg: BuildConfig) -> tuple[Path, int | None, int | None, Path | None, bool]:
+    """What every stage of the build will need, checked up front: the output folder, the model name, the dataset
+    and its images, the input size, and a given calibration definition against that dataset and size.
 
-    >>> build(BuildConfig(out="tledge-out"))                        # offline default  # doctest: +SKIP
-    >>> build(BuildConfig(out="release", data="my_images", model="mobilenet_v3_large"))  # doctest: +SKIP
+    Returns what the stages are given: ``(data, image_size, resize, calibration, default_data)``.
     """
-    from .bench import bench
-    from .bundle import MANIFEST, bundle
+    from .calibration import load_calibration_set
+    from .data import load_splits
     from .datasets import digits_dataset
-    from .export import ExportConfig, export_onnx
-    from .finetune import finetune
-    from .quantize import TARGETS, quantize
-    from .report import write_report
-
-    started = time.perf_counter()
-    out = cfg.out
-    if out.exists() and not out.is_dir():
-        raise TledgeError(f"--out {out} exists and is not a folder")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / MANIFEST).unlink(missing_ok=True)  # a manifest must never describe a half-rebuilt folder
-
+    from .finetune import resolve_preprocess
     from .models import get_spec
 
-    get_spec(cfg.model)  # an unknown model name fails now, not after the dataset is read
+    validate.output_dir(cfg.out)
+    spec = get_spec(cfg.model)  # an unknown model name fails now, not after the dataset is read
     default_data = cfg.data is None
     data = digits_dataset() if default_data else cfg.data
     image_size, resize = cfg.image_size, cfg.resize
@@ -129,7 +120,37 @@ def build(cfg: BuildConfig) -> dict:
     calibration = cfg.calibration
     if calibration is None and default_data and cfg.image_size is None and cfg.model == "efficientnet_lite0":
         pinned = PINNED_CALIBRATION_DIR / DEFAULT_CALIBRATION
-        calibration = pinned if pinned.is_file() else None
+        calibration = pinned if pinned.is_file() else None  # the package pins the default's calibration images
+    ft = cfg.finetune_config(data, image_size, resize)
+    splits = load_splits(data, ft.val_fraction, ft.test_fraction, ft.seed)
+    validate.scan_images(s.path for s in splits.train + splits.val + splits.test)
+    pre = resolve_preprocess(spec.preprocess, image_size, resize)
+    if calibration is not None:
+        load_calibration_set(calibration, splits.root, splits.classes, pre.input_shape)
+    return data, image_size, resize, calibration, default_data
+
+
+def build(cfg: BuildConfig) -> dict:
+    """Run the whole pipeline into ``cfg.out``; returns the report summary. ``manifest.json`` is written last.
+
+    >>> build(BuildConfig(out="tledge-out"))                        # offline default  # doctest: +SKIP
+    >>> build(BuildConfig(out="release", data="my_images", model="mobilenet_v3_large"))  # doctest: +SKIP
+    """
+    from .bench import bench
+    from .bundle import bundle
+    from .export import ExportConfig, export_onnx
+    from .finetune import finetune
+    from .quantize import TARGETS, quantize
+    from .report import write_report
+
+    started = time.perf_counter()
+    out = cfg.out
+    # everything a stage would refuse, before minutes of work and before any file is touched
+    data, image_size, resize, calibration, default_data = _check_inputs(cfg)
+    # Nothing of the previous build is vouched for from here on: the manifest and every stage record go first (each
+    # stage writes its record last), and leftovers of an interrupted run go, so a re-run starts clean.
+    validate.start_rewrite(out, "finetune")
+    validate.remove_partials(out)
     steps = 5
     timings = {}
 

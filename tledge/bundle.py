@@ -75,6 +75,19 @@ def declared_artifacts(out_dir: Path) -> dict[str, str]:
     return found
 
 
+def _recorded_digests(out_dir: Path) -> dict[str, str]:
+    """``{artifact: sha256}`` as the stage records noted them when they wrote the files (records made since tledge
+    recorded digests; older ones simply have none)."""
+    found = {}
+    for record_name in STAGE_RECORDS.values():
+        if (out_dir / record_name).is_file():
+            record = read_json(out_dir / record_name)
+            digests = record.get("sha256") if isinstance(record, dict) else None
+            if isinstance(digests, dict):
+                found.update({k: v for k, v in digests.items() if isinstance(k, str) and isinstance(v, str)})
+    return found
+
+
 def bundle(out_dir: str | Path) -> dict:
     """Sign every artifact the stage records in ``out_dir`` declare, and write ``manifest.json`` last.
 
@@ -86,21 +99,35 @@ def bundle(out_dir: str | Path) -> dict:
     from .export import read_metadata
     from .machine import machine_info
 
+    from . import validate
+
     out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        raise TledgeError(f"{out_dir} is not a folder (give the build folder)")
     previous = _previous_versions(out_dir)
     (out_dir / MANIFEST).unlink(missing_ok=True)
+    validate.output_file(out_dir / MANIFEST, "the manifest")
     fp32 = out_dir / "model.fp32.onnx"
     if not fp32.is_file():
         raise TledgeError(f"{out_dir} has no model.fp32.onnx; nothing to bundle")
-    meta = read_metadata(fp32)
     declared = declared_artifacts(out_dir)
+    if fp32.name not in declared:  # a leftover of an earlier build must not describe this one's input and classes
+        raise TledgeError(f"no stage record in {out_dir} declares {fp32.name} (export.json is missing: an interrupted build?); "
+                          "re-run the export stage or the build")
+    meta = read_metadata(fp32)
     missing = sorted(name for name in declared if not (out_dir / name).is_file())
     if missing:
         raise TledgeError(f"{out_dir} lacks artifacts its stage records say they wrote: {', '.join(missing)}; re-run those stages")
+    recorded = _recorded_digests(out_dir)
     artifacts = []
     for name in sorted(declared):
         path = out_dir / name
+        # A manifest vouches only for files that pass their own checks and are what their stage wrote.
+        validate.check_artifact(path)
         entry = describe_file(path, out_dir)
+        if name in recorded and recorded[name] != entry["sha256"]:
+            raise TledgeError(f"{path} changed after the {declared[name]} stage wrote it (its sha256 differs from the stage record's); "
+                              f"re-run the {declared[name]} stage. No manifest was written")
         entry["stage"] = declared[name]
         entry["kind"] = ARTIFACTS.get(name, (None, "stage record" if path.suffix == ".json" else "file"))[1]
         if name == "model.int8.cpu.onnx":

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -90,7 +91,7 @@ class CalibrationStats:
                 means = {str(n): z[f"mean_{i}"] for i, n in enumerate(z["mean_names"])}
                 alias = {str(a): str(b) for a, b in z["alias"]}
                 stats = cls([str(n) for n in z["names"]], z["lo"], z["hi"], z["bound"], z["hist"], means, key, alias)
-        except (OSError, ValueError, KeyError) as exc:
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:  # a truncated file is a bad zip
             raise TledgeError(f"{path} is not a tledge calibration statistics file ({type(exc).__name__}: {exc})") from None
         if key.get("format") != FORMAT or key.get("bins") != BINS or stats.hist.shape != (len(stats.names), BINS):
             raise TledgeError(f"{path} was written by another tledge version; delete it and calibrate again")

@@ -67,6 +67,7 @@ def load_calibration_set(definition: str | Path, root: str | Path, classes: list
     spec = read_json(definition)
     if not isinstance(spec, dict) or spec.get("format") != CALIBRATION_FORMAT:
         raise TledgeError(f"{definition} is not a tledge calibration definition (format {CALIBRATION_FORMAT})")
+    _check_schema(spec, definition)
     if spec.get("classes") and list(spec["classes"]) != list(classes):
         raise TledgeError(f"calibration set {definition} was made for classes {spec['classes']}, the model has {classes}")
     if spec.get("input_shape") and tuple(spec["input_shape"]) != tuple(input_shape):
@@ -76,7 +77,7 @@ def load_calibration_set(definition: str | Path, root: str | Path, classes: list
         )
     root = Path(root)
     images, problems = [], []
-    for entry in spec.get("images", []):
+    for entry in spec["images"]:
         rel, digest = entry["path"], entry["sha256"]
         path = root / rel
         if Path(rel).is_absolute() or ".." in Path(rel).parts:
@@ -92,6 +93,38 @@ def load_calibration_set(definition: str | Path, root: str | Path, classes: list
     if not images:
         raise TledgeError(f"calibration set {definition} lists no images")
     return CalibrationSet(root, images, {**spec.get("sampling", {}), "definition": definition.name})
+
+
+def _check_schema(spec: dict, definition: Path) -> None:
+    """The definition's shape: a list of ``{"path": str, "sha256": 64 hex digits}``, unique paths; optional classes and
+    input_shape of the right types. A malformed file is one clear error, not a KeyError halfway through."""
+    from .validate import is_sha256
+
+    def bad(why: str):
+        raise TledgeError(f"calibration definition {definition} is malformed: {why}")
+
+    images = spec.get("images")
+    if not isinstance(images, list):
+        bad('"images" must be a list of {"path", "sha256"} entries')
+    for i, entry in enumerate(images):
+        if not isinstance(entry, dict):
+            bad(f"images[{i}] is {type(entry).__name__}, not an object with path and sha256")
+        if not isinstance(entry.get("path"), str) or not entry["path"].strip():
+            bad(f"images[{i}] has no path")
+        if "sha256" not in entry:
+            bad(f"images[{i}] ({entry['path']}) has no sha256; every image must be pinned by its hash")
+        if not is_sha256(entry["sha256"]):
+            bad(f"images[{i}] ({entry['path']}) has sha256 {entry['sha256']!r}, not 64 lowercase hex digits")
+    paths = [e["path"] for e in images]
+    if len(set(paths)) != len(paths):
+        bad(f"an image is listed twice ({next(p for p in paths if paths.count(p) > 1)})")
+    if "classes" in spec and not (isinstance(spec["classes"], list) and all(isinstance(c, str) for c in spec["classes"])):
+        bad('"classes" must be a list of class names')
+    shape = spec.get("input_shape")
+    if shape is not None and not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) for d in shape)):
+        bad('"input_shape" must be a list of integers')
+    if "sampling" in spec and not isinstance(spec["sampling"], dict):
+        bad('"sampling" must be an object')
 
 
 # Fewer images than this leave activation ranges to chance (TensorRT's samples calibrate on about 500).

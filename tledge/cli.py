@@ -314,6 +314,10 @@ def gate_cmd(
         calls_per_block=calls_per_block, batch_size=batch_size, threads=threads, max_images=max_images,
     )
     renames = {"max_latency_regression_pct": "max_latency_regression", "max_top1_drop_pp": "max_top1_drop"}
+    if summary is not None:
+        from .validate import output_file
+
+        output_file(summary, "--summary")  # before the minutes of timing, not after
     verdict = gate(GateConfig(**merge(config, "gate", given, _typed(ctx, {k: renames.get(k, k) for k in given}))))
     text = format_markdown(verdict)
     if summary is not None:
@@ -453,14 +457,51 @@ def models_cmd():
 
 def main() -> None:
     # Typer handles usage errors (exit 2) and --help itself; a TledgeError from a stage becomes one line and exit 1.
+    import signal
+
+    signal.signal(signal.SIGTERM, _terminated)  # CI cancels a job with SIGTERM: unwind (temporary files go), one line
     try:
         app()
+    except Terminated:
+        print("\ntledge: terminated; no manifest vouches for the unfinished run: run the command again", file=sys.stderr)
+        sys.exit(143)
     except TledgeError as exc:
         print(f"tledge: error: {exc}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
-        print("tledge: interrupted", file=sys.stderr)
+        _say_interrupted()
         sys.exit(130)
+    except SystemExit as exc:
+        if exc.code == 130 and _caused_by_interrupt(exc):  # typer turns Ctrl-C into a silent exit 130
+            _say_interrupted()
+        raise
+    except OSError as exc:  # the machine's refusal mid-run (disk full, a folder removed): its reason, not a traceback
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"tledge: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        sys.exit(1)
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised where the program is, so that ``finally`` blocks run; not an Exception, so nothing swallows it."""
+
+
+def _terminated(signum, frame):
+    raise Terminated()
+
+
+def _caused_by_interrupt(exc: BaseException) -> bool:
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, KeyboardInterrupt):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def _say_interrupted() -> None:
+    # atomic writes leave no half file and the manifest goes first, so what is left vouches for nothing half-done
+    print("\ntledge: interrupted; no manifest vouches for the unfinished run: run the command again", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,8 @@ benchmarking and on a device that has no torch. The resulting arrays are what th
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import random
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -62,7 +64,8 @@ class Preprocess:
     def describe(self) -> dict:
         """Everything a device needs to reimplement :func:`load_image` exactly (copied whole into the manifest)."""
         return {
-            "decode": "Pillow, converted to RGB: 8 bits a channel, grayscale and palette expanded, alpha dropped",
+            "decode": "Pillow, converted to RGB: 8 bits a channel (16-bit gray scaled by 255/65535, rounded; float gray as 0..1), "
+                      "grayscale and palette expanded, alpha dropped",
             "channel_order": "RGB",
             "resize": {"shorter_side": self.resize, "other_side": f"round(other * {self.resize} / shorter), at least {self.size}",
                        "interpolation": f"{self.interpolation} (Pillow Image.resize, which filters over the whole footprint when shrinking)"},
@@ -77,16 +80,84 @@ class Preprocess:
 _PIL_FILTERS = {"bilinear": 2, "bicubic": 3, "nearest": 0}  # PIL.Image.Resampling values
 
 
-def load_image(path: str | Path, pre: Preprocess) -> np.ndarray:
-    """Read one image file into a (3, size, size) float32 array; a file PIL cannot decode is a TledgeError."""
+# A resized image's long side may reach this many times ``resize``: beyond it (a 1 x 5000 strip) the resize alone
+# would need gigabytes, and no photo is shaped so.
+MAX_ASPECT_RATIO = 50
+
+
+@functools.cache
+def _quiet_pillow() -> None:
+    """Pillow's own warnings (bomb-size hints, odd EXIF, palette transparency) would break tledge's one-line output."""
+    import warnings
+
+    from PIL import Image
+
+    warnings.filterwarnings("ignore", module="PIL")
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
+
+@contextlib.contextmanager
+def open_image(path: str | Path):
+    """``PIL.Image.open`` with user errors: a missing, empty, unreadable, oversized (decompression bomb) or absurdly
+    shaped file is a TledgeError naming it. Reads the header only; pixels are decoded on first use."""
     from PIL import Image, UnidentifiedImageError
 
+    _quiet_pillow()
+    path = Path(path)
     try:
-        with Image.open(path) as img:
-            img = img.convert("RGB")
+        img = Image.open(path)
     except FileNotFoundError:
         raise TledgeError(f"image {path} does not exist") from None
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
+    except Image.DecompressionBombError as exc:
+        raise TledgeError(f"image {path} is too large to decode safely ({exc}). Downscale it") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        empty = " (an empty file)" if path.is_file() and path.stat().st_size == 0 else ""
+        raise TledgeError(f"cannot read image {path}{empty}: {exc}. Remove or replace the file.") from None
+    with img:
+        w, h = img.size
+        if min(w, h) < 1:
+            raise TledgeError(f"image {path} has no pixels ({w} x {h})")
+        if max(w, h) > MAX_ASPECT_RATIO * min(w, h):
+            raise TledgeError(f"image {path} is {w} x {h} pixels: more than {MAX_ASPECT_RATIO}:1 is not a picture to classify. Crop or remove it")
+        yield img
+
+
+def to_rgb(img, path: str | Path = "image") -> "Image":
+    """An 8-bit RGB copy of a PIL image of any mode: 16- and 32-bit integer gray is scaled to 8 bits (never clipped:
+    Pillow's ``convert`` clips them), float gray taken as 0..1 (or 0..255 when it exceeds 1), palette and
+    grayscale expanded, alpha dropped."""
+    from PIL import Image
+
+    mode = img.mode
+    if mode.startswith("I;16") or mode == "I":
+        # 16-bit samples (PNG, TIFF, PGM); a 32-bit "I" image is read as 16-bit data, Pillow's own convention for them
+        a = np.asarray(img).astype(np.float64)
+        a = np.clip(a, 0, 65535) * (255.0 / 65535.0)
+        return Image.fromarray(np.round(a).astype(np.uint8), mode="L").convert("RGB")
+    if mode == "F":
+        a = np.asarray(img, dtype=np.float64)
+        if not np.isfinite(a).all():
+            raise TledgeError(f"image {path} holds NaN or infinite pixel values")
+        if a.min() < 0 or a.max() > 255:
+            raise TledgeError(f"image {path} is a float image with values in [{a.min():.3g}, {a.max():.3g}]; tledge reads float images as 0..1 (or 0..255)")
+        a = a * 255.0 if a.max() <= 1.0 else a
+        return Image.fromarray(np.round(a).astype(np.uint8), mode="L").convert("RGB")
+    if mode in ("P", "PA"):
+        return img.convert("RGBA").convert("RGB")  # via RGBA: the palette's colours, without Pillow's transparency warning
+    if mode in ("La", "RGBa"):  # premultiplied alpha
+        img = img.convert("LA" if mode == "La" else "RGBA")
+    return img.convert("RGB")
+
+
+def load_image(path: str | Path, pre: Preprocess) -> np.ndarray:
+    """Read one image file into a (3, size, size) float32 array; a file PIL cannot decode is a TledgeError."""
+    try:
+        with open_image(path) as img:
+            img.load()
+            img = to_rgb(img, path)
+    except TledgeError:
+        raise
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:  # truncated or corrupt pixel data
         raise TledgeError(f"cannot read image {path}: {exc}. Remove or replace the file.") from None
     w, h = img.size
     scale = pre.resize / min(w, h)
@@ -136,7 +207,12 @@ class Splits:
 
 
 def _images_in(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS)
+    named = [p for p in folder.iterdir() if not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS]
+    broken = [p for p in named if p.is_symlink() and not p.exists()]
+    if broken:  # skipping it silently would train on fewer images than the user gave
+        raise TledgeError(f"{broken[0]} is a broken symbolic link" + (f" (and {len(broken) - 1} more)" if len(broken) > 1 else "")
+                          + "; restore its target or remove it")
+    return sorted(p for p in named if p.is_file())
 
 
 def scan_class_folders(folder: Path) -> dict[str, list[Path]]:

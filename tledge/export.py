@@ -45,6 +45,13 @@ class ExportConfig:
         object.__setattr__(self, "out", Path(self.out))
         if self.data is not None:
             object.__setattr__(self, "data", Path(self.data))
+        from . import validate as V
+
+        V.number("--atol", self.atol, minimum=0)
+        V.number("--seed", self.seed, minimum=0)  # numpy refuses negative seeds, deep inside a stage
+        V.number("--rtol", self.rtol, minimum=0)
+        for name in ("parity_images", "max_batch"):
+            V.number(name, getattr(self, name), minimum=1)
         if not 13 <= self.opset <= 21:
             raise TledgeError(f"opset must be within 13..21 (per-channel Q/DQ needs 13; TensorRT 8.x reads up to 17), got {self.opset}")
 
@@ -58,11 +65,16 @@ def load_onnx(path: str | Path, load_external_data: bool = True):
 
     path = Path(path)
     if not path.is_file():
-        raise TledgeError(f"ONNX model {path} does not exist")
+        raise TledgeError(f"ONNX model {path} {'is a folder, not a file' if path.is_dir() else 'does not exist'}")
     try:
-        return onnx.load(str(path), load_external_data=load_external_data)
+        model = onnx.load(str(path), load_external_data=load_external_data)
     except Exception as exc:  # protobuf DecodeError, missing external data, ...
         raise TledgeError(f"{path} is not a readable ONNX model ({type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else 'no details'})") from None
+    # protobuf parses an empty (or zeroed) file as an empty message: no graph is not "no metadata", it is no model
+    if not model.ir_version or not model.graph.node or not model.graph.input:
+        size = path.stat().st_size
+        raise TledgeError(f"{path} is not a valid ONNX file ({'empty' if size == 0 else f'{size} bytes holding no graph'})")
+    return model
 
 
 def read_metadata(model_or_path) -> dict:
@@ -70,7 +82,10 @@ def read_metadata(model_or_path) -> dict:
     model = load_onnx(model_or_path, load_external_data=False) if isinstance(model_or_path, (str, Path)) else model_or_path
     for prop in model.metadata_props:
         if prop.key == METADATA_KEY:
-            return json.loads(prop.value)
+            try:
+                return json.loads(prop.value)
+            except json.JSONDecodeError:
+                raise TledgeError(f"{model_or_path if isinstance(model_or_path, (str, Path)) else 'the model'} has corrupt tledge metadata (not JSON); export it again") from None
     raise TledgeError(f"{model_or_path if isinstance(model_or_path, (str, Path)) else 'the model'} has no tledge metadata; export it with `tledge export`")
 
 
@@ -215,12 +230,22 @@ def export_onnx(cfg: ExportConfig) -> dict:
     from .models import load_checkpoint
     from .runners import OrtRunner, TorchRunner
 
+    from . import validate
+
     started = time.perf_counter()
+    validate.output_file(cfg.out)
+    validate.output_file(cfg.out.parent / "export.json", flag="export record")
+    if cfg.out.resolve() == cfg.checkpoint.resolve():
+        raise TledgeError(f"--out {cfg.out} is the checkpoint itself; give the ONNX file another name")
+    if cfg.data is not None and not cfg.data.is_dir():
+        raise TledgeError(f"--data {cfg.data} is not a folder")
     model, meta = load_checkpoint(cfg.checkpoint)
     pre = meta["preprocess"]
     splits_sha256 = meta.get("extra", {}).get("splits_sha256")  # the split it was trained on (splits.json)
+    x, source = _parity_inputs(cfg, pre, meta["classes"], splits_sha256)  # the data is checked before any work
     example = torch.zeros((2, *pre.input_shape))  # batch >= 2 so the exporter cannot specialize on batch 1
     cfg.out.parent.mkdir(parents=True, exist_ok=True)
+    validate.start_rewrite(cfg.out.parent, "export")
     with atomic_path(cfg.out) as tmp:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
@@ -244,7 +269,6 @@ def export_onnx(cfg: ExportConfig) -> dict:
         onnx.checker.check_model(proto)
         onnx.save(proto, str(tmp))
 
-        x, source = _parity_inputs(cfg, pre, meta["classes"], splits_sha256)
         ort_runner, torch_runner = OrtRunner(tmp), TorchRunner(model)
         parity = compare_outputs(torch_runner, ort_runner, x, cfg.atol, cfg.rtol)
         if not parity["within_tolerance"]:
@@ -261,6 +285,7 @@ def export_onnx(cfg: ExportConfig) -> dict:
                  "output": [OUTPUT_NAME, ["batch", len(meta["classes"])], "float32"], "pads_folded_into_conv": folded},
         "parity": {"inputs": source, "atol": cfg.atol, "rtol": cfg.rtol, **parity},
         "seconds": round(time.perf_counter() - started, 2),
+        "sha256": validate.digests(cfg.out.parent, [cfg.out.name]),
     }
     write_json(cfg.out.parent / "export.json", record)
     return record
@@ -271,7 +296,10 @@ def compare_outputs(reference, candidate, x: np.ndarray, atol: float, rtol: floa
 
     ``within_tolerance``: every logit of every batch size satisfies ``|candidate - reference| <= atol + rtol * |reference|``.
     """
+    from .validate import finite_array
+
     ref = np.concatenate([reference(x[i : i + 8]) for i in range(0, len(x), 8)])
+    finite_array(ref, "the reference model's logits")
     diffs, agreement = [], []
     for bs in batch_sizes:
         out = np.concatenate([candidate(x[i : i + bs]) for i in range(0, len(x), bs)])

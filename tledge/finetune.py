@@ -59,6 +59,15 @@ class FinetuneConfig:
                 raise TledgeError(f"{name} must be at least 1")
         if self.patience < 0 or self.lr <= 0 or not 0 < self.lr_decay <= 1:
             raise TledgeError("patience must be >= 0, lr > 0 and lr_decay in (0, 1]")
+        from . import validate as V
+
+        V.number("--image-size", self.image_size, minimum=8, optional=True)
+        V.number("--seed", self.seed, minimum=0)  # numpy refuses negative seeds, deep inside a stage
+        V.number("--resize", self.resize, minimum=8, optional=True)
+        V.number("--lr", self.lr, above=0, maximum=10)  # far beyond any AdamW rate; near 1e38 the optimizer overflows float32
+        V.number("--lr-decay", self.lr_decay, above=0, maximum=1)
+        V.number("weight_decay", self.weight_decay, minimum=0)
+        V.number("label_smoothing", self.label_smoothing, minimum=0, maximum=0.99)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -82,7 +91,7 @@ class StageResult:
 
 def resolve_preprocess(spec_pre: Preprocess, image_size: int | None, resize: int | None) -> Preprocess:
     """The model's preprocessing with the size overrides applied (resize keeps the model's crop ratio if unset)."""
-    size = image_size or spec_pre.size
+    size = spec_pre.size if image_size is None else image_size
     if resize is None:
         resize = size if spec_pre.resize == spec_pre.size else round(size * spec_pre.resize / spec_pre.size)
     return Preprocess(size=size, resize=resize, mean=spec_pre.mean, std=spec_pre.std, interpolation=spec_pre.interpolation)
@@ -228,6 +237,14 @@ def _earns_its_keep(stage: StageResult, previous: StageResult) -> bool:
     return stage.val_loss < previous.val_loss * (1 - MIN_LOSS_GAIN)
 
 
+def _check_finite_losses(stage: StageResult) -> None:
+    """A NaN or infinite loss means training diverged: stop rather than save a model that computes garbage."""
+    for h in stage.history:
+        if not (math.isfinite(h["train_loss"]) and math.isfinite(h["val_loss"])):
+            raise TledgeError(f"training diverged in stage {stage.name}, epoch {h['epoch']}: the loss is {h['train_loss']} (train), "
+                              f"{h['val_loss']} (val). Lower --lr, or check the weights and images; nothing was written")
+
+
 def finetune(cfg: FinetuneConfig, splits: Splits | None = None) -> dict:
     """Fine-tune ``cfg.model`` on ``cfg.data``; writes ``model.pt`` and ``finetune.json`` into ``cfg.out``.
 
@@ -241,8 +258,12 @@ def finetune(cfg: FinetuneConfig, splits: Splits | None = None) -> dict:
     from .artifacts import write_json
     from .models import create_model, save_checkpoint
 
+    from . import validate
+
     started = time.perf_counter()
+    validate.output_dir(cfg.out)  # before minutes of training, not at the end
     splits = splits or load_splits(cfg.data, cfg.val_fraction, cfg.test_fraction, cfg.seed)
+    validate.scan_images(s.path for s in splits.train + splits.val + splits.test)
     model, spec = create_model(cfg.model, cfg.weights, num_classes=len(splits.classes), seed=cfg.seed)
     pre = resolve_preprocess(spec.preprocess, cfg.image_size, cfg.resize)
     depth = len(model.blocks)
@@ -272,6 +293,7 @@ def finetune(cfg: FinetuneConfig, splits: Splits | None = None) -> dict:
         previous = copy.deepcopy(model.state_dict())
         result = _train_stage(model, start, cfg.lr * cfg.lr_decay**k, cfg, train, val, name, train_bn=from_scratch)
         stages.append(result)
+        _check_finite_losses(result)
         if best is not None and not _earns_its_keep(result, best):
             result.accepted = False
             model.load_state_dict(previous)
@@ -286,7 +308,9 @@ def finetune(cfg: FinetuneConfig, splits: Splits | None = None) -> dict:
         acc, loss = _evaluate(model, depth, test_x, test_y, cfg.batch_size, torch.nn.CrossEntropyLoss())
         final.update(test_accuracy=acc, test_loss=loss)
 
+    validate.finite_state(model.state_dict(), "the fine-tuned model")
     cfg.out.mkdir(parents=True, exist_ok=True)
+    validate.start_rewrite(cfg.out, "finetune")
     # Written once, here: every later stage reads this split instead of re-deriving it from (seed, fractions).
     splits_sha256 = write_splits(splits, cfg.out / SPLITS_FILE, cfg.seed, cfg.val_fraction, cfg.test_fraction)
     record = {
@@ -304,5 +328,6 @@ def finetune(cfg: FinetuneConfig, splits: Splits | None = None) -> dict:
         "checkpoint": "model.pt",
     }
     save_checkpoint(cfg.out / "model.pt", model, cfg.model, splits.classes, pre, extra={"finetune": record["result"], "splits_sha256": splits_sha256})
+    record["sha256"] = validate.digests(cfg.out, [SPLITS_FILE, "model.pt"])
     write_json(cfg.out / "finetune.json", record)
     return record

@@ -68,8 +68,11 @@ class GateConfig:
             raise TledgeError(f"--blocks must be at least 8 for a confidence interval worth the name, got {self.blocks}")
         if self.max_images is not None and self.max_images < 1:
             raise TledgeError(f"--max-images must be at least 1, got {self.max_images}")
-        if self.threads is not None and self.threads < 0:
-            raise TledgeError(f"--threads must be at least 0 (0: every core), got {self.threads}")
+        from . import validate as V
+
+        V.number("--threads", self.threads, minimum=0, optional=True)  # 0: every core
+        for name in ("max_latency_regression_pct", "max_top1_drop_pp", "min_agreement", "confidence"):
+            V.number(name, getattr(self, name))
 
     def to_dict(self) -> dict:
         return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}
@@ -214,10 +217,14 @@ def gate(cfg: GateConfig) -> dict:
     from .data import Preprocess, load_array, splits_for
     from .machine import machine_info
 
+    from . import validate
+
     started = time.perf_counter()
     for p in (cfg.candidate, cfg.baseline):
         if not p.is_file():
-            raise TledgeError(f"{p} does not exist")
+            raise TledgeError(f"{p} {'is a folder, not a model file' if p.is_dir() else 'does not exist'}")
+    if cfg.out_dir is not None:
+        validate.output_dir(cfg.out_dir, "--out-dir")
     stored = _load_stored(cfg.baseline) if cfg.baseline.suffix == ".json" else None
     meta = variant_metadata(cfg.candidate)
     pre = Preprocess.from_dict(meta["preprocess"])

@@ -90,6 +90,9 @@ class QuantizeConfig:
             version_code(self.trt_version)  # a bad or unsupported version fails before calibration
         if not 0 <= self.max_top1_drop_pp <= 100 or not 0 <= self.min_agreement <= 1:
             raise TledgeError("the drift budget needs 0 <= max top-1 drop <= 100 (points) and 0 <= min agreement <= 1")
+        from . import validate as V
+
+        V.number("--seed", self.seed, minimum=0)  # numpy refuses negative seeds, deep inside a stage
         if self.fallback_layers < 0:
             raise TledgeError(f"--fallback-layers must be 0 or more, got {self.fallback_layers}")
         for name, flag in (("num_images", "--num-calib"), ("sensitivity_images", "sensitivity_images"), ("budget_images", "budget_images"),
@@ -566,10 +569,17 @@ def quantize(cfg: QuantizeConfig) -> dict:
     from .drift_budget import DriftBudget, describe_drift, score
     from .export import load_onnx, read_metadata, set_metadata
 
+    from . import validate
+
     started = time.perf_counter()
     if not cfg.model.is_file():
-        raise TledgeError(f"ONNX model {cfg.model} does not exist; run `tledge export` first")
-    meta = read_metadata(cfg.model)
+        raise TledgeError(f"ONNX model {cfg.model} {'is a folder, not a file' if cfg.model.is_dir() else 'does not exist'}; run `tledge export` first")
+    validate.output_dir(cfg.out_dir, "--out-dir")
+    fp32_proto = load_onnx(cfg.model)
+    meta = validate.onnx_metadata(cfg.model, fp32_proto)
+    validate.finite_onnx_weights(fp32_proto, cfg.model)  # NaN weights would calibrate NaN ranges
+    if meta.get("precision", "fp32") != "fp32":
+        raise TledgeError(f"{cfg.model} is already quantized ({meta['precision']}); quantize the FP32 model from `tledge export`")
     pre = Preprocess.from_dict(meta["preprocess"])
     if cfg.keep_float:
         names = {n.name for n in load_onnx(cfg.model, load_external_data=False).graph.node}
@@ -584,11 +594,12 @@ def quantize(cfg: QuantizeConfig) -> dict:
         calib = load_calibration_set(cfg.calibration, splits.root, meta["classes"], pre.input_shape)
     else:
         calib = sample_calibration_set(splits, cfg.num_images, cfg.seed)
+    validate.scan_images([*calib.paths, *(s.path for s in splits.val)])  # what calibration and the drift budget read
     x, _ = load_array([Sample(p, 0) for p in calib.paths], pre)  # labels are not used by calibration
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
+    validate.start_rewrite(cfg.out_dir, "quantize")
 
     budget = DriftBudget(cfg, splits, pre)
-    fp32_proto = onnx.load(str(cfg.model))
     # One pass of the calibration images through the FP32 model; every method below is a choice over its statistics.
     key = calibration_key(cfg.model, [digest for _, digest in calib.images])
     stats, stats_reused = calibrate(cfg.model, x, key, cfg.out_dir / STATS_FILE)
@@ -684,5 +695,6 @@ def quantize(cfg: QuantizeConfig) -> dict:
         "warnings": warnings,
         "seconds": round(time.perf_counter() - started, 2),
     }
+    record["sha256"] = validate.digests(cfg.out_dir, [n for n in record["artifacts"] if n != "quantize.json"])
     write_json(cfg.out_dir / "quantize.json", record)
     return record

@@ -84,6 +84,9 @@ class TransferNet(nn.Module):
 
 def _load_state_dict_into(module, state: dict, source: str) -> None:
     """Load ``state`` into ``module`` keeping everything but a classifier whose shape differs (it gets replaced)."""
+    from ..validate import finite_state
+
+    finite_state(state, f"weights file {source}")
     own = module.state_dict()
     missing = [k for k in own if k not in state]
     mismatched = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
@@ -121,7 +124,7 @@ def create_model(name: str, weights: str = "pretrained", num_classes: int | None
     elif weights != "none":
         path = Path(weights).expanduser()
         if not path.is_file():
-            raise TledgeError(f"weights file {path} does not exist (use 'pretrained', 'none' or a checkpoint path)")
+            raise TledgeError(f"weights file {path} {'is a folder' if path.is_dir() else 'does not exist'} (use 'pretrained', 'none' or a checkpoint path)")
         state = _torch_load(path)
         if isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT:
             raise TledgeError(f"{path} is a tledge fine-tuned checkpoint; load it with tledge.models.load_checkpoint")
@@ -178,13 +181,18 @@ def load_checkpoint(path: str | Path):
     """Read a checkpoint written by :func:`save_checkpoint`; returns ``(model in eval mode, metadata dict)``."""
     path = Path(path).expanduser()
     if not path.is_file():
-        raise TledgeError(f"checkpoint {path} does not exist")
+        raise TledgeError(f"checkpoint {path} {'is a folder, not a file' if path.is_dir() else 'does not exist'}")
     payload = _torch_load(path)
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise TledgeError(f"{path} is not a tledge checkpoint (written by `tledge finetune`)")
     missing = [k for k in ("arch", "classes", "preprocess", "state_dict") if k not in payload]
     if missing:
         raise TledgeError(f"tledge checkpoint {path} is incomplete (no {', '.join(missing)}); fine-tune again to rewrite it")
+    if not isinstance(payload["state_dict"], dict):
+        raise TledgeError(f"tledge checkpoint {path} holds no state dict; fine-tune again to rewrite it")
+    from ..validate import finite_state
+
+    finite_state(payload["state_dict"], f"checkpoint {path}")
     model, _ = create_model(payload["arch"], weights="none", num_classes=len(payload["classes"]))
     try:
         model.load_state_dict(payload["state_dict"], strict=True)
