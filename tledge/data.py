@@ -85,7 +85,7 @@ _PIL_FILTERS = {"bilinear": 2, "bicubic": 3, "nearest": 0}  # PIL.Image.Resampli
 MAX_ASPECT_RATIO = 50
 
 
-@functools.cache
+@functools.lru_cache(maxsize=None)
 def _quiet_pillow() -> None:
     """Pillow's own warnings (bomb-size hints, odd EXIF, palette transparency) would break tledge's one-line output."""
     import warnings

@@ -253,18 +253,16 @@ def check_artifact(path: Path) -> None:
 
         read_json(path)
     elif suffix == ".pt":
-        import importlib.util
-
-        if importlib.util.find_spec("torch") is None:
+        try:
+            from .models import _torch_load
+        except ImportError:
             # The device install has no torch: there a checkpoint is only carried along (verify checked its sha256
             # against the build machine's manifest); it must still be the zip archive torch.save writes.
             import zipfile
 
             if not zipfile.is_zipfile(path):
-                raise TledgeError(f"{path} is not a PyTorch checkpoint (not a zip archive); copy the bundle again")
+                raise TledgeError(f"{path} is not a PyTorch checkpoint (not a zip archive); copy the bundle again") from None
             return
-        from .models import _torch_load
-
         payload = _torch_load(path)
         state = payload.get("state_dict", payload) if isinstance(payload, dict) else None
         if not isinstance(state, dict):
