@@ -330,3 +330,21 @@ def _curve(cfg: FinetuneConfig, ctx, splits: Splits, train_set, val_set, best, b
         log(ctx.world, f"curve {fraction:.0%}: transfer {t_acc:.4f}, scratch {s_acc:.4f}")
     return {"fractions": list(CURVE_FRACTIONS), "strategy": cfg.strategy, "scratch_epochs": scratch_epochs, "rows": rows,
             "split": "val", "subsets": "stratified, seeded, each share a subset of the next; at least one image per class"}
+
+
+def format_summary(record: dict) -> str:
+    """The record for a terminal: each run, the transfer verdict, the gap, the curve."""
+    lines = [f"strategy {record['strategy']['name']}: {record['strategy']['why']}"]
+    for s in record["stages"]:
+        lines.append(f"  {s['name']:<22} val top-1 {s['val_accuracy']:.4f}  epochs {s['epochs_run']:>3}  {s['seconds']:>7.1f} s  {'kept' if s['accepted'] else 'rejected'}")
+    b = record.get("baseline")
+    if b:
+        lines.append(f"  {'from-scratch baseline':<22} val top-1 {b['scratch_val_accuracy']:.4f}  epochs {b['scratch']['epochs_run']:>3}  {b['scratch']['seconds']:>7.1f} s")
+        lines.append(f"transfer gain {b['transfer_gain_pp']:+.1f} pt: {b['verdict']}" + (" (cheap baseline)" if b["budget"]["cheap"] else ""))
+    d = record["diagnostics"]
+    lines.append(f"generalization gap (train - val top-1, eval mode): {d['generalization_gap_pp']:+.1f} pt")
+    if record.get("curve"):
+        lines.append("fraction  images  transfer  scratch  gain (pt)")
+        for r in record["curve"]["rows"]:
+            lines.append(f"{r['fraction']:>8.0%}  {r['train_images']:>6}  {r['transfer_val_accuracy']:>8.4f}  {r['scratch_val_accuracy']:>7.4f}  {r['transfer_gain_pp']:>+9.1f}")
+    return "\n".join(lines)

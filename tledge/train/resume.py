@@ -26,6 +26,7 @@ class Progress:
         self.fingerprint = hashlib.sha256(json.dumps(fingerprint, sort_keys=True, default=str).encode()).hexdigest()
         self.state = {"format": RESUME_FORMAT, "fingerprint": self.fingerprint, "done": {}, "models": {}, "partial": None}
         self.resumed = False
+        self._summary = None
         self._last_write = time.monotonic()
         if load and path is not None and path.is_file():
             self._load()
@@ -40,12 +41,12 @@ class Progress:
         if isinstance(state, dict) and state.get("format") == RESUME_FORMAT and state.get("fingerprint") == self.fingerprint:
             self.state = state
             self.resumed = bool(state["done"] or state["partial"])
+            p = state["partial"]
+            self._summary = {"runs_done": list(state["done"]), "run_in_progress": p and {"name": p["name"], "epochs_done": p["epoch"]}}
 
     def summary(self) -> dict | None:
-        if not self.resumed:
-            return None
-        p = self.state["partial"]
-        return {"runs_done": list(self.state["done"]), "run_in_progress": p and {"name": p["name"], "epochs_done": p["epoch"]}}
+        """What the fine-tune found done when it started (None: it started afresh)."""
+        return self._summary if self.resumed else None
 
     # --- finished runs -----------------------------------------------------------------------------------------
     def result(self, name: str) -> dict | None:
