@@ -48,7 +48,7 @@ def related_weights(tmp_path_factory) -> Path:
     y = torch.tensor([s.label for s in splits.train])
     opt = torch.optim.Adam(net.parameters(), lr=1e-2)
     net.train()
-    for _ in range(40):
+    for _ in range(25):
         opt.zero_grad()
         torch.nn.functional.cross_entropy(net(x), y).backward()
         opt.step()
