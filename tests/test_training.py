@@ -131,8 +131,15 @@ def test_new_settings_are_checked(tmp_path, kw, words):
 # --- strategies, baseline, diagnostics --------------------------------------------------------------------------
 
 
-def test_linear_on_related_weights_beats_scratch_and_records_diagnostics(tiny_dataset, related_weights, tmp_path):
-    record = finetune(_cfg(tiny_dataset, tmp_path, related_weights, strategy="linear", epochs=6, scratch=True, scratch_epochs=1))
+@pytest.fixture(scope="module")
+def linear_run(tiny_dataset, related_weights, tmp_path_factory):
+    """Feature extraction from related weights with the cheap baseline and the sample-efficiency curve."""
+    out = tmp_path_factory.mktemp("linear")
+    return out, finetune(_cfg(tiny_dataset, out, related_weights, strategy="linear", epochs=6, scratch=True, scratch_epochs=1, curve=True))
+
+
+def test_linear_on_related_weights_beats_scratch_and_records_diagnostics(linear_run):
+    out, record = linear_run
     assert record["strategy"]["name"] == "linear" and record["strategy"]["plan"] == ["feature-extraction"]
     assert [s["trainable_blocks"] for s in record["stages"]] == [0]
     b = record["baseline"]
@@ -151,7 +158,7 @@ def test_linear_on_related_weights_beats_scratch_and_records_diagnostics(tiny_da
     assert record["result"]["test_accuracy"] == d["test_split"]["accuracy"]
     h = record["stages"][0]["history"]
     assert {"train_loss", "train_accuracy", "val_accuracy", "val_loss", "lr"} <= set(h[0])
-    assert not (tmp_path / RESUME_FILE).exists()  # removed once the fine-tune completed
+    assert not (out / RESUME_FILE).exists()  # removed once the fine-tune completed
 
 
 def test_scratch_better_than_transfer_is_reported_loudly(tiny_dataset, tiny_weights, tmp_path):
@@ -199,8 +206,8 @@ def test_auto_thaws_while_validation_pays_and_says_why(tiny_dataset, related_wei
     assert all(s["decision"] for s in stages) and all(s["seconds"] > 0 for s in stages)
 
 
-def test_sample_efficiency_curve(tiny_dataset, related_weights, tmp_path):
-    record = finetune(_cfg(tiny_dataset, tmp_path, related_weights, strategy="linear", epochs=3, curve=True, scratch_epochs=1))
+def test_sample_efficiency_curve(linear_run):
+    _, record = linear_run
     rows = record["curve"]["rows"]
     assert [r["fraction"] for r in rows] == [0.1, 0.25, 0.5, 1.0]
     assert [r["train_images"] for r in rows] == [6, 12, 24, 48]  # at least one image per class, stratified
@@ -308,3 +315,22 @@ def test_cuda_mixed_precision_channels_last(tiny_dataset, tiny_weights, tmp_path
     assert all(math.isfinite(h["train_loss"]) for s in record["stages"] for h in s["history"])
     model, _ = load_checkpoint(tmp_path / "model.pt")  # saved on the CPU, float32
     assert next(model.parameters()).device.type == "cpu" and next(model.parameters()).dtype == torch.float32
+
+
+def test_strategy_and_baseline_from_the_config_file(tmp_path):
+    from tledge.config import merge
+
+    toml = tmp_path / "tledge.toml"
+    toml.write_text('[finetune]\nstrategy = "linear"\nscratch = true\nscratch_epochs = 2\naugment = "strong"\n\n[build]\nstrategy = "full"\nscratch = false\n')
+    given = {"data": tmp_path, "out": tmp_path, "strategy": "auto", "views": 3}
+    cfg = FinetuneConfig(**merge(toml, "finetune", given, {"views"}))
+    assert (cfg.strategy, cfg.scratch, cfg.scratch_epochs, cfg.augment, cfg.views) == ("linear", True, 2, "strong", 3)
+    assert FinetuneConfig(**merge(toml, "finetune", given, {"strategy"})).strategy == "auto"  # typed on the command line wins
+    from tledge.build import BuildConfig
+
+    b = BuildConfig(**merge(toml, "build", {"out": tmp_path}, set()))
+    ft = b.finetune_config(tmp_path, None, None)
+    assert (ft.strategy, ft.scratch) == ("full", False)
+    toml.write_text('[finetune]\nstrategy = "greedy"\n')
+    with pytest.raises(TledgeError, match="strategy must be one of"):
+        FinetuneConfig(**merge(toml, "finetune", given, set()))
