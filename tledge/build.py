@@ -22,7 +22,7 @@ REPO_CALIBRATION_DIR = Path(__file__).resolve().parent.parent / "calibration"
 DEFAULT_CALIBRATION = "digits-efficientnet_lite0-128.json"
 # The build's from-scratch baseline is a cheap one: a few epochs bound its cost (a positive gain is then an
 # upper bound, a gain <= 0 conclusive); `tledge finetune --scratch` gives it the full epoch budget.
-BUILD_SCRATCH_EPOCHS = 3
+BUILD_SCRATCH_EPOCHS = 2
 
 
 @dataclass(frozen=True)
@@ -82,7 +82,7 @@ class BuildConfig:
     def finetune_config(self, data: Path, image_size: int | None, resize: int | None) -> FinetuneConfig:
         return FinetuneConfig(data=data, out=self.out, model=self.model, weights=self.weights, image_size=image_size, resize=resize,
                               strategy=self.strategy, unfreeze=self.unfreeze, epochs=self.epochs, patience=self.patience,
-                              scratch=self.scratch, scratch_epochs=self.scratch_epochs, seed=self.seed)
+                              scratch=self.scratch and self.scratch_epochs > 0, scratch_epochs=self.scratch_epochs or None, seed=self.seed)
 
     def quantize_config(self, data: Path, calibration: Path | None) -> QuantizeConfig:
         return QuantizeConfig(
