@@ -214,7 +214,8 @@ def _finetune(cfg: FinetuneConfig, splits: Splits | None, on_epoch, world, devic
         "preprocess": pre.to_dict(),
         "dataset": splits.summary(),
         "strategy": {"name": "from-scratch" if from_scratch else cfg.strategy, "plan": [r.name for r in runs], "winner": best.name, "why": outcome.why,
-                     "cost": {"seconds": round(sum(r.seconds for r in runs), 2), "epochs": sum(r.epochs_run for r in runs)}},
+                     "cost": {"seconds": round(sum(r.seconds for r in runs), 2), "epochs": sum(r.epochs_run for r in runs),
+                              "cache_seconds": outcome.cache_seconds}},
         "stages": [r.to_dict() for r in runs],
         "baseline": baseline,
         "diagnostics": diagnostics,
@@ -256,7 +257,7 @@ def _baseline(best, scratch_run, runs, scratch_epochs: int, epochs: int) -> dict
         "budget": {"scratch_epochs": scratch_epochs, "transfer_epochs_per_step": epochs, "transfer_epochs_run": sum(r.epochs_run for r in runs),
                    "scratch_epochs_run": scratch_run.epochs_run, "transfer_seconds": round(sum(r.seconds for r in runs), 2),
                    "scratch_seconds": scratch_run.seconds, "cheap": cheap},
-        "fairness": ("same loop, augmentation preset, batch size, schedule and learning rate"
+        "fairness": ("same loop, augmentation preset, batch size, schedule and base learning rate"
                      + (f"; a cheap baseline ({scratch_epochs} epochs against up to {epochs} per transfer step): a positive gain is an upper bound, "
                         "a gain <= 0 is conclusive" if cheap else "; the same epoch cap as one transfer step")),
     }

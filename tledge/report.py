@@ -86,7 +86,8 @@ def _transfer_lines(ft: dict) -> list[str]:
     lines = []
     if "strategy" in ft:
         st = ft["strategy"]
-        lines += [f"Strategy `{st['name']}` ({st['cost']['epochs']} epochs, {st['cost']['seconds']:.0f} s in all): {st['why']}.", ""]
+        cache = f" after {st['cost']['cache_seconds']:.0f} s caching the frozen layers" if st["cost"].get("cache_seconds") else ""
+        lines += [f"Strategy `{st['name']}` ({st['cost']['epochs']} epochs, {st['cost']['seconds']:.0f} s of training{cache}): {st['why']}.", ""]
     if "transfer" in ft:
         t = ft["transfer"]
         loud = t["transfer_gain_pp"] <= 0

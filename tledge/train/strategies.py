@@ -20,6 +20,7 @@ exact averages over (up to 512) training images before each validation ("precise
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -275,6 +276,7 @@ class TransferOutcome:
     base: int | None  # where the activation cache sits (None: no cache)
     why: str
     cache_plain: tuple | None = None  # ((train x, y), (val x, y)) at base, eval views only (for the diagnostics)
+    cache_seconds: float = 0.0  # running the frozen bottom once
 
 
 def transfer(ctx: Context, model, strategy: str, unfreeze: tuple[int, ...], train: ImageSet, val: ImageSet,
@@ -286,7 +288,7 @@ def transfer(ctx: Context, model, strategy: str, unfreeze: tuple[int, ...], trai
     depth = len(model.blocks)
     steps = plan(strategy, depth, unfreeze)
     cached = [k for k in steps if k < depth]
-    base = None
+    base, t0 = None, time.perf_counter()
     if cached:
         if cache is not None:
             base, train_base, val_base = cache
@@ -294,6 +296,7 @@ def transfer(ctx: Context, model, strategy: str, unfreeze: tuple[int, ...], trai
             base = depth - max(cached)
             train_base = cache_activations(model, train, base, ctx.views, ctx.device, ctx.batch_size)
             val_base = cache_activations(model, val, base, 1, ctx.device, ctx.batch_size)
+    cache_seconds = round(time.perf_counter() - t0, 2)
     if ctx.progress is not None:
         ctx.progress.restore(track, model)
     model.to(ctx.device)
@@ -336,7 +339,7 @@ def transfer(ctx: Context, model, strategy: str, unfreeze: tuple[int, ...], trai
     if base is not None:
         n = len(train)
         plain = ((train_base[0][:n], train_base[1][:n]), val_base)  # view 0 comes first in the cache
-    return TransferOutcome(runs, best, best_start, base, why, plain)
+    return TransferOutcome(runs, best, best_start, base, why, plain, cache_seconds)
 
 
 def _decision(run: RunResult, previous: RunResult | None) -> str:
