@@ -280,22 +280,17 @@ class TransferOutcome:
 
 
 def transfer(ctx: Context, model, strategy: str, unfreeze: tuple[int, ...], train: ImageSet, val: ImageSet,
-             track: str = "transfer", cache=None) -> TransferOutcome:
-    """Run ``strategy`` on a pretrained ``model``; it ends holding the winner's weights.
-
-    ``cache``: (base, train activations, val activations) to reuse (the sample-efficiency curve slices one).
-    """
+             track: str = "transfer") -> TransferOutcome:
+    """Run ``strategy`` on a pretrained ``model``; it ends holding the winner's weights. ``track`` names its runs
+    in the resume file (the curve runs the same strategy on other tracks)."""
     depth = len(model.blocks)
     steps = plan(strategy, depth, unfreeze)
     cached = [k for k in steps if k < depth]
     base, t0 = None, time.perf_counter()
     if cached:
-        if cache is not None:
-            base, train_base, val_base = cache
-        else:
-            base = depth - max(cached)
-            train_base = cache_activations(model, train, base, ctx.views, ctx.device, ctx.batch_size)
-            val_base = cache_activations(model, val, base, 1, ctx.device, ctx.batch_size)
+        base = depth - max(cached)
+        train_base = cache_activations(model, train, base, ctx.views, ctx.device, ctx.batch_size)
+        val_base = cache_activations(model, val, base, 1, ctx.device, ctx.batch_size)
     cache_seconds = round(time.perf_counter() - t0, 2)
     if ctx.progress is not None:
         ctx.progress.restore(track, model)
