@@ -334,3 +334,30 @@ def test_strategy_and_baseline_from_the_config_file(tmp_path):
     toml.write_text('[finetune]\nstrategy = "greedy"\n')
     with pytest.raises(TledgeError, match="strategy must be one of"):
         FinetuneConfig(**merge(toml, "finetune", given, set()))
+
+
+def test_build_runs_the_cheap_baseline_and_the_report_says_no_transfer(tiny_dataset, tiny_weights, tmp_path):
+    """Default build settings for the baseline (on, 2 epochs): random "pretrained" weights do no better than scratch,
+    and the build log, the report's warnings and its fine-tuning section say so."""
+    out = tmp_path / "release"
+    proc = _cli("-m", "tledge.cli", "build", "--data", tiny_dataset, "--out", out, "--model", TINY, "--weights", tiny_weights,
+                "--epochs", "3", "--patience", "1", "--unfreeze", "2", "--num-calib", "6", "--bench-iterations", "3",
+                "--qat-epochs", "0", "--fallback-layers", "0", timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ft = json.loads((out / "finetune.json").read_text())
+    assert ft["config"]["strategy"] == "staged" and ft["baseline"]["budget"]["scratch_epochs"] == 2
+    verdict = ft["baseline"]["verdict"]
+    assert verdict in ("NEGATIVE TRANSFER", "NO TRANSFER GAIN") and ft["baseline"]["message"].startswith(verdict)
+    assert "transfer gain over a 2-epoch from-scratch baseline" in proc.stderr
+    assert f"tledge: warning: {ft['baseline']['message']}" in proc.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["warnings"][0] == ft["baseline"]["message"]
+    assert report["finetune"]["transfer"]["transfer_gain_pp"] == ft["baseline"]["transfer_gain_pp"] <= 0
+    assert report["finetune"]["diagnostics"]["val_confusion_matrix"]["classes"] == sorted(TINY_CLASSES)
+    md = (out / "report.md").read_text()
+    assert md.index(f"> **WARNING:** {verdict}") < md.index("## Fine-tuning") < md.index(f"> **{verdict}:**")
+    skipped = _cli("-m", "tledge.cli", "build", "--data", tiny_dataset, "--out", tmp_path / "no-scratch", "--model", TINY, "--weights", tiny_weights,
+                   "--epochs", "1", "--unfreeze", "none", "--num-calib", "6", "--bench-iterations", "3", "--qat-epochs", "0",
+                   "--fallback-layers", "0", "--no-scratch", timeout=600)
+    assert skipped.returncode == 0, skipped.stderr[-3000:]
+    assert json.loads((tmp_path / "no-scratch" / "finetune.json").read_text())["baseline"] is None

@@ -91,7 +91,8 @@ def _transfer_lines(ft: dict) -> list[str]:
     if "transfer" in ft:
         t = ft["transfer"]
         loud = t["transfer_gain_pp"] <= 0
-        lines += [("> **" + t["verdict"] + f":** {t['message']}." if loud else
+        detail = t["message"].removeprefix(f"{t['verdict']}: ")  # a loud message starts with its verdict
+        lines += [(f"> **{t['verdict']}:** {detail}." if loud else
                    f"Transfer gain over training from scratch: **{t['transfer_gain_pp']:+.1f} pt** of val top-1 "
                    f"({t['transfer_val_accuracy']:.4f} vs {t['scratch_val_accuracy']:.4f}, {t['verdict']})."),
                   "", f"Baseline: {t['budget']['scratch_epochs_run']} epochs from scratch in {t['budget']['scratch_seconds']:.0f} s; {t['fairness']}.", ""]
