@@ -361,3 +361,22 @@ def test_build_runs_the_cheap_baseline_and_the_report_says_no_transfer(tiny_data
                    "--fallback-layers", "0", "--no-scratch", timeout=600)
     assert skipped.returncode == 0, skipped.stderr[-3000:]
     assert json.loads((tmp_path / "no-scratch" / "finetune.json").read_text())["baseline"] is None
+
+
+def test_augmented_views_in_the_feature_cache(tiny_dataset, tiny_weights, tmp_path):
+    record = finetune(_cfg(tiny_dataset, tmp_path, tiny_weights, strategy="linear", epochs=2, views=3, augment="strong"))
+    assert record["training"]["views_in_cache"] == 3
+    # the epochs trained on 3 x 48 cached views, the diagnostics scored the 48 plain ones
+    assert np.array(record["diagnostics"]["train"]["confusion_matrix"]["counts"]).sum() == 48
+    plain = finetune(_cfg(tiny_dataset, tmp_path / "plain", tiny_weights, strategy="linear", epochs=2, views=1))
+    assert plain["stages"][0]["history"][0]["train_loss"] != record["stages"][0]["history"][0]["train_loss"]
+
+
+def test_class_weighted_loss_on_an_imbalanced_set(tmp_path, tiny_weights):
+    data = make_image_folder(tmp_path / "data", {"train": 4, "val": 4})
+    make_image_folder(tmp_path / "data", {"train": 20}, classes=("square",), seed=3)  # square: 20 train images, the others 4
+    counts = {c: len(list((data / "train" / c).iterdir())) for c in TINY_CLASSES}
+    assert counts == {"circle": 4, "square": 20, "stripes": 4}
+    runs = {b: finetune(_cfg(data, tmp_path / b, tiny_weights, strategy="linear", epochs=2, balance=b)) for b in ("loss", "none")}
+    assert runs["loss"]["training"]["balance"].startswith("inverse-frequency") and runs["none"]["training"]["balance"] == "none"
+    assert runs["loss"]["stages"][0]["history"][0]["train_loss"] != runs["none"]["stages"][0]["history"][0]["train_loss"]
