@@ -380,3 +380,11 @@ def test_class_weighted_loss_on_an_imbalanced_set(tmp_path, tiny_weights):
     runs = {b: finetune(_cfg(data, tmp_path / b, tiny_weights, strategy="linear", epochs=2, balance=b)) for b in ("loss", "none")}
     assert runs["loss"]["training"]["balance"].startswith("inverse-frequency") and runs["none"]["training"]["balance"] == "none"
     assert runs["loss"]["stages"][0]["history"][0]["train_loss"] != runs["none"]["stages"][0]["history"][0]["train_loss"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_cuda_asked_for_without_a_gpu_is_a_clear_error(tiny_dataset, tmp_path):
+    proc = _cli("-m", "tledge.cli", "finetune", "--data", tiny_dataset, "--out", tmp_path, "--model", TINY, "--weights", "none", "--device", "cuda")
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines() == [
+        "tledge: error: device 'cuda' asked for, but torch sees no CUDA device here; use --device cpu"]
+    assert not list(tmp_path.iterdir())

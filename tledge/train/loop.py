@@ -154,7 +154,13 @@ def fit(
     if world.distributed:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        model = DDP(net, device_ids=[device.index] if cuda else None, broadcast_buffers=False)
+        import inspect
+
+        # Buffers (BatchNorm statistics) are not synchronized every forward: frozen ones are equal on every rank,
+        # and from scratch they are recomputed identically on each rank before validation. torch >= 2.14 renamed
+        # the switch (broadcast_buffers still works there, with a warning).
+        sync = ("forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters else "broadcast_buffers")
+        model = DDP(net, device_ids=[device.index] if cuda else None, **{sync: False})
     lrs = {g.get("name", str(i)): g["lr"] for i, g in enumerate(param_groups)}  # peak rates (the schedule changes them in place)
     optimizer = torch.optim.AdamW(param_groups, weight_decay=settings.weight_decay)
     steps_per_epoch = max(1, len(loader))
