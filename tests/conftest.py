@@ -90,7 +90,7 @@ def tiny_pipeline(tiny_dataset, tiny_weights, tmp_path_factory) -> Path:
     from tledge.quantize import QuantizeConfig, quantize
 
     out = tmp_path_factory.mktemp("tiny_pipeline")
-    finetune(FinetuneConfig(data=tiny_dataset, out=out, model="test_efficientnet_lite", weights=str(tiny_weights), unfreeze=(2,), epochs=4, patience=2, batch_size=16, lr=1e-2))
+    finetune(FinetuneConfig(data=tiny_dataset, out=out, model="test_efficientnet_lite", weights=str(tiny_weights), strategy="staged", unfreeze=(2,), epochs=4, patience=2, batch_size=16, lr=1e-2))
     export_onnx(ExportConfig(checkpoint=out / "model.pt", out=out / "model.fp32.onnx", data=tiny_dataset))
     # fallback_layers=0: the budget is checked and recorded, but every layer stays quantized for the structure tests
     quantize(QuantizeConfig(model=out / "model.fp32.onnx", data=tiny_dataset, out_dir=out, num_images=24, fallback_layers=0))

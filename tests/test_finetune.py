@@ -25,7 +25,7 @@ def weights_file(tiny_weights) -> Path:
 
 
 def _config(data, out, weights, **kw) -> FinetuneConfig:
-    base = dict(data=data, out=out, model=TINY, weights=str(weights), unfreeze=(2,), epochs=4, patience=2, batch_size=16, lr=1e-2)
+    base = dict(data=data, out=out, model=TINY, weights=str(weights), strategy="staged", unfreeze=(2,), epochs=4, patience=2, batch_size=16, lr=1e-2)
     base.update(kw)
     return FinetuneConfig(**base)
 
@@ -138,7 +138,7 @@ def test_from_scratch_run_trains_everything_including_batchnorm(tiny_dataset, tm
 def test_stage_that_does_not_improve_is_rejected(tiny_dataset, weights_file, tmp_path):
     # lr_decay 1e-9 gives the unfreeze stage an lr of 1e-11, which cannot move validation by more than rounding
     # noise; a stage must beat the previous one by more than noise to be kept.
-    cfg = dict(model=TINY, weights=str(weights_file), epochs=2, patience=1, batch_size=16, lr=1e-2)
+    cfg = dict(model=TINY, weights=str(weights_file), strategy="staged", epochs=2, patience=1, batch_size=16, lr=1e-2)
     record = finetune(FinetuneConfig(data=tiny_dataset, out=tmp_path / "rejected", unfreeze=(4,), lr_decay=1e-9, **cfg))
     stages = record["stages"]
     assert [s["name"] for s in stages] == ["feature-extraction", "unfreeze-top-4"]

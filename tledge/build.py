@@ -22,6 +22,9 @@ DEFAULT_IMAGE_SIZE = 128
 # Package data, so an installed tledge (not only a source checkout) pins the default run's calibration images.
 PINNED_CALIBRATION_DIR = Path(__file__).resolve().parent / "calibration_sets"
 DEFAULT_CALIBRATION = "digits-efficientnet_lite0-128.json"
+# The build's from-scratch baseline is a cheap one: a few epochs bound its cost (a positive gain is then an
+# upper bound, a gain <= 0 conclusive); `tledge finetune --scratch` gives it the full epoch budget.
+BUILD_SCRATCH_EPOCHS = 2
 
 
 @dataclass(frozen=True)
@@ -39,9 +42,14 @@ class BuildConfig:
     weights: str = D(FinetuneConfig, "weights")
     image_size: int | None = None
     resize: int | None = None
+    # staged, not finetune's auto: auto may go on to thaw the whole network, minutes per epoch on a CPU; the
+    # build keeps its time (feature extraction, then the top 3 blocks if validation earns them).
+    strategy: str = "staged"
     unfreeze: tuple[int, ...] = D(FinetuneConfig, "unfreeze")
     epochs: int = D(FinetuneConfig, "epochs")
     patience: int = D(FinetuneConfig, "patience")
+    scratch: bool = True  # the cheap from-scratch baseline: is transfer better at all?
+    scratch_epochs: int = BUILD_SCRATCH_EPOCHS
     calibration: Path | None = None
     num_calib: int = D(QuantizeConfig, "num_images")
     calib_method: str = D(QuantizeConfig, "method")
@@ -75,7 +83,8 @@ class BuildConfig:
 
     def finetune_config(self, data: Path, image_size: int | None, resize: int | None) -> FinetuneConfig:
         return FinetuneConfig(data=data, out=self.out, model=self.model, weights=self.weights, image_size=image_size, resize=resize,
-                              unfreeze=self.unfreeze, epochs=self.epochs, patience=self.patience, seed=self.seed)
+                              strategy=self.strategy, unfreeze=self.unfreeze, epochs=self.epochs, patience=self.patience,
+                              scratch=self.scratch and self.scratch_epochs > 0, scratch_epochs=self.scratch_epochs or None, seed=self.seed)
 
     def quantize_config(self, data: Path, calibration: Path | None) -> QuantizeConfig:
         return QuantizeConfig(
@@ -162,6 +171,10 @@ def build(cfg: BuildConfig) -> dict:
     ft = finetune(cfg.finetune_config(data, image_size, resize))
     timings["finetune"] = time.perf_counter() - t
     _log(f"      val top-1 {ft['result']['val_accuracy']:.4f}" + (f", test top-1 {ft['result']['test_accuracy']:.4f}" if "test_accuracy" in ft["result"] else "") + f" ({timings['finetune']:.0f} s)")
+    _log(f"      {ft['strategy']['name']}: {ft['strategy']['why']}")
+    if ft.get("baseline"):
+        b = ft["baseline"]
+        _log(f"      transfer gain over a {b['budget']['scratch_epochs']}-epoch from-scratch baseline: {b['transfer_gain_pp']:+.1f} pt ({b['verdict']})")
 
     t = stage(2, "export ONNX and check parity with PyTorch")
     ex = export_onnx(ExportConfig(checkpoint=out / "model.pt", out=out / "model.fp32.onnx", data=data, seed=cfg.seed))

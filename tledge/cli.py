@@ -7,6 +7,7 @@ Exit codes: 0 success, 1 a user error (one line on stderr, no traceback), 2 bad 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -73,6 +74,9 @@ def build(
     image_size: Optional[int] = typer.Option(None, help="Network input size (default: the model's; 128 for the digits)."),
     resize: Optional[int] = typer.Option(None, help="Shorter side before the center crop (default keeps the model's ratio)."),
     unfreeze: str = typer.Option(",".join(map(str, D(BuildConfig, "unfreeze"))), help="Blocks thawed by each fine-tuning stage after feature extraction, e.g. 3 or 3,6; 'none' for feature extraction only."),
+    strategy: str = typer.Option(D(BuildConfig, "strategy"), help="Fine-tuning strategy: auto, linear, staged or full (see `tledge finetune --help`)."),
+    scratch: bool = typer.Option(D(BuildConfig, "scratch"), "--scratch/--no-scratch", help="Train a cheap from-scratch baseline and report the transfer gain (--no-scratch skips it)."),
+    scratch_epochs: int = typer.Option(D(BuildConfig, "scratch_epochs"), help="Epochs of that baseline (0 skips it too)."),
     epochs: int = typer.Option(D(BuildConfig, "epochs"), help="Most epochs per stage (early stopping ends sooner)."),
     patience: int = typer.Option(D(BuildConfig, "patience"), help="Epochs without validation improvement before a stage stops."),
     calibration: Optional[Path] = typer.Option(None, help="Calibration definition (JSON image list with sha256) to reuse."),
@@ -96,7 +100,8 @@ def build(
 
     given = dict(
         out=out, data=data, model=model, weights=weights, image_size=image_size, resize=resize,
-        unfreeze=_parse_unfreeze(unfreeze), epochs=epochs, patience=patience, calibration=calibration,
+        unfreeze=_parse_unfreeze(unfreeze), strategy=strategy, scratch=scratch, scratch_epochs=scratch_epochs,
+        epochs=epochs, patience=patience, calibration=calibration,
         num_calib=num_calib, calib_method=calib_method, cpu_target=cpu_target, trt_version=trt_version,
         max_top1_drop_pp=max_top1_drop, min_agreement=min_agreement, fallback_layers=fallback_layers, bias_correction=bias_correction,
         qat_epochs=qat_epochs, bench_iterations=bench_iterations, threads=threads, seed=seed,
@@ -114,7 +119,9 @@ def build(
 @app.command(epilog=_examples(
     "tledge finetune --data my_images --out runs/1",
     "tledge finetune --data my_images --out runs/2 --model resnet18 --unfreeze 1,2",
-    "tledge finetune --data my_images --out runs/3 --unfreeze none   # feature extraction only",
+    "tledge finetune --data my_images --out runs/3 --strategy linear   # feature extraction only",
+    "tledge finetune --data my_images --out runs/4 --scratch --curve   # transfer gain over scratch, sample efficiency",
+    "torchrun --nproc_per_node 4 -m tledge.cli finetune --data my_images --out runs/5   # DDP, one process per GPU",
 ))
 def finetune(
     ctx: typer.Context,
@@ -127,21 +134,35 @@ def finetune(
     unfreeze: str = typer.Option("3", help="Blocks thawed per stage after feature extraction, e.g. 3,6; 'none'."),
     epochs: int = typer.Option(D(FinetuneConfig, "epochs"), help="Most epochs per stage."),
     patience: int = typer.Option(D(FinetuneConfig, "patience"), help="Early-stopping patience in epochs."),
-    lr: float = typer.Option(D(FinetuneConfig, "lr"), help="Learning rate of feature extraction; stage k uses lr * lr_decay^k."),
+    lr: float = typer.Option(D(FinetuneConfig, "lr"), help="Learning rate of feature extraction; staged: step k uses lr * lr_decay^k; auto and full thaw at lr * lr_decay."),
     lr_decay: float = typer.Option(D(FinetuneConfig, "lr_decay"), help="Learning-rate factor per unfreezing stage."),
-    batch_size: int = typer.Option(D(FinetuneConfig, "batch_size"), help="Training batch size."),
+    batch_size: int = typer.Option(D(FinetuneConfig, "batch_size"), help="Training batch size (in all: under torchrun each process takes its share)."),
+    strategy: str = typer.Option(D(FinetuneConfig, "strategy"), help="auto (thaw more only while validation pays), linear (frozen backbone, cached features), staged (head, then the --unfreeze steps), full (every layer, low lr, warm-up)."),
+    augment: str = typer.Option(D(FinetuneConfig, "augment"), help="Train-time augmentation: none, light or strong (random resized crop, colour jitter)."),
+    hflip: bool = typer.Option(D(FinetuneConfig, "hflip"), "--hflip/--no-hflip", help="Add horizontal flips (only for classes a mirror keeps: not digits or text)."),
+    views: int = typer.Option(D(FinetuneConfig, "views"), help="Views per image in the activation cache of frozen layers (1: plain; more add augmented ones)."),
+    scratch: bool = typer.Option(D(FinetuneConfig, "scratch"), "--scratch/--no-scratch", help="Also train from scratch on the same loop and report the transfer gain."),
+    scratch_epochs: Optional[int] = typer.Option(None, help="Epochs of the from-scratch baseline (default: --epochs)."),
+    curve: bool = typer.Option(D(FinetuneConfig, "curve"), "--curve", help="Sample-efficiency curve: transfer vs scratch at 10/25/50/100% of the training labels (implies --scratch)."),
+    device: str = typer.Option(D(FinetuneConfig, "device"), help="auto, cpu, cuda or cuda:N (under torchrun: each process its LOCAL_RANK GPU)."),
+    amp: str = typer.Option(D(FinetuneConfig, "amp"), help="Mixed precision on CUDA: auto (bf16, else fp16), bf16, fp16, off."),
+    resume: bool = typer.Option(D(FinetuneConfig, "resume"), "--resume/--no-resume", help="Continue an interrupted run from OUT/finetune.resume.pt (same settings and data only)."),
     seed: int = typer.Option(D(FinetuneConfig, "seed"), help="Seed for splits and training."),
     config: Optional[Path] = typer.Option(None, "--config", help="A tledge.toml whose [finetune] sets any of this command's settings; flags typed here win."),
 ):
-    """Fine-tune a pretrained backbone: feature extraction, then staged unfreezing kept only if validation improves."""
+    """Fine-tune a pretrained backbone with a strategy that must earn each thawed layer on validation; optionally prove transfer beat training from scratch."""
     from .finetune import finetune as run
 
     given = dict(data=data, out=out, model=model, weights=weights, image_size=image_size, resize=resize,
                  unfreeze=_parse_unfreeze(unfreeze), epochs=epochs, patience=patience, lr=lr, lr_decay=lr_decay,
-                 batch_size=batch_size, seed=seed)
+                 batch_size=batch_size, strategy=strategy, augment=augment, hflip=hflip, views=views, scratch=scratch,
+                 scratch_epochs=scratch_epochs, curve=curve, device=device, amp=amp, resume=resume, seed=seed)
     record = run(FinetuneConfig(**merge(config, "finetune", given, _typed(ctx, {k: k for k in given}))))
-    for s in record["stages"]:
-        print(f"{s['name']:<22} val top-1 {s['val_accuracy']:.4f}  epochs {s['epochs_run']:>3}  {'kept' if s['accepted'] else 'rejected'}")
+    if os.environ.get("RANK", "0") != "0":
+        return  # under torchrun rank 0 speaks for all
+    from .finetune import format_summary
+
+    print(format_summary(record))
     print(f"wrote {out / 'model.pt'} and {out / 'finetune.json'}: " + ", ".join(f"{k} {v}" for k, v in record["result"].items()))
 
 

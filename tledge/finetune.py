@@ -1,29 +1,35 @@
-"""Transfer learning: feature extraction first, then staged unfreezing that must earn its keep on validation.
+"""The fine-tuning stage: a strategy that has to prove itself on validation, and a baseline that says whether
+transfer helped at all.
 
-Stage 0 trains the new classifier on a frozen backbone. Each later stage thaws more blocks from the top, with a
-learning rate ``lr_decay`` times lower, starting from the best weights so far; it is kept only if its best
-validation score beats the previous stage (otherwise the previous weights stay and staging stops). Every stage
-stops early after ``patience`` epochs without improvement.
+``strategy`` picks how much of the pretrained network trains (see :mod:`tledge.train.strategies`): ``auto``
+(default) starts frozen and thaws more only while validation top-1 rises; ``linear``, ``staged`` and ``full`` are
+the fixed recipes. Every run goes through the one loop (:func:`tledge.train.loop.fit`): AdamW, warm-up then
+cosine schedule, label smoothing, class-weighted loss, early stopping, best epoch kept, AMP and channels_last on
+CUDA, DistributedDataParallel under torchrun, resumable per epoch. Frozen layers run once and their activations
+are cached (the speed-up that makes CPU fine-tuning practical); layers that train see images augmented on the fly.
 
-Frozen blocks run once: their output is cached and the trainable top trains on the cache, which makes CPU
-fine-tuning practical. The cost is no random augmentation; batch-norm statistics stay frozen (the usual
-choice for small datasets, and it keeps the cache valid).
+With ``scratch=True`` the same loop, augmentation, batch size and schedule train a randomly initialized copy of
+the model (``scratch_epochs`` epochs): transfer gain = transfer's val top-1 minus scratch's. ``curve=True``
+repeats both at 10/25/50% of the training labels (the sample-efficiency curve). The record holds every run
+(what it cost, why it was kept), the generalization gap, per-class accuracy and the confusion matrices.
 
-``weights="none"`` (a from-scratch baseline) has nothing to transfer: it trains every block in one stage with
-batch-norm statistics updating, and ignores ``unfreeze``.
+``weights="none"`` has nothing to transfer: one run trains every block with batch-norm statistics updating.
 """
 
 from __future__ import annotations
 
-import copy
-import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-
-from .data import SPLITS_FILE, Preprocess, Splits, iter_batches, load_splits, write_splits
+from .data import SPLITS_FILE, Preprocess, Splits, load_splits, write_splits
 from .errors import TledgeError
+
+CURVE_FRACTIONS = (0.1, 0.25, 0.5, 1.0)
+STRATEGY_CHOICES = ("auto", "linear", "staged", "full")
+AUGMENT_CHOICES = ("none", "light", "strong")
+BALANCE_CHOICES = ("loss", "none")
+AMP_CHOICES = ("auto", "bf16", "fp16", "off")
 
 
 @dataclass(frozen=True)
@@ -36,14 +42,30 @@ class FinetuneConfig:
     weights: str = "pretrained"  # "pretrained", "none" or a state-dict path
     image_size: int | None = None
     resize: int | None = None  # shorter side before the center crop; None keeps the model's resize/size ratio
+    strategy: str = "auto"  # auto, linear, staged, full (tledge.train.strategies)
     unfreeze: tuple[int, ...] = (3,)  # blocks thawed (counted from the top) by each stage after feature extraction
     epochs: int = 40  # per stage, at most
     patience: int = 6
-    batch_size: int = 64
+    batch_size: int = 64  # in all: under torchrun each process takes batch_size / world size
     lr: float = 3e-3
     lr_decay: float = 0.1
+    layer_decay: float = 0.8  # discriminative rates: a block d places below the top trains at layer_decay**d x lr
     weight_decay: float = 1e-4
     label_smoothing: float = 0.1
+    warmup_epochs: float = 1.0
+    augment: str = "light"  # none, light, strong (tledge.train.augment)
+    hflip: bool = False  # only where a mirrored image keeps its class (not digits, text, arrows)
+    views: int = 1  # images per training image in an activation cache: 1 = the plain view, more add augmented ones
+    balance: str = "loss"  # loss: inverse-frequency class weights in the training loss; none
+    scratch: bool = False  # also train the from-scratch baseline and report the transfer gain
+    scratch_epochs: int | None = None  # None: epochs (the same budget as one transfer step)
+    curve: bool = False  # sample-efficiency curve: transfer and scratch at 10/25/50/100% of the training labels
+    device: str = "auto"  # auto, cpu, cuda, cuda:N
+    amp: str = "auto"  # auto: bf16 (or fp16) on CUDA, off on the CPU
+    channels_last: bool = True  # CUDA only
+    workers: int | None = None  # loader processes; None: 0 on the CPU, up to 8 on CUDA
+    resume: bool = True  # continue from out/finetune.resume.pt when it was written by the same settings and data
+    checkpoint_every_s: float = 60.0
     val_fraction: float = 0.15
     test_fraction: float = 0.15
     seed: int = 0
@@ -59,6 +81,15 @@ class FinetuneConfig:
                 raise TledgeError(f"{name} must be at least 1")
         if self.patience < 0 or self.lr <= 0 or not 0 < self.lr_decay <= 1:
             raise TledgeError("patience must be >= 0, lr > 0 and lr_decay in (0, 1]")
+        for name, choices in (("strategy", STRATEGY_CHOICES), ("augment", AUGMENT_CHOICES), ("balance", BALANCE_CHOICES), ("amp", AMP_CHOICES)):
+            if getattr(self, name) not in choices:
+                raise TledgeError(f"{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
+        if not 0 < self.layer_decay <= 1 or self.warmup_epochs < 0 or not 0 <= self.label_smoothing < 1:
+            raise TledgeError("layer_decay must be in (0, 1], warmup_epochs >= 0 and label_smoothing in [0, 1)")
+        if self.views < 1 or (self.scratch_epochs is not None and self.scratch_epochs < 1) or (self.workers is not None and self.workers < 0):
+            raise TledgeError("views and scratch_epochs must be at least 1, workers at least 0")
+        if self.device not in ("auto", "cpu", "cuda") and not (self.device.startswith("cuda:") and self.device[5:].isdigit()):
+            raise TledgeError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         from . import validate as V
 
         V.number("--image-size", self.image_size, minimum=8, optional=True)
@@ -75,20 +106,6 @@ class FinetuneConfig:
         return d
 
 
-@dataclass
-class StageResult:
-    name: str
-    trainable_blocks: int
-    lr: float
-    epochs_run: int
-    best_epoch: int
-    val_accuracy: float
-    val_loss: float
-    accepted: bool
-    seconds: float
-    history: list[dict] = field(default_factory=list)
-
-
 def resolve_preprocess(spec_pre: Preprocess, image_size: int | None, resize: int | None) -> Preprocess:
     """The model's preprocessing with the size overrides applied (resize keeps the model's crop ratio if unset)."""
     size = spec_pre.size if image_size is None else image_size
@@ -97,166 +114,43 @@ def resolve_preprocess(spec_pre: Preprocess, image_size: int | None, resize: int
     return Preprocess(size=size, resize=resize, mean=spec_pre.mean, std=spec_pre.std, interpolation=spec_pre.interpolation)
 
 
-def _cache_activations(model, samples, pre: Preprocess, stop: int, batch_size: int, desc: str):
-    """Run ``blocks[:stop]`` once over ``samples``; returns (activations, labels) tensors."""
-    import torch
-    from tqdm import tqdm
-
-    feats, labels = [], []
-    model.eval()  # frozen blocks must use their running statistics, never batch statistics
-    with torch.inference_mode():
-        for x, y in tqdm(iter_batches(samples, pre, batch_size), total=math.ceil(len(samples) / batch_size), desc=desc, unit="batch", leave=False):
-            feats.append(model.forward_blocks(torch.from_numpy(x), 0, stop))
-            labels.append(torch.from_numpy(y))
-    return torch.cat(feats), torch.cat(labels)
+# Settings that change how a run computes but not what it should learn: a resume may change them.
+_RESUME_NEUTRAL = ("resume", "checkpoint_every_s", "workers", "curve", "scratch", "out")
 
 
-def _run_blocks(model, acts, start: int, stop: int, batch_size: int = 256):
-    """Carry cached activations from ``blocks[start]`` to ``blocks[stop]`` (eval mode; identity if start == stop)."""
-    import torch
+def finetune(cfg: FinetuneConfig, splits: Splits | None = None, on_epoch=None) -> dict:
+    """Fine-tune ``cfg.model`` on ``cfg.data``; writes ``model.pt``, ``splits.json`` and ``finetune.json`` into ``cfg.out``.
 
-    if start == stop:
-        return acts
-    model.eval()
-    with torch.inference_mode():
-        return torch.cat([model.forward_blocks(acts[i : i + batch_size], start, stop) for i in range(0, len(acts), batch_size)])
-
-
-def _set_train_mode(model, start: int, train_bn: bool) -> None:
-    """Train mode for the thawed top (dropout on); BatchNorm keeps its pretrained statistics unless ``train_bn``."""
-    from torch import nn
-
-    model.eval()
-    for block in model.blocks[start:]:
-        block.train()
-    model.neck.train()
-    model.head.train()
-    if not train_bn:
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.eval()
-
-
-def _recompute_bn_statistics(model, start: int, acts, batch_size: int) -> None:
-    """Set every BatchNorm's running statistics to their exact average over the training set ("precise BN").
-
-    Running averages lag far behind the weights in short from-scratch runs, and validation in eval mode would
-    then judge a network that does not exist; one extra forward pass per epoch fixes that.
-    """
-    import torch
-    from torch import nn
-
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    momenta = [m.momentum for m in norms]
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative average over the batches below
-    model.train()
-    with torch.no_grad():
-        for i in range(0, len(acts), batch_size):
-            if len(acts[i : i + batch_size]) > 1:
-                model.forward_from(acts[i : i + batch_size], start)
-    for m, momentum in zip(norms, momenta):
-        m.momentum = momentum
-    model.eval()
-
-
-def _evaluate(model, start: int, acts, labels, batch_size: int, loss_fn) -> tuple[float, float]:
-    import torch
-
-    model.eval()
-    correct, loss_sum = 0, 0.0
-    with torch.inference_mode():
-        for i in range(0, len(acts), batch_size * 4):
-            logits = model.forward_from(acts[i : i + batch_size * 4], start)
-            y = labels[i : i + batch_size * 4]
-            loss_sum += float(loss_fn(logits, y)) * len(y)
-            correct += int((logits.argmax(1) == y).sum())
-    return correct / len(acts), loss_sum / len(acts)
-
-
-def _train_stage(model, start: int, lr: float, cfg: FinetuneConfig, train, val, desc: str, train_bn: bool = False) -> StageResult:
-    import torch
-    from tqdm import tqdm
-
-    for p in model.parameters():
-        p.requires_grad_(False)
-    trainable = [p for module in (*model.blocks[start:], model.neck, model.head) for p in module.parameters()]
-    for p in trainable:
-        p.requires_grad_(True)
-    optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=cfg.weight_decay)
-    loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    eval_loss = torch.nn.CrossEntropyLoss()
-    generator = torch.Generator().manual_seed(cfg.seed)
-    (train_x, train_y), (val_x, val_y) = train, val
-
-    best = (-1.0, math.inf)
-    best_state, best_epoch, history = None, 0, []
-    started = time.perf_counter()
-    bar = tqdm(range(1, cfg.epochs + 1), desc=desc, unit="epoch", leave=False)
-    for epoch in bar:
-        _set_train_mode(model, start, train_bn)
-        order = torch.randperm(len(train_x), generator=generator)
-        train_loss, seen = 0.0, 0
-        for i in range(0, len(order), cfg.batch_size):
-            idx = order[i : i + cfg.batch_size]
-            if train_bn and len(idx) < 2:
-                continue  # BatchNorm cannot take batch statistics of one sample
-            loss = loss_fn(model.forward_from(train_x[idx], start), train_y[idx])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            train_loss += loss.item() * len(idx)
-            seen += len(idx)
-        if train_bn:
-            _recompute_bn_statistics(model, start, train_x, cfg.batch_size)
-        val_acc, val_loss = _evaluate(model, start, val_x, val_y, cfg.batch_size, eval_loss)
-        history.append({"epoch": epoch, "train_loss": round(train_loss / max(seen, 1), 5), "val_accuracy": round(val_acc, 5), "val_loss": round(val_loss, 5)})
-        bar.set_postfix(val_acc=f"{val_acc:.4f}", val_loss=f"{val_loss:.4f}")
-        if (val_acc, -val_loss) > (best[0], -best[1]):
-            best, best_epoch = (val_acc, val_loss), epoch
-            best_state = copy.deepcopy(model.state_dict())
-        elif epoch - best_epoch >= cfg.patience:
-            break
-    bar.close()
-    model.load_state_dict(best_state)
-    return StageResult(
-        name=desc, trainable_blocks=len(model.blocks) - start, lr=lr, epochs_run=len(history), best_epoch=best_epoch,
-        val_accuracy=best[0], val_loss=best[1], accepted=True, seconds=round(time.perf_counter() - started, 2), history=history,
-    )
-
-
-# A thawing stage must beat the previous one on validation by more than noise: higher top-1, or the same top-1
-# and a loss lower by this much (relative). Otherwise last-bit differences could "earn" a stage.
-MIN_LOSS_GAIN = 1e-3
-
-
-def _earns_its_keep(stage: StageResult, previous: StageResult) -> bool:
-    if stage.val_accuracy != previous.val_accuracy:
-        return stage.val_accuracy > previous.val_accuracy
-    return stage.val_loss < previous.val_loss * (1 - MIN_LOSS_GAIN)
-
-
-def _check_finite_losses(stage: StageResult) -> None:
-    """A NaN or infinite loss means training diverged: stop rather than save a model that computes garbage."""
-    for h in stage.history:
-        if not (math.isfinite(h["train_loss"]) and math.isfinite(h["val_loss"])):
-            raise TledgeError(f"training diverged in stage {stage.name}, epoch {h['epoch']}: the loss is {h['train_loss']} (train), "
-                              f"{h['val_loss']} (val). Lower --lr, or check the weights and images; nothing was written")
-
-
-def finetune(cfg: FinetuneConfig, splits: Splits | None = None) -> dict:
-    """Fine-tune ``cfg.model`` on ``cfg.data``; writes ``model.pt`` and ``finetune.json`` into ``cfg.out``.
-
-    Returns the record that ``finetune.json`` holds: the resolved config, the dataset, one entry per stage (kept or
-    rejected) and the final validation and evaluation-split accuracy in PyTorch FP32.
+    Returns the record that ``finetune.json`` holds: the resolved config, the dataset, every run of the strategy
+    (kept or rejected, with its cost and learning curve), the baseline and transfer gain when asked for, the
+    diagnostics and the final validation and test accuracy in PyTorch FP32. Under torchrun every rank returns
+    the record and only rank 0 writes. ``on_epoch(run name, epoch)`` is called after each epoch.
 
     >>> finetune(FinetuneConfig(data="my_images", out="runs/1"))  # doctest: +SKIP
+    >>> finetune(FinetuneConfig(data="my_images", out="runs/2", strategy="linear", scratch=True))  # doctest: +SKIP
     """
+    from .train import distributed as dist
+
+    world = dist.world_from_env()
+    device = dist.resolve_device(cfg.device, world)
+    created = dist.init(world, device)
+    try:
+        return _finetune(cfg, splits, on_epoch, world, device)
+    finally:
+        dist.finish(created)
+
+
+def _finetune(cfg: FinetuneConfig, splits: Splits | None, on_epoch, world, device) -> dict:
     import torch
 
     from .artifacts import write_json
     from .models import create_model, save_checkpoint
+    from .train import strategies as S
+    from .train.augment import preset
+    from .train.distributed import log
+    from .train.loader import ImageSet
+    from .train.loop import LoopSettings, amp_dtype
+    from .train.resume import RESUME_FILE, Progress
 
     from . import validate
 
@@ -267,67 +161,207 @@ def finetune(cfg: FinetuneConfig, splits: Splits | None = None) -> dict:
     model, spec = create_model(cfg.model, cfg.weights, num_classes=len(splits.classes), seed=cfg.seed)
     pre = resolve_preprocess(spec.preprocess, cfg.image_size, cfg.resize)
     depth = len(model.blocks)
-    if cfg.weights != "none" and cfg.unfreeze and cfg.unfreeze[-1] > depth:
+    from_scratch = cfg.weights == "none"
+    if not from_scratch and cfg.strategy in ("staged", "auto") and cfg.unfreeze and cfg.unfreeze[-1] > depth:
         raise TledgeError(f"{cfg.model} has {depth} blocks; cannot unfreeze {cfg.unfreeze[-1]}")
+
+    aug = preset(cfg.augment, cfg.hflip)
+    train_set = ImageSet(splits.train, pre, aug, cfg.seed)
+    val_set = ImageSet(splits.val, pre, None, cfg.seed)
+    fingerprint = {"config": {k: v for k, v in cfg.to_dict().items() if k not in _RESUME_NEUTRAL}, "world": world.size,
+                   "samples": [[str(s.path), s.label] for s in splits.train + splits.val]}
+    progress = Progress(cfg.out / RESUME_FILE, fingerprint, writer=world.writer, every_s=cfg.checkpoint_every_s, load=cfg.resume)
+    if progress.resumed:
+        log(world, f"resuming from {cfg.out / RESUME_FILE}: {progress.summary()}")
+    settings = LoopSettings(patience=cfg.patience, weight_decay=cfg.weight_decay, label_smoothing=cfg.label_smoothing,
+                            warmup_epochs=cfg.warmup_epochs, amp=cfg.amp, channels_last=cfg.channels_last, seed=cfg.seed)
+    ctx = S.Context(settings=settings, device=device, world=world, batch_size=cfg.batch_size, epochs=cfg.epochs, lr=cfg.lr,
+                    lr_decay=cfg.lr_decay, layer_decay=cfg.layer_decay, views=cfg.views, num_classes=len(splits.classes),
+                    balance=cfg.balance, progress=progress, on_epoch=on_epoch)
     torch.manual_seed(cfg.seed)
 
-    # From scratch there is nothing to transfer: one stage trains every block, BatchNorm statistics included.
-    # Otherwise: feature extraction, then each entry of ``unfreeze``.
-    from_scratch = cfg.weights == "none"
-    plan = [depth] if from_scratch else [0, *cfg.unfreeze]
+    warnings: list[str] = []
+    scratch_epochs = cfg.scratch_epochs or cfg.epochs
+    if from_scratch:
+        run = S.scratch(ctx, model, train_set, val_set, cfg.epochs, track="model")
+        outcome = S.TransferOutcome([run], run, 0, None, "from scratch (weights none): one run of every layer", None)
+    else:
+        outcome = S.transfer(ctx, model, cfg.strategy, cfg.unfreeze, train_set, val_set)
+        log(world, f"{cfg.strategy}: {outcome.why}")
+    runs, best = outcome.runs, outcome.best
 
-    # Decode and run the images once, up to the deepest block any stage thaws. Each stage thaws more blocks than
-    # the one before, so the blocks between that cache and a stage's thawed top are still untouched: carrying the
-    # cache through them gives exactly what a fresh pass would.
-    base = depth - max(plan)
-    train_base = _cache_activations(model, splits.train, pre, base, cfg.batch_size, "caching train activations")
-    val_base = _cache_activations(model, splits.val, pre, base, cfg.batch_size, "caching val activations")
-
-    stages: list[StageResult] = []
-    best: StageResult | None = None
-    for k, thawed in enumerate(plan):
-        start = depth - thawed
-        name = "from-scratch" if from_scratch else "feature-extraction" if thawed == 0 else f"unfreeze-top-{thawed}"
-        train = (_run_blocks(model, train_base[0], base, start), train_base[1])
-        val = (_run_blocks(model, val_base[0], base, start), val_base[1])
-        previous = copy.deepcopy(model.state_dict())
-        result = _train_stage(model, start, cfg.lr * cfg.lr_decay**k, cfg, train, val, name, train_bn=from_scratch)
-        stages.append(result)
-        _check_finite_losses(result)
-        if best is not None and not _earns_its_keep(result, best):
-            result.accepted = False
-            model.load_state_dict(previous)
-            break  # validation did not earn this stage: keep the previous weights, thaw no further
-        best = result
-    del train, val, train_base, val_base
+    baseline = None
+    if (cfg.scratch or cfg.curve) and not from_scratch:
+        scratch_model, _ = create_model(cfg.model, "none", num_classes=len(splits.classes), seed=cfg.seed)
+        sc = S.scratch(ctx, scratch_model, train_set, val_set, scratch_epochs)
+        baseline = _baseline(best, sc, runs, scratch_epochs, cfg.epochs)
+        log(world, f"transfer gain over scratch: {baseline['transfer_gain_pp']:+.1f} pt ({baseline['verdict']})")
+        if baseline["transfer_gain_pp"] <= 0:
+            warnings.append(baseline["message"])
+        del scratch_model
 
     model.eval()
-    final = {"val_accuracy": best.val_accuracy, "val_loss": best.val_loss}
-    if splits.test:
-        test_x, test_y = _cache_activations(model, splits.test, pre, depth, cfg.batch_size, "evaluating test")
-        acc, loss = _evaluate(model, depth, test_x, test_y, cfg.batch_size, torch.nn.CrossEntropyLoss())
-        final.update(test_accuracy=acc, test_loss=loss)
+    diagnostics = _diagnostics(model, outcome, train_set, val_set, splits, pre, cfg, device)
+    curve = _curve(cfg, ctx, splits, train_set, val_set, best, baseline, scratch_epochs, outcome) if cfg.curve and baseline else None
+    final = {"val_accuracy": best.val_accuracy, "val_loss": best.val_loss, **diagnostics.pop("test", {})}
+    model.to("cpu")
 
-    validate.finite_state(model.state_dict(), "the fine-tuned model")
-    cfg.out.mkdir(parents=True, exist_ok=True)
-    validate.start_rewrite(cfg.out, "finetune")
-    # Written once, here: every later stage reads this split instead of re-deriving it from (seed, fractions).
-    splits_sha256 = write_splits(splits, cfg.out / SPLITS_FILE, cfg.seed, cfg.val_fraction, cfg.test_fraction)
+    dtype = amp_dtype(cfg.amp, device)
+    training = {
+        "device": str(device), "world_size": world.size, "batch_per_process": ctx.rank_batch,
+        "amp": str(dtype).replace("torch.", "") if dtype is not None else "off (float32)",
+        "channels_last": cfg.channels_last and device.type == "cuda",
+        "augment": aug.to_dict(), "views_in_cache": cfg.views if outcome.base is not None else None,
+        "balance": "inverse-frequency class weights in the training loss" if cfg.balance == "loss" else "none",
+        "batchnorm": ("trains; running statistics recomputed over the training images before each validation" if from_scratch
+                      else "frozen: pretrained running statistics, BatchNorm layers in eval mode; their scale and shift train when their block is thawed"),
+        "decode": {"images_in_memory": train_set.cached, "seconds": round(train_set.decode_seconds + val_set.decode_seconds, 2)},
+        "resumed": progress.summary(),
+    }
     record = {
         "stage": "finetune",
         "artifacts": [SPLITS_FILE, "model.pt", "finetune.json"],
-        "splits": {"path": SPLITS_FILE, "sha256": splits_sha256},
         "config": cfg.to_dict(),
         "model": {"arch": cfg.model, "weights": cfg.weights, "weights_source": spec.weights_source if cfg.weights == "pretrained" else cfg.weights,
                   "blocks": depth, "trainable_blocks": best.trainable_blocks, "parameters": sum(p.numel() for p in model.parameters())},
         "preprocess": pre.to_dict(),
         "dataset": splits.summary(),
-        "stages": [asdict(s) for s in stages],
+        "strategy": {"name": "from-scratch" if from_scratch else cfg.strategy, "plan": [r.name for r in runs], "winner": best.name, "why": outcome.why,
+                     "cost": {"seconds": round(sum(r.seconds for r in runs), 2), "epochs": sum(r.epochs_run for r in runs),
+                              "cache_seconds": outcome.cache_seconds}},
+        "stages": [r.to_dict() for r in runs],
+        "baseline": baseline,
+        "diagnostics": diagnostics,
+        "curve": curve,
+        "training": training,
+        "warnings": warnings,
         "result": {k: round(v, 5) for k, v in final.items()},
         "seconds": round(time.perf_counter() - started, 2),
         "checkpoint": "model.pt",
     }
-    save_checkpoint(cfg.out / "model.pt", model, cfg.model, splits.classes, pre, extra={"finetune": record["result"], "splits_sha256": splits_sha256})
-    record["sha256"] = validate.digests(cfg.out, [SPLITS_FILE, "model.pt"])
-    write_json(cfg.out / "finetune.json", record)
+    validate.finite_state(model.state_dict(), "the fine-tuned model")
+    if world.writer:
+        cfg.out.mkdir(parents=True, exist_ok=True)
+        validate.start_rewrite(cfg.out, "finetune")
+        # Written once, here: every later stage reads this split instead of re-deriving it from (seed, fractions).
+        splits_sha256 = write_splits(splits, cfg.out / SPLITS_FILE, cfg.seed, cfg.val_fraction, cfg.test_fraction)
+        record["splits"] = {"path": SPLITS_FILE, "sha256": splits_sha256}
+        save_checkpoint(cfg.out / "model.pt", model, cfg.model, splits.classes, pre, extra={"finetune": record["result"], "splits_sha256": splits_sha256})
+        record["sha256"] = validate.digests(cfg.out, [SPLITS_FILE, "model.pt"])
+        write_json(cfg.out / "finetune.json", record)
+        progress.remove()
     return record
+
+
+def _baseline(best, scratch_run, runs, scratch_epochs: int, epochs: int) -> dict:
+    """Transfer gain = transfer's val top-1 - scratch's, and a verdict a reader cannot miss."""
+    gain = round((best.val_accuracy - scratch_run.val_accuracy) * 100, 2)
+    if gain > 0:
+        verdict, message = "positive transfer", f"transfer beat training from scratch by {gain:.1f} pt of val top-1"
+    elif gain == 0:
+        verdict = "NO TRANSFER GAIN"
+        message = f"NO TRANSFER GAIN: training from scratch reached the same val top-1 ({scratch_run.val_accuracy:.4f}) as transfer"
+    else:
+        verdict = "NEGATIVE TRANSFER"
+        message = (f"NEGATIVE TRANSFER: training from scratch beat the pretrained model by {-gain:.1f} pt of val top-1 "
+                   f"({scratch_run.val_accuracy:.4f} vs {best.val_accuracy:.4f}); the pretrained features do not fit this data")
+    cheap = scratch_epochs < epochs
+    return {
+        "scratch": scratch_run.to_dict(),
+        "transfer_val_accuracy": round(best.val_accuracy, 5), "scratch_val_accuracy": round(scratch_run.val_accuracy, 5),
+        "transfer_gain_pp": gain, "verdict": verdict, "message": message,
+        "budget": {"scratch_epochs": scratch_epochs, "transfer_epochs_per_step": epochs, "transfer_epochs_run": sum(r.epochs_run for r in runs),
+                   "scratch_epochs_run": scratch_run.epochs_run, "transfer_seconds": round(sum(r.seconds for r in runs), 2),
+                   "scratch_seconds": scratch_run.seconds, "cheap": cheap},
+        "fairness": ("same loop, augmentation preset, batch size, schedule and base learning rate"
+                     + (f"; a cheap baseline ({scratch_epochs} epochs against up to {epochs} per transfer step): a positive gain is an upper bound, "
+                        "a gain <= 0 is conclusive" if cheap else "; the same epoch cap as one transfer step")),
+    }
+
+
+def _confusion(logits, labels, classes: list[str]) -> dict:
+    import numpy as np
+
+    pred = logits.argmax(1).numpy()
+    y = labels.numpy()
+    n = len(classes)
+    matrix = np.zeros((n, n), dtype=np.int64)
+    np.add.at(matrix, (y, pred), 1)
+    per_class = {c: round(float(matrix[i, i] / matrix[i].sum()), 5) if matrix[i].sum() else None for i, c in enumerate(classes)}
+    return {"accuracy": round(float((pred == y).mean()), 5) if len(y) else None, "per_class_accuracy": per_class,
+            "confusion_matrix": {"rows": "true class", "columns": "predicted class", "classes": classes, "counts": matrix.tolist()}}
+
+
+def _diagnostics(model, outcome, train_set, val_set, splits: Splits, pre, cfg: FinetuneConfig, device) -> dict:
+    """Eval-mode accuracy on train (plain views) and val, the generalization gap, per-class accuracy and
+    confusion matrices; learning curves are each run's ``history``."""
+    import torch
+
+    from .train import strategies as S
+    from .train.loader import ImageSet
+    from .train.loop import predict
+
+    model.to(device).eval()
+    batch = cfg.batch_size * 2
+    if outcome.base is not None and outcome.start >= outcome.base:  # nothing below the cache trained
+        (tx, ty), (vx, vy) = outcome.cache_plain
+        forward = lambda x: model.forward_from(x, outcome.base)  # noqa: E731  the cache holds the eval views, frozen below base
+        train = predict(forward, S.tensor_batches(tx, ty, batch), device)
+        val = predict(forward, S.tensor_batches(vx, vy, batch), device)
+    else:
+        train = predict(model, S.image_batches(train_set, batch), device)
+        val = predict(model, S.image_batches(val_set, batch), device)
+    out = {"train": _confusion(*train, splits.classes), "val": _confusion(*val, splits.classes)}
+    out["generalization_gap_pp"] = round((out["train"]["accuracy"] - out["val"]["accuracy"]) * 100, 2)
+    out["learning_curves"] = "stages[*].history (and baseline.scratch.history): train loss and accuracy, val loss and accuracy, lr per epoch"
+    if splits.test:
+        test_set = ImageSet(splits.test, pre, None, cfg.seed)
+        logits, labels = predict(model, S.image_batches(test_set, batch), device)
+        out["test_split"] = _confusion(logits, labels, splits.classes)
+        loss = float(torch.nn.functional.cross_entropy(logits, labels)) if len(labels) else float("nan")
+        out["test"] = {"test_accuracy": out["test_split"]["accuracy"], "test_loss": loss}
+    return out
+
+
+def _curve(cfg: FinetuneConfig, ctx, splits: Splits, train_set, val_set, best, baseline: dict, scratch_epochs: int, outcome) -> dict:
+    """Validation top-1 of transfer (the same strategy) and of scratch at each share of the training labels."""
+    from .models import create_model
+    from .train import strategies as S
+    from .train.distributed import log
+
+    rows = []
+    for fraction in CURVE_FRACTIONS:
+        if fraction == 1.0:
+            t_acc, s_acc, n = best.val_accuracy, baseline["scratch_val_accuracy"], len(splits.train)
+        else:
+            sub = train_set.subset(S.subset(splits.train, fraction, cfg.seed))
+            tag = f"curve-{round(fraction * 100)}"
+            m, _ = create_model(cfg.model, cfg.weights, num_classes=len(splits.classes), seed=cfg.seed)
+            t_acc = S.transfer(ctx, m, cfg.strategy, cfg.unfreeze, sub, val_set, track=f"{tag}/transfer").best.val_accuracy
+            m, _ = create_model(cfg.model, "none", num_classes=len(splits.classes), seed=cfg.seed)
+            s_acc = S.scratch(ctx, m, sub, val_set, scratch_epochs, track=f"{tag}/scratch").val_accuracy
+            n = len(sub)
+            del m
+        rows.append({"fraction": fraction, "train_images": n, "transfer_val_accuracy": round(t_acc, 5),
+                     "scratch_val_accuracy": round(s_acc, 5), "transfer_gain_pp": round((t_acc - s_acc) * 100, 2)})
+        log(ctx.world, f"curve {fraction:.0%}: transfer {t_acc:.4f}, scratch {s_acc:.4f}")
+    return {"fractions": list(CURVE_FRACTIONS), "strategy": cfg.strategy, "scratch_epochs": scratch_epochs, "rows": rows,
+            "split": "val", "subsets": "stratified, seeded, each share a subset of the next; at least one image per class"}
+
+
+def format_summary(record: dict) -> str:
+    """The record for a terminal: each run, the transfer verdict, the gap, the curve."""
+    lines = [f"strategy {record['strategy']['name']}: {record['strategy']['why']}"]
+    for s in record["stages"]:
+        lines.append(f"  {s['name']:<22} val top-1 {s['val_accuracy']:.4f}  epochs {s['epochs_run']:>3}  {s['seconds']:>7.1f} s  {'kept' if s['accepted'] else 'rejected'}")
+    b = record.get("baseline")
+    if b:
+        lines.append(f"  {'from-scratch baseline':<22} val top-1 {b['scratch_val_accuracy']:.4f}  epochs {b['scratch']['epochs_run']:>3}  {b['scratch']['seconds']:>7.1f} s")
+        lines.append(f"transfer gain {b['transfer_gain_pp']:+.1f} pt: {b['verdict']}" + (" (cheap baseline)" if b["budget"]["cheap"] else ""))
+    d = record["diagnostics"]
+    lines.append(f"generalization gap (train - val top-1, eval mode): {d['generalization_gap_pp']:+.1f} pt")
+    if record.get("curve"):
+        lines.append("fraction  images  transfer  scratch  gain (pt)")
+        for r in record["curve"]["rows"]:
+            lines.append(f"{r['fraction']:>8.0%}  {r['train_images']:>6}  {r['transfer_val_accuracy']:>8.4f}  {r['scratch_val_accuracy']:>7.4f}  {r['transfer_gain_pp']:>+9.1f}")
+    return "\n".join(lines)

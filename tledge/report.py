@@ -44,7 +44,7 @@ def _summary(records: dict) -> dict:
             }
             for name, v in bench["variants"].items()
         },
-        "warnings": records.get("quantize", {}).get("warnings", []) + bench.get("warnings", []),
+        "warnings": records.get("finetune", {}).get("warnings", []) + records.get("quantize", {}).get("warnings", []) + bench.get("warnings", []),
     }
     if "finetune" in records:
         ft = records["finetune"]
@@ -54,12 +54,60 @@ def _summary(records: dict) -> dict:
             "stages": [{k: s[k] for k in ("name", "trainable_blocks", "lr", "epochs_run", "best_epoch", "val_accuracy", "accepted", "seconds", "history") if k in s}
                        for s in ft["stages"]],
             "result": ft["result"],
+            **_transfer_summary(ft),
         }
     if "export" in records:
         summary["export"] = {"opset": records["export"]["onnx"]["opset"], "parity": records["export"]["parity"]}
     if "quantize" in records:
         summary["quantize"] = {"calibration": records["quantize"]["calibration"], "models": records["quantize"]["models"]}
     return summary
+
+
+def _transfer_summary(ft: dict) -> dict:
+    """What the fine-tune proved: strategy and why it won, transfer gain over scratch, gap, curve (records from
+    before strategies existed have none of it)."""
+    out = {}
+    if ft.get("strategy"):
+        out["strategy"] = ft["strategy"]
+    if ft.get("baseline"):
+        b = ft["baseline"]
+        out["transfer"] = {k: b[k] for k in ("transfer_val_accuracy", "scratch_val_accuracy", "transfer_gain_pp", "verdict", "message", "budget", "fairness")}
+    if ft.get("diagnostics"):
+        d = ft["diagnostics"]
+        out["diagnostics"] = {"generalization_gap_pp": d["generalization_gap_pp"], "train_accuracy": d["train"]["accuracy"],
+                              "val_accuracy": d["val"]["accuracy"], "val_per_class_accuracy": d["val"]["per_class_accuracy"],
+                              "val_confusion_matrix": d["val"]["confusion_matrix"]}
+    if ft.get("curve"):
+        out["curve"] = ft["curve"]
+    return out
+
+
+def _transfer_lines(ft: dict) -> list[str]:
+    lines = []
+    if "strategy" in ft:
+        st = ft["strategy"]
+        cache = f" after {st['cost']['cache_seconds']:.0f} s caching the frozen layers" if st["cost"].get("cache_seconds") else ""
+        lines += [f"Strategy `{st['name']}` ({st['cost']['epochs']} epochs, {st['cost']['seconds']:.0f} s of training{cache}): {st['why']}.", ""]
+    if "transfer" in ft:
+        t = ft["transfer"]
+        loud = t["transfer_gain_pp"] <= 0
+        detail = t["message"].removeprefix(f"{t['verdict']}: ")  # a loud message starts with its verdict
+        lines += [(f"> **{t['verdict']}:** {detail}." if loud else
+                   f"Transfer gain over training from scratch: **{t['transfer_gain_pp']:+.1f} pt** of val top-1 "
+                   f"({t['transfer_val_accuracy']:.4f} vs {t['scratch_val_accuracy']:.4f}, {t['verdict']})."),
+                  "", f"Baseline: {t['budget']['scratch_epochs_run']} epochs from scratch in {t['budget']['scratch_seconds']:.0f} s; {t['fairness']}.", ""]
+    if "diagnostics" in ft:
+        d = ft["diagnostics"]
+        worst = sorted((v, c) for c, v in d["val_per_class_accuracy"].items() if v is not None)[:3]
+        lines += [f"Generalization gap (train - val top-1, eval mode): {d['generalization_gap_pp']:+.1f} pt "
+                  f"({d['train_accuracy']:.4f} vs {d['val_accuracy']:.4f}). Weakest classes on val: "
+                  + ", ".join(f"{c} {v:.2f}" for v, c in worst) + " (per-class accuracy and confusion matrix in report.json).", ""]
+    if "curve" in ft:
+        lines += ["| share of training labels | images | transfer val top-1 | scratch val top-1 | gain (pt) |", "|---|---|---|---|---|"]
+        lines += [f"| {r['fraction']:.0%} | {r['train_images']} | {r['transfer_val_accuracy']:.4f} | {r['scratch_val_accuracy']:.4f} | {r['transfer_gain_pp']:+.1f} |"
+                  for r in ft["curve"]["rows"]]
+        lines.append("")
+    return lines
 
 
 def _bar_chart_svg(title: str, rows: list[tuple[str, float, str]]) -> str:
@@ -160,6 +208,7 @@ def _markdown(summary: dict, extra: dict | None) -> str:
         for s in ft["stages"]:
             lines.append(f"| {s['name']} | {s['trainable_blocks']} | {s['lr']:.2g} | {s['epochs_run']} | {s['best_epoch']} | {s['val_accuracy']:.4f} | {'yes' if s['accepted'] else 'no: validation did not improve'} |")
         lines += ["", "PyTorch FP32 result: " + ", ".join(f"{k} {v}" for k, v in ft["result"].items()), ""]
+        lines += _transfer_lines(ft)
     if "export" in summary:
         p = summary["export"]["parity"]
         lines += [

@@ -1,0 +1,12 @@
+"""Training: one loop for every strategy and every device.
+
+* :mod:`.loop`: :func:`fit` (AdamW, cosine schedule with warm-up, label smoothing, class-weighted loss, AMP and
+  channels_last on CUDA, DistributedDataParallel, early stopping, resumable epochs) and :func:`predict`;
+* :mod:`.augment`: train-time augmentation presets for small sets (random resized crop, optional flip, colour jitter);
+* :mod:`.loader`: images (decoded once into memory when the set is small) or cached activations -> DataLoader;
+* :mod:`.distributed`: torchrun / DDP: who is rank 0, who writes files;
+* :mod:`.resume`: an atomic per-epoch training state, loaded with ``weights_only=True``;
+* :mod:`.strategies`: linear, staged, full, auto and the from-scratch baseline, all on :func:`fit`.
+
+``tledge.finetune`` holds the stage (config in, ``model.pt`` + ``finetune.json`` out) and the diagnostics.
+"""

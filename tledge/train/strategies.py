@@ -1,0 +1,380 @@
+"""Fine-tuning strategies and the from-scratch baseline, every one a sequence of :func:`~.loop.fit` runs.
+
+* ``linear``: feature extraction: the backbone stays frozen, a new classifier trains on cached features;
+* ``staged``: the classifier first, then the top ``unfreeze`` blocks step by step, each step at ``lr_decay``
+  times the previous learning rate and with discriminative rates inside it (a block ``d`` places below the top
+  trains at ``layer_decay**d`` times the classifier's rate); a step is kept only if validation earns it;
+* ``full``: every layer from the pretrained weights at a low rate (``lr * lr_decay``) after a warm-up;
+* ``auto``: starts frozen and thaws more (the ``unfreeze`` steps, then twice as many blocks each step, up to the
+  whole network) while validation top-1 keeps rising; the first step that does not pay is undone and ends it.
+
+Frozen layers run once: a step that thaws the top ``k`` blocks trains on activations cached below them
+(optionally several augmented views per image, ``views``). A step that thaws everything trains on images
+augmented on the fly. BatchNorm: with pretrained weights every BatchNorm layer stays in eval mode (its running
+statistics are the pretrained ones, never updated; its scale and shift train when its block is thawed): batch
+statistics of small batches from a small set are noisy, and frozen statistics keep the feature cache exact.
+From scratch there are no statistics to keep: BatchNorm trains, and its running statistics are recomputed as
+exact averages over (up to 512) training images before each validation ("precise BN").
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from .distributed import World
+from .loader import ImageSet, TensorSet, make_loader
+from .loop import LoopSettings, RunResult, class_weights, fit
+
+STRATEGIES = ("auto", "linear", "staged", "full")
+PRECISE_BN_IMAGES = 512
+# A step must beat the previous one on validation by more than noise: higher top-1, or the same top-1 and a loss
+# lower by this much (relative). Otherwise last-bit differences could "earn" a step.
+MIN_LOSS_GAIN = 1e-3
+
+
+@dataclass
+class Context:
+    """What every run of one fine-tune shares."""
+
+    settings: LoopSettings
+    device: object
+    world: World
+    batch_size: int
+    epochs: int
+    lr: float
+    lr_decay: float
+    layer_decay: float
+    views: int
+    num_classes: int
+    balance: str
+    progress: object = None
+    on_epoch: Callable | None = None
+
+    @property
+    def rank_batch(self) -> int:
+        # batch_size is global: each of the world's processes takes its share of it
+        return max(1, self.batch_size // self.world.size)
+
+
+def earns_its_keep(run: RunResult, previous: RunResult) -> bool:
+    if run.val_accuracy != previous.val_accuracy:
+        return run.val_accuracy > previous.val_accuracy
+    return run.val_loss < previous.val_loss * (1 - MIN_LOSS_GAIN)
+
+
+def plan(strategy: str, depth: int, unfreeze: tuple[int, ...], from_scratch: bool = False) -> list[int]:
+    """Blocks thawed by each step (0: feature extraction; ``depth``: the whole network)."""
+    if from_scratch or strategy == "full":
+        return [depth]
+    if strategy == "linear":
+        return [0]
+    if strategy == "staged":
+        return [0, *unfreeze]
+    # auto: the unfreeze steps, then twice as many blocks each step, then the whole network
+    steps = [0, *(n for n in unfreeze if n < depth)]
+    k = steps[-1] * 2 if len(steps) > 1 else max(1, depth // 6)
+    while k < depth:
+        steps.append(k)
+        k *= 2
+    return [*steps, depth]
+
+
+# --- the model's parts ------------------------------------------------------------------------------------------
+
+def _top(model, start: int):
+    """The module that trains: logits from the activation entering ``blocks[start]``."""
+    from torch import nn
+
+    class Top(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, x):
+            return self.model.forward_from(x, start)
+
+    return Top()
+
+
+def set_train_mode(model, start: int, train_bn: bool) -> None:
+    """Train mode for the thawed top (dropout on); BatchNorm keeps its pretrained statistics unless ``train_bn``."""
+    from torch import nn
+
+    model.eval()
+    for block in model.blocks[start:]:
+        block.train()
+    model.neck.train()
+    model.head.train()
+    if not train_bn:
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
+
+
+def param_groups(model, start: int, lr: float, layer_decay: float) -> list[dict]:
+    """Freeze all but ``blocks[start:]``, neck and head; the classifier at ``lr``, block ``d`` below the top at
+    ``lr * layer_decay**d`` (discriminative learning rates: lower layers hold more general features)."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    depth = len(model.blocks)
+    groups = [{"name": "head", "params": [*model.neck.parameters(), *model.head.parameters()], "lr": lr}]
+    for j in range(depth - 1, start - 1, -1):
+        groups.append({"name": f"block{j}", "params": list(model.blocks[j].parameters()), "lr": lr * layer_decay ** (depth - j)})
+    for g in groups:
+        for p in g["params"]:
+            p.requires_grad_(True)
+    return [g for g in groups if g["params"]]
+
+
+# --- cached activations -----------------------------------------------------------------------------------------
+
+def cache_activations(model, images: ImageSet, stop: int, views: int, device, batch_size: int):
+    """``blocks[:stop]`` run once over ``images``: view 0 is the eval input, views 1.. are augmented (seeded by
+    view and image). Returns (activations, labels) on the CPU, view-major."""
+    import numpy as np
+    import torch
+
+    model.eval()  # frozen blocks use their running statistics, never batch statistics
+    model.to(device)
+    feats, labels = [], []
+    n = len(images)
+    with torch.inference_mode():
+        for v in range(views):
+            for s in range(0, n, batch_size):
+                idx = range(s, min(n, s + batch_size))
+                x = np.stack([images.view(i, v, plain=v == 0) for i in idx])
+                feats.append(model.forward_blocks(torch.from_numpy(x).to(device), 0, stop).cpu())
+                labels.append(torch.from_numpy(images.labels[list(idx)]))
+    return torch.cat(feats), torch.cat(labels)
+
+
+def carry(model, acts, start: int, stop: int, device, batch_size: int = 256):
+    """Carry cached activations from ``blocks[start]`` to ``blocks[stop]`` (eval mode; identity if equal)."""
+    import torch
+
+    if start == stop:
+        return acts
+    model.eval()
+    with torch.inference_mode():
+        return torch.cat([model.forward_blocks(acts[i : i + batch_size].to(device), start, stop).cpu() for i in range(0, len(acts), batch_size)])
+
+
+def evaluate_on(forward: Callable, batches, device) -> tuple[float, float]:
+    """(top-1, plain cross-entropy) of ``forward`` over (x, y) batches, in eval/inference mode."""
+    import torch
+
+    hits, loss, n = 0, 0.0, 0
+    with torch.inference_mode():
+        for x, y in batches:
+            logits = forward(x.to(device)).float()
+            y = y.to(device)
+            loss += float(torch.nn.functional.cross_entropy(logits, y, reduction="sum"))
+            hits += int((logits.argmax(1) == y).sum())
+            n += len(y)
+    return hits / max(n, 1), loss / max(n, 1)
+
+
+def tensor_batches(x, y, batch_size: int):
+    for i in range(0, len(x), batch_size):
+        yield x[i : i + batch_size], y[i : i + batch_size]
+
+
+def image_batches(images: ImageSet, batch_size: int, limit: int | None = None):
+    import numpy as np
+    import torch
+
+    n = len(images) if limit is None else min(limit, len(images))
+    for s in range(0, n, batch_size):
+        idx = range(s, min(n, s + batch_size))
+        yield torch.from_numpy(np.stack([images.view(i, 0, plain=True) for i in idx])), torch.from_numpy(images.labels[list(idx)])
+
+
+def recompute_bn_statistics(model, images: ImageSet, device, batch_size: int) -> None:
+    """Set every BatchNorm's running statistics to their exact average over up to PRECISE_BN_IMAGES training
+    images ("precise BN"): running averages lag far behind the weights in short from-scratch runs, and
+    validation in eval mode would then judge a network that does not exist."""
+    import torch
+    from torch import nn
+
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the batches below
+    model.train()
+    with torch.no_grad():
+        for x, _ in image_batches(images, batch_size, PRECISE_BN_IMAGES):
+            if len(x) > 1:
+                model(x.to(device))
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+    model.eval()
+
+
+# --- runs -------------------------------------------------------------------------------------------------------
+
+def _weights(ctx: Context, labels):
+    return class_weights(labels, ctx.num_classes) if ctx.balance == "loss" else None
+
+
+def run_cached(ctx: Context, model, name: str, start: int, lr: float, train, val) -> RunResult:
+    """One step on cached activations ``train`` / ``val`` = (x, y) entering ``blocks[start]``."""
+    groups = param_groups(model, start, lr, ctx.layer_decay)
+    net = _top(model, start)
+    loader, sampler = make_loader(TensorSet(*train), ctx.rank_batch, ctx.settings.seed, ctx.device, ctx.world)
+    val_batches = lambda: tensor_batches(val[0], val[1], ctx.batch_size * 4)  # noqa: E731
+
+    def evaluate():
+        model.eval()
+        return evaluate_on(net, val_batches(), ctx.device)
+
+    return fit(name, net, groups, loader, sampler, evaluate, epochs=ctx.epochs, settings=ctx.settings, device=ctx.device,
+               world=ctx.world, set_train_mode=lambda: set_train_mode(model, start, False),
+               keep_state=lambda: _state(model), load_state=model.load_state_dict, loss_weights=_weights(ctx, train[1].numpy()),
+               progress=ctx.progress, on_epoch=ctx.on_epoch, trainable_blocks=len(model.blocks) - start)
+
+
+def run_images(ctx: Context, model, name: str, lr: float, train: ImageSet, val: ImageSet, train_bn: bool, epochs: int | None = None) -> RunResult:
+    """One run of the whole network on images augmented on the fly (BatchNorm trains only if ``train_bn``)."""
+    model.to(ctx.device)
+    groups = param_groups(model, 0, lr, 1.0 if train_bn else ctx.layer_decay)
+    loader, sampler = make_loader(train, ctx.rank_batch, ctx.settings.seed, ctx.device, ctx.world)
+
+    def evaluate():
+        model.eval()
+        return evaluate_on(model, image_batches(val, ctx.batch_size * 2), ctx.device)
+
+    after = (lambda: recompute_bn_statistics(model, train, ctx.device, ctx.batch_size)) if train_bn else None
+    return fit(name, model, groups, loader, sampler, evaluate, epochs=epochs or ctx.epochs, settings=ctx.settings, device=ctx.device,
+               world=ctx.world, set_train_mode=lambda: set_train_mode(model, 0, train_bn), after_epoch=after,
+               keep_state=lambda: _state(model), load_state=model.load_state_dict, loss_weights=_weights(ctx, train.labels),
+               skip_single=train_bn, progress=ctx.progress, on_epoch=ctx.on_epoch, trainable_blocks=len(model.blocks))
+
+
+def _state(model) -> dict:
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
+def _replayed(ctx: Context, name: str) -> RunResult | None:
+    done = ctx.progress.result(name) if ctx.progress is not None else None
+    return RunResult.from_dict(done) if done is not None else None
+
+
+def _finish(ctx: Context, name: str, run: RunResult, track: str, model) -> None:
+    if ctx.progress is not None:
+        ctx.progress.finish(name, run.to_dict(), track, model)
+
+
+@dataclass
+class TransferOutcome:
+    runs: list[RunResult]
+    best: RunResult
+    start: int  # the first thawed block of the winner (len(blocks) when only the classifier trained)
+    base: int | None  # where the activation cache sits (None: no cache)
+    why: str
+    cache_plain: tuple | None = None  # ((train x, y), (val x, y)) at base, eval views only (for the diagnostics)
+    cache_seconds: float = 0.0  # running the frozen bottom once
+
+
+def transfer(ctx: Context, model, strategy: str, unfreeze: tuple[int, ...], train: ImageSet, val: ImageSet,
+             track: str = "transfer") -> TransferOutcome:
+    """Run ``strategy`` on a pretrained ``model``; it ends holding the winner's weights. ``track`` names its runs
+    in the resume file (the curve runs the same strategy on other tracks)."""
+    depth = len(model.blocks)
+    steps = plan(strategy, depth, unfreeze)
+    cached = [k for k in steps if k < depth]
+    base, t0 = None, time.perf_counter()
+    if cached:
+        base = depth - max(cached)
+        train_base = cache_activations(model, train, base, ctx.views, ctx.device, ctx.batch_size)
+        val_base = cache_activations(model, val, base, 1, ctx.device, ctx.batch_size)
+    cache_seconds = round(time.perf_counter() - t0, 2)
+    if ctx.progress is not None:
+        ctx.progress.restore(track, model)
+    model.to(ctx.device)
+    runs: list[RunResult] = []
+    best: RunResult | None = None
+    best_start = depth
+    why = ""
+    for k, thawed in enumerate(steps):
+        start = depth - thawed
+        name = "feature-extraction" if thawed == 0 else "full" if (thawed == depth and strategy == "full") else f"unfreeze-top-{thawed}" if thawed < depth else "unfreeze-all"
+        run_name = f"{track}/{name}"
+        # staged: each step lr_decay times the one before; full and auto thaw at one low rate (lr * lr_decay)
+        lr = ctx.lr * ctx.lr_decay ** (k if strategy == "staged" else 1 if strategy == "full" else min(k, 1))
+        previous = _state(model)
+        run = _replayed(ctx, run_name)
+        if run is None:
+            if thawed < depth:
+                run = run_cached(ctx, model, name, start, lr, (carry(model, train_base[0], base, start, ctx.device), train_base[1]),
+                                 (carry(model, val_base[0], base, start, ctx.device), val_base[1]))
+            else:
+                run = run_images(ctx, model, name, lr, train, val, train_bn=False)
+            if best is not None and not earns_its_keep(run, best):
+                run.accepted = False
+                model.load_state_dict(previous)
+            run.decision = _decision(run, best)
+            _finish(ctx, run_name, run, track, model)
+        runs.append(run)
+        if not run.accepted:
+            why = f"{best.name} won: the next step, {run.name}, was {run.decision}; thawing stopped there"
+            break
+        gained = best is None or run.val_accuracy > best.val_accuracy
+        best, best_start = run, start
+        if strategy == "auto" and not gained:
+            why = f"{run.name} won: it matched the previous top-1 with a lower loss; more thawing would cost more for no top-1 so far"
+            break
+    if not why:
+        why = (f"{best.name} won: every step that was tried improved validation" if len(runs) > 1
+               else f"{best.name}: the only step of strategy {strategy}")
+    plain = None
+    if base is not None:
+        n = len(train)
+        plain = ((train_base[0][:n], train_base[1][:n]), val_base)  # view 0 comes first in the cache
+    return TransferOutcome(runs, best, best_start, base, why, plain, cache_seconds)
+
+
+def _decision(run: RunResult, previous: RunResult | None) -> str:
+    if previous is None:
+        return f"first step: val top-1 {run.val_accuracy:.4f} in {run.epochs_run} epochs, {run.seconds:.1f} s"
+    delta = (run.val_accuracy - previous.val_accuracy) * 100
+    verdict = "kept" if run.accepted else "rejected"
+    return (f"{verdict}: val top-1 {run.val_accuracy:.4f} vs {previous.val_accuracy:.4f} ({delta:+.1f} pt), val loss "
+            f"{run.val_loss:.4f} vs {previous.val_loss:.4f}, cost {run.epochs_run} epochs, {run.seconds:.1f} s")
+
+
+def scratch(ctx: Context, model, train: ImageSet, val: ImageSet, epochs: int, track: str = "scratch") -> RunResult:
+    """The from-scratch baseline: the same loop, augmentation, batch, schedule and lr on a randomly initialized
+    model, every layer and BatchNorm training."""
+    run_name = f"{track}/from-scratch"
+    run = _replayed(ctx, run_name)
+    if ctx.progress is not None:
+        ctx.progress.restore(track, model)
+    if run is None:
+        run = run_images(ctx, model, "from-scratch", ctx.lr, train, val, train_bn=True, epochs=epochs)
+        run.decision = f"baseline: val top-1 {run.val_accuracy:.4f} in {run.epochs_run} epochs, {run.seconds:.1f} s"
+        _finish(ctx, run_name, run, track, model)
+    model.to(ctx.device)
+    return run
+
+
+def subset(samples, fraction: float, seed: int):
+    """A stratified share of ``samples`` (at least one per class); smaller shares are subsets of larger ones."""
+    import random
+
+    by_class: dict[int, list] = {}
+    for s in samples:
+        by_class.setdefault(s.label, []).append(s)
+    out = []
+    for label in sorted(by_class):
+        items = list(by_class[label])
+        random.Random(seed * 1000 + label).shuffle(items)
+        out += items[: max(1, math.ceil(len(items) * fraction))]
+    return sorted(out, key=lambda s: str(s.path))
+
+
+__all__ = ["Context", "STRATEGIES", "TransferOutcome", "cache_activations", "carry", "earns_its_keep", "plan",
+           "recompute_bn_statistics", "run_cached", "run_images", "scratch", "set_train_mode", "subset", "transfer"]
