@@ -14,6 +14,7 @@ from tledge.engine import build_engine
 from tledge.errors import TledgeError
 from tledge.trt_plan import Device, EngineConfig, TrtVersion, check_opset, make_plan
 
+from _bundles import resign
 from _fake_tensorrt import make_trt
 
 ORIN = Device("Orin", "8.7", {"l4t": "36.4.0", "jetpack": "6.1/6.2"}, dla_cores=2)
@@ -160,7 +161,7 @@ def test_dla_build_on_tensorrt_8_reads_the_retargeted_cache(release, tmp_path):
 def test_a_cache_headed_for_another_calibrator_is_re_headed_for_the_entropy2_reader(release, tmp_path):
     text = (release / "calibration.cache").read_text()
     (release / "calibration.cache").write_text("TRT-8502-MinMaxCalibration\n" + text.split("\n", 1)[1])
-    bundle(release)
+    resign(release, "calibration.cache")
     record = build_engine(EngineConfig(release, dla_core=0, batch=(1, 1, 1), timing_cache_dir=tmp_path), trt=make_trt("8.5.2"), device=XAVIER)
     assert record["int8_path"] == "implicit"
 
@@ -184,7 +185,7 @@ def _add_bad_node(path):
 def test_a_parser_error_names_the_failing_node(release, tmp_path, version):
     # 8.5 reports only the node's index (tledge maps it to the ONNX name); 10.x names it.
     _add_bad_node(release / "model.int8.qdq.onnx")
-    bundle(release)
+    resign(release, "model.int8.qdq.onnx")
     with pytest.raises(TledgeError, match=r"cannot parse model.int8.qdq.onnx: node 'head/fancy' \(NonZeroFancy\): No importer"):
         build_engine(EngineConfig(release, timing_cache_dir=tmp_path), trt=make_trt(version), device=H100)
 
@@ -209,7 +210,7 @@ def test_opset_newer_than_the_version_reads_is_refused_before_parsing(release, t
         if o.domain in ("", "ai.onnx"):
             o.version = 19
     onnx.save(model, str(release / "model.int8.qdq.onnx"))
-    bundle(release)
+    resign(release, "model.int8.qdq.onnx")
     trt = make_trt("8.6.2")
     with pytest.raises(TledgeError, match="opset 19"):
         build_engine(EngineConfig(release, timing_cache_dir=tmp_path), trt=trt, device=H100)

@@ -19,7 +19,8 @@ from tledge.data import load_image, load_splits
 from tledge.errors import TledgeError
 from tledge.finetune import FinetuneConfig, finetune
 from tledge.models import create_model, get_spec, load_checkpoint
-from tledge.train.augment import augmented_input, preset, resized_uint8, to_input
+from tledge.data import resized_uint8, to_input
+from tledge.train.augment import augmented_input, preset
 from tledge.train.loop import class_weights, warmup_cosine
 from tledge.train.resume import RESUME_FILE
 from tledge.train.strategies import plan

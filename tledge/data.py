@@ -149,8 +149,10 @@ def to_rgb(img, path: str | Path = "image") -> "Image":
     return img.convert("RGB")
 
 
-def load_image(path: str | Path, pre: Preprocess) -> np.ndarray:
-    """Read one image file into a (3, size, size) float32 array; a file PIL cannot decode is a TledgeError."""
+def resized_uint8(path: str | Path, pre: Preprocess) -> np.ndarray:
+    """Decode one image file (any mode and bit depth, :func:`to_rgb`) and resize its shorter side to
+    ``pre.resize``: an HWC uint8 array before the center crop. Training's augmentations start from it; a file PIL
+    cannot decode is a TledgeError."""
     try:
         with open_image(path) as img:
             img.load()
@@ -162,12 +164,21 @@ def load_image(path: str | Path, pre: Preprocess) -> np.ndarray:
     w, h = img.size
     scale = pre.resize / min(w, h)
     new_w, new_h = max(pre.size, round(w * scale)), max(pre.size, round(h * scale))
-    img = img.resize((new_w, new_h), _PIL_FILTERS[pre.interpolation])
-    left, top = (new_w - pre.size) // 2, (new_h - pre.size) // 2
-    img = img.crop((left, top, left + pre.size, top + pre.size))
-    x = np.asarray(img, dtype=np.float32) / 255.0
+    return np.asarray(img.resize((new_w, new_h), _PIL_FILTERS[pre.interpolation]))
+
+
+def to_input(img: np.ndarray, pre: Preprocess) -> np.ndarray:
+    """The network's input from :func:`resized_uint8`'s array: center crop, scale to 0..1, normalize, CHW float32."""
+    h, w = img.shape[:2]
+    top, left = (h - pre.size) // 2, (w - pre.size) // 2
+    x = img[top : top + pre.size, left : left + pre.size].astype(np.float32) / 255.0
     x = (x - np.asarray(pre.mean, np.float32)) / np.asarray(pre.std, np.float32)
     return np.ascontiguousarray(x.transpose(2, 0, 1))
+
+
+def load_image(path: str | Path, pre: Preprocess) -> np.ndarray:
+    """Read one image file into a (3, size, size) float32 array; a file PIL cannot decode is a TledgeError."""
+    return to_input(resized_uint8(path, pre), pre)
 
 
 @dataclass(frozen=True)

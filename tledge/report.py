@@ -91,7 +91,8 @@ def _transfer_lines(ft: dict) -> list[str]:
     if "transfer" in ft:
         t = ft["transfer"]
         loud = t["transfer_gain_pp"] <= 0
-        detail = t["message"].removeprefix(f"{t['verdict']}: ")  # a loud message starts with its verdict
+        prefix = f"{t['verdict']}: "  # a loud message starts with its verdict (no str.removeprefix: Python 3.8 on JetPack 5)
+        detail = t["message"][len(prefix):] if t["message"].startswith(prefix) else t["message"]
         lines += [(f"> **{t['verdict']}:** {detail}." if loud else
                    f"Transfer gain over training from scratch: **{t['transfer_gain_pp']:+.1f} pt** of val top-1 "
                    f"({t['transfer_val_accuracy']:.4f} vs {t['scratch_val_accuracy']:.4f}, {t['verdict']})."),

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from ..data import _PIL_FILTERS, Preprocess
+from ..data import _PIL_FILTERS, Preprocess, to_input
 from ..errors import TledgeError
 
 
@@ -49,35 +49,9 @@ def preset(name: str, hflip: bool = False) -> Augment:
     return Augment(p.name, p.crop_scale, p.crop_ratio, p.jitter, hflip)
 
 
-def resized_uint8(path, pre: Preprocess) -> np.ndarray:
-    """Decode ``path`` and resize its shorter side to ``pre.resize`` (HWC uint8): :func:`tledge.data.load_image`
-    before its center crop, which :func:`to_input` finishes exactly."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as img:
-            img = img.convert("RGB")
-    except FileNotFoundError:
-        raise TledgeError(f"image {path} does not exist") from None
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise TledgeError(f"cannot read image {path}: {exc}. Remove or replace the file.") from None
-    w, h = img.size
-    scale = pre.resize / min(w, h)
-    new_w, new_h = max(pre.size, round(w * scale)), max(pre.size, round(h * scale))
-    return np.asarray(img.resize((new_w, new_h), _PIL_FILTERS[pre.interpolation]))
-
-
 def _normalize(x: np.ndarray, pre: Preprocess) -> np.ndarray:
     x = (x - np.asarray(pre.mean, np.float32)) / np.asarray(pre.std, np.float32)
     return np.ascontiguousarray(x.transpose(2, 0, 1))
-
-
-def to_input(img: np.ndarray, pre: Preprocess) -> np.ndarray:
-    """The eval input: center crop and normalize (the same array as ``load_image``)."""
-    h, w = img.shape[:2]
-    top, left = (h - pre.size) // 2, (w - pre.size) // 2
-    crop = img[top : top + pre.size, left : left + pre.size].astype(np.float32) / 255.0
-    return _normalize(crop, pre)
 
 
 def augmented_input(img: np.ndarray, pre: Preprocess, aug: Augment, rng: np.random.Generator) -> np.ndarray:

@@ -14,7 +14,8 @@ from typing import Sequence
 import numpy as np
 
 from ..data import Preprocess, Sample
-from .augment import Augment, augmented_input, resized_uint8, to_input
+from ..data import resized_uint8, to_input
+from .augment import Augment, augmented_input
 
 # Decoded images are kept in memory up to this many bytes (uint8 HWC at the resize size); above it they are
 # decoded again every epoch (in the loader's workers).
