@@ -61,12 +61,12 @@ def test_a_config_file_is_checked_key_by_key(tmp_path):
 def test_flags_typed_win_over_the_file_and_the_file_over_defaults(tiny_pipeline, tmp_path):
     model = tiny_pipeline / "model.fp32.onnx"
     config = tmp_path / "tledge.toml"
-    config.write_text("[gate]\nblocks = 9\ncalls_per_block = 1\nmax_latency_regression_pct = 12.5\n")
+    config.write_text("[gate]\nblocks = 9\ncalls_per_block = 1\nmax_latency_regression_pct = 1000.0\n")  # latency is not what this checks
     runner = CliRunner()
     result = runner.invoke(app, ["gate", str(model), str(model), "--config", str(config), "--out-dir", str(tmp_path / "a")])
     assert result.exit_code == 0, result.output
     used = json.loads((tmp_path / "a" / "gate.json").read_text())["config"]
-    assert (used["blocks"], used["calls_per_block"], used["max_latency_regression_pct"]) == (9, 1, 12.5)
+    assert (used["blocks"], used["calls_per_block"], used["max_latency_regression_pct"]) == (9, 1, 1000.0)
     result = runner.invoke(app, ["gate", str(model), str(model), "--config", str(config), "--blocks", "10", "--out-dir", str(tmp_path / "b")])
     assert result.exit_code == 0, result.output
     used = json.loads((tmp_path / "b" / "gate.json").read_text())["config"]
