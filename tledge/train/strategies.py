@@ -131,16 +131,20 @@ def param_groups(model, start: int, lr: float, layer_decay: float) -> list[dict]
 
 # --- cached activations -----------------------------------------------------------------------------------------
 
-def cache_activations(model, images: ImageSet, stop: int, views: int, device, batch_size: int):
+def cache_activations(model, images: ImageSet, stop: int, views: int, device, batch_size: int, desc: str = "caching activations",
+                      show: bool = True):
     """``blocks[:stop]`` run once over ``images``: view 0 is the eval input, views 1.. are augmented (seeded by
     view and image). Returns (activations, labels) on the CPU, view-major."""
     import numpy as np
     import torch
+    from tqdm import tqdm
 
     model.eval()  # frozen blocks use their running statistics, never batch statistics
     model.to(device)
     feats, labels = [], []
     n = len(images)
+    # minutes at 224 px on a CPU: a bar says how far it got
+    bar = tqdm(total=views * ((n + batch_size - 1) // batch_size), desc=desc, unit="batch", leave=False, disable=not show)
     with torch.inference_mode():
         for v in range(views):
             for s in range(0, n, batch_size):
@@ -148,6 +152,8 @@ def cache_activations(model, images: ImageSet, stop: int, views: int, device, ba
                 x = np.stack([images.view(i, v, plain=v == 0) for i in idx])
                 feats.append(model.forward_blocks(torch.from_numpy(x).to(device), 0, stop).cpu())
                 labels.append(torch.from_numpy(images.labels[list(idx)]))
+                bar.update()
+    bar.close()
     return torch.cat(feats), torch.cat(labels)
 
 
@@ -289,8 +295,8 @@ def transfer(ctx: Context, model, strategy: str, unfreeze: tuple[int, ...], trai
     base, t0 = None, time.perf_counter()
     if cached:
         base = depth - max(cached)
-        train_base = cache_activations(model, train, base, ctx.views, ctx.device, ctx.batch_size)
-        val_base = cache_activations(model, val, base, 1, ctx.device, ctx.batch_size)
+        train_base = cache_activations(model, train, base, ctx.views, ctx.device, ctx.batch_size, "caching train activations", ctx.world.writer)
+        val_base = cache_activations(model, val, base, 1, ctx.device, ctx.batch_size, "caching val activations", ctx.world.writer)
     cache_seconds = round(time.perf_counter() - t0, 2)
     if ctx.progress is not None:
         ctx.progress.restore(track, model)
