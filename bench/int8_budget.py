@@ -14,7 +14,7 @@ Every tledge variant reuses the first one's calibration statistics (one pass of 
 
 Every accuracy figure is the simulated INT8 arithmetic (the same on every machine): drift against FP32 on the
 validation split (what the budget judges) and on the test split (held out from every choice). The CPU models'
-batch-1 speed-up over FP32 is timed here, interleaved, and depends on this CPU.
+batch-1 speed-up over FP32 is timed here, interleaved, one thread per model, and depends on this CPU.
 
     python bench/int8_budget.py --build tledge-out --data ~/.cache/tledge/datasets/digits-v1 --out bench/int8_budget-digits.json
 """
@@ -49,8 +49,11 @@ def drift(out: np.ndarray, ref: np.ndarray, y: np.ndarray) -> dict:
             "agreement": float(np.mean(out.argmax(1) == ref.argmax(1)))}
 
 
-def p50_ms(paths: dict[str, Path], x: np.ndarray, rounds: int = 5, per_round: int = 40) -> dict[str, float]:
-    return interleaved_p50({k: OrtRunner(p) for k, p in paths.items()}, x, rounds=rounds, per_round=per_round, warmup=1)
+def p50_ms(paths: dict[str, Path], x: np.ndarray, rounds: int = 10, per_round: int = 40) -> dict[str, float]:
+    # One thread each, spinning off: a dozen sessions timed in turn with every core stole the cores from one another
+    # (identical files came out at 1.69x and 3.33x in one run); single-threaded ratios repeat (bench/RESULTS.md, gate).
+    runners = {k: OrtRunner(p, threads=1, spinning=False) for k, p in paths.items()}
+    return interleaved_p50(runners, x, rounds=rounds, per_round=per_round, warmup=5)
 
 
 def main() -> None:
