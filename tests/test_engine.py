@@ -9,7 +9,6 @@ import json
 import onnx
 import pytest
 
-from tledge.bundle import bundle
 from tledge.engine import build_engine
 from tledge.errors import TledgeError
 from tledge.trt_plan import Device, EngineConfig, TrtVersion, check_opset, make_plan

@@ -122,7 +122,7 @@ def open_image(path: str | Path):
         yield img
 
 
-def to_rgb(img, path: str | Path = "image") -> "Image":
+def to_rgb(img, path: str | Path = "image"):
     """An 8-bit RGB copy of a PIL image of any mode: 16- and 32-bit integer gray is scaled to 8 bits (never clipped:
     Pillow's ``convert`` clips them), float gray taken as 0..1 (or 0..255 when it exceeds 1), palette and
     grayscale expanded, alpha dropped."""

@@ -428,7 +428,6 @@ def slower_variant(src: Path, dst: Path, extra_work: float) -> Path:
 def _node_macs(model) -> dict[str, int]:
     """Multiply-accumulates per Conv and Gemm node at batch 1, from ONNX shape inference."""
     import onnx
-    from onnx import numpy_helper
 
     inferred = onnx.shape_inference.infer_shapes(model)
     shapes = {v.name: [d.dim_value or 1 for d in v.type.tensor_type.shape.dim]

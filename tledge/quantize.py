@@ -567,7 +567,7 @@ def quantize(cfg: QuantizeConfig) -> dict:
     from .calibration import calibration_warnings, load_calibration_set, sample_calibration_set
     from .data import Preprocess, Sample, load_array, splits_for
     from .drift_budget import DriftBudget, describe_drift, score
-    from .export import load_onnx, read_metadata, set_metadata
+    from .export import load_onnx, set_metadata
 
     from . import validate
 
