@@ -351,8 +351,8 @@ def slower_variant(src: Path, dst: Path, extra_work: float) -> Path:
         raise TledgeError(f"extra work must be positive, got {extra_work}")
     model = onnx.load(str(src))
     g = model.graph
-    macs = _node_macs(model)
     inferred = onnx.shape_inference.infer_shapes(model)
+    macs = _node_macs(model, inferred)
     ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in (*inferred.graph.value_info, *inferred.graph.output)}
     total = sum(macs.values())
     if total == 0:
@@ -425,11 +425,12 @@ def slower_variant(src: Path, dst: Path, extra_work: float) -> Path:
     return Path(dst)
 
 
-def _node_macs(model) -> dict[str, int]:
-    """Multiply-accumulates per Conv and Gemm node at batch 1, from ONNX shape inference."""
+def _node_macs(model, inferred=None) -> dict[str, int]:
+    """Multiply-accumulates per Conv and Gemm node at batch 1, from ONNX shape inference (``inferred``: the
+    model with shapes inferred already)."""
     import onnx
 
-    inferred = onnx.shape_inference.infer_shapes(model)
+    inferred = inferred if inferred is not None else onnx.shape_inference.infer_shapes(model)
     shapes = {v.name: [d.dim_value or 1 for d in v.type.tensor_type.shape.dim]
               for v in (*inferred.graph.value_info, *inferred.graph.output, *inferred.graph.input)}
     weights = {i.name: tuple(i.dims) for i in model.graph.initializer}

@@ -16,6 +16,7 @@ with ``simulate_int8=True``), never by this machine's int8 kernels alone.
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import io
 import logging
@@ -142,7 +143,7 @@ def _activation_overrides(ranges: dict[str, tuple[float, float]]) -> dict:
     return {name: [{"rmin": np.float32(lo), "rmax": np.float32(hi)}] for name, (lo, hi) in ranges.items()}
 
 
-class Recipe:
+class Recipe(abc.ABC):
     """How one INT8 artifact is made: calibration statistics (as ranges) plus the layers kept in float in, a checked
     model out. Subclasses say what differs between runtimes; :func:`quantize` never asks which one it has."""
 
@@ -156,8 +157,9 @@ class Recipe:
         """Once per build, before any candidate: facts for the record."""
         return {}
 
+    @abc.abstractmethod
     def quantize(self, src: Path, dst: Path, reader: _ArrayReader, ranges: dict, keep_float: tuple[str, ...]) -> None:
-        raise NotImplementedError
+        """Write the INT8 model for ``src`` to ``dst`` with these activation ranges and float layers."""
 
     def finish(self, proto, fp32_proto, keep_float: tuple[str, ...]) -> tuple[object, dict]:
         """Check a fresh candidate against its runtime's rules and fix what the quantizer cannot express."""
