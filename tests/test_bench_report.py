@@ -328,6 +328,29 @@ def test_report_html_is_one_self_contained_page(build_folder):
     assert "Per-class drift" in page and "INT8 within the drift budget" in page
 
 
+def test_report_html_draws_the_sample_efficiency_curve_and_says_negative_transfer(build_folder):
+    """The curve's table and chart, and a loud verdict when scratch beat transfer."""
+    import copy
+
+    from tledge.report_html import render_html
+
+    _, summary, _ = build_folder
+    summary = copy.deepcopy(summary)
+    assert "finetune" in summary
+    rows = [{"fraction": f, "train_images": n, "transfer_val_accuracy": t, "scratch_val_accuracy": s, "transfer_gain_pp": round((t - s) * 100, 2)}
+            for f, n, t, s in ((0.1, 12, 0.61, 0.35), (0.5, 60, 0.74, 0.70), (1.0, 120, 0.80, 0.83))]
+    summary["finetune"]["curve"] = {"rows": rows}
+    summary["finetune"]["transfer"] = {"transfer_gain_pp": -3.0, "transfer_val_accuracy": 0.8, "scratch_val_accuracy": 0.83, "verdict": "NEGATIVE TRANSFER",
+                                       "message": "NEGATIVE TRANSFER: training from scratch beat the pretrained model by 3.0 pt", "fairness": "same loop"}
+    page = render_html(summary)
+    assert "Sample efficiency" in page and 'aria-label="sample-efficiency curve"' in page
+    chart = page.split('aria-label="sample-efficiency curve"')[1].split("</svg>")[0]
+    assert chart.count("<polyline") == 2 and chart.count("<circle") == 6  # transfer and scratch, a point per share
+    assert "10% (12)" in chart and "100% (120)" in chart
+    assert '<div class="warn"><b>NEGATIVE TRANSFER' in page
+    assert "-3.0" in page.split("Sample efficiency")[1]
+
+
 def test_report_html_renders_in_a_real_browser(build_folder, tmp_path):
     """Headless Chromium draws the page (where the machine has it: Debian's chromium package)."""
     import shutil as sh

@@ -78,6 +78,33 @@ def _curves_svg(stages: list[dict]) -> str:
     return "".join(parts)
 
 
+def _sample_efficiency_svg(curve: dict) -> str:
+    """Validation top-1 against the share of training labels, transfer and scratch: the gap is what the pretrained
+    weights are worth at each data size."""
+    rows = curve.get("rows") or []
+    if not rows:
+        return ""
+    width, height, left, bottom, top, right = 560, 260, 50, 44, 20, 120
+    lo = max(0.0, min(min(r["transfer_val_accuracy"], r["scratch_val_accuracy"]) for r in rows) - 0.05)
+    sx = (width - left - right) / max(1e-9, max(r["fraction"] for r in rows))
+    sy = (height - bottom - top) / max(1e-9, 1.0 - lo)
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" aria-label="sample-efficiency curve">']
+    for v in (lo, (lo + 1) / 2, 1.0):
+        y = top + (1.0 - v) * sy
+        parts.append(f'<line x1="{left}" y1="{y:.1f}" x2="{width - right}" y2="{y:.1f}" stroke="#ddd"/><text x="{left - 6}" y="{y + 4:.1f}" text-anchor="end" class="tick">{v:.2f}</text>')
+    for r in rows:
+        x = left + r["fraction"] * sx
+        parts.append(f'<text x="{x:.1f}" y="{height - bottom + 16}" text-anchor="middle" class="tick">{r["fraction"]:.0%} ({r["train_images"]})</text>')
+    for k, (key, label) in enumerate((("transfer_val_accuracy", "transfer"), ("scratch_val_accuracy", "from scratch"))):
+        pts = [(left + r["fraction"] * sx, top + (1.0 - r[key]) * sy) for r in rows]
+        color = COLORS[k]
+        parts.append(f'<polyline fill="none" stroke="{color}" stroke-width="2" points="{" ".join(f"{x:.1f},{y:.1f}" for x, y in pts)}"/>')
+        parts += [f'<circle cx="{x:.1f}" cy="{y:.1f}" r="3" fill="{color}"/>' for x, y in pts]
+        parts.append(f'<text x="{pts[-1][0] + 8:.1f}" y="{pts[-1][1] + 4:.1f}" fill="{color}">{label}</text>')
+    parts.append(f'<text x="{(width - right + left) / 2}" y="{height - 4}" text-anchor="middle" class="tick">share of the training labels (images); validation top-1</text></svg>')
+    return "".join(parts)
+
+
 def _delta_cell(delta: float | None) -> str:
     if delta is None:
         return "<td></td>"
@@ -151,5 +178,17 @@ def render_html(summary: dict) -> str:
         out += ["<h2>Fine-tuning</h2>", f'<p class="small">{_e(ft["model"]["arch"])} ({_e(ft["model"]["weights"])} weights); '
                 + "; ".join(f"{_e(s['name'])}: best val {s['val_accuracy']:.4f} at epoch {s['best_epoch']}{'' if s['accepted'] else ' (rejected)'}" for s in ft["stages"])
                 + "</p>", _curves_svg(ft["stages"])]
+        t = ft.get("transfer")
+        if t:
+            loud = t["transfer_gain_pp"] <= 0
+            out.append(f'<div class="warn"><b>{_e(t["message"])}</b></div>' if loud else
+                       f'<p>Transfer gain over training from scratch: <b>{t["transfer_gain_pp"]:+.1f} pt</b> of val top-1 '
+                       f'({t["transfer_val_accuracy"]:.4f} vs {t["scratch_val_accuracy"]:.4f}, {_e(t["verdict"])}); {_e(t["fairness"])}.</p>')
+        if ft.get("curve"):
+            out += ["<h3>Sample efficiency</h3>", "<table><tr><th>share of training labels</th><th>images</th><th>transfer val top-1</th>"
+                    "<th>scratch val top-1</th><th>gain (pt)</th></tr>"]
+            out += [f"<tr><td class=num>{r['fraction']:.0%}</td><td class=num>{r['train_images']}</td><td class=num>{r['transfer_val_accuracy']:.4f}</td>"
+                    f"<td class=num>{r['scratch_val_accuracy']:.4f}</td><td class=num>{r['transfer_gain_pp']:+.1f}</td></tr>" for r in ft["curve"]["rows"]]
+            out += ["</table>", _sample_efficiency_svg(ft["curve"])]
     out.append("</body></html>")
     return "\n".join(out) + "\n"
