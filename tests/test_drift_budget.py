@@ -197,13 +197,14 @@ def test_the_budget_is_judged_on_a_bounded_spread_of_validation_images(trained, 
 def test_auto_method_picks_the_candidate_closest_to_fp32(trained, tiny_dataset, tmp_path):
     from tledge.drift_budget import score
     from tledge.export import read_metadata
+    from tledge.quantize import AUTO_CANDIDATES
 
     record = quantize(QuantizeConfig(model=trained / FP32, data=tiny_dataset, out_dir=tmp_path, num_images=24,
                                      method="auto", fallback_layers=0))
     for target, name in (("tensorrt", "model.int8.qdq.onnx"), ("cpu", "model.int8.cpu.onnx")):
         info = record["models"][target]
         choice = info["method_choice"]
-        assert set(choice["candidates"]) == {"minmax", "percentile"}
+        assert set(choice["candidates"]) == set(AUTO_CANDIDATES) == {"minmax", "percentile", "mse"}
         best = max(score(c) for c in choice["candidates"].values())
         assert score(choice["candidates"][choice["chosen"]]) == best
         assert info["calibration_method"] == choice["chosen"] == read_metadata(tmp_path / name)["calibration_method"]
@@ -216,3 +217,53 @@ def test_a_budget_finer_than_one_validation_image_is_pointed_out(tiny_pipeline):
     """18 validation images: one image is 5.6 pt, so a 0.3 pt budget means no image may be lost; the user is told."""
     warnings = json.loads((tiny_pipeline / "quantize.json").read_text())["warnings"]
     assert any("18 validation images" in w and "allows no lost image" in w for w in warnings), warnings
+
+
+# --- expected agreement -----------------------------------------------------------------------------------------
+
+
+def _noisy(n: int, classes: int, noise: float, seed: int):
+    rng = np.random.default_rng(seed)
+    reference = rng.normal(0, 2.0, (n, classes)).astype(np.float32)
+    return reference, reference + rng.normal(0, noise, (n, classes)).astype(np.float32)
+
+
+def test_expected_agreement_is_one_for_exact_logits_and_ignores_a_shift_of_all_logits():
+    from tledge.drift_budget import expected_agreement
+
+    reference, _ = _noisy(200, 5, 0.0, 0)
+    assert expected_agreement(reference, reference) == 1.0
+    assert expected_agreement(reference + 3.0, reference) == 1.0  # softmax and argmax do not change
+
+
+def test_expected_agreement_estimates_the_agreement_on_new_images_with_less_scatter_than_the_count():
+    """On a large set it is the agreement; on a set of 300 it scatters less than the count of flips, which is why the
+    budget asks for it too."""
+    from tledge.drift_budget import expected_agreement
+
+    reference, logits = _noisy(30000, 6, 0.1, 1)
+    observed = float(np.mean(logits.argmax(1) == reference.argmax(1)))
+    assert 0.9 < observed < 0.99
+    assert expected_agreement(logits, reference) == pytest.approx(observed, abs=0.004)
+    counts, estimates = [], []
+    for k in range(60):
+        part = slice(k * 300, (k + 1) * 300)
+        counts.append(np.mean(logits[part].argmax(1) == reference[part].argmax(1)))
+        estimates.append(expected_agreement(logits[part], reference[part]))
+    assert np.std(estimates) < 0.75 * np.std(counts)
+
+
+def test_expected_agreement_falls_as_the_quantization_error_grows():
+    from tledge.drift_budget import expected_agreement
+
+    values = [expected_agreement(_noisy(400, 4, noise, 2)[1], _noisy(400, 4, noise, 2)[0]) for noise in (0.0, 0.05, 0.2, 0.8)]
+    assert values[0] == 1.0 and values == sorted(values, reverse=True) and values[-1] < 0.9
+
+
+def test_a_shift_of_one_image_s_logits_is_no_sensitivity_error():
+    from tledge.sensitivity import logit_error
+
+    reference, logits = _noisy(50, 4, 0.1, 3)
+    shifted = logits + np.arange(50, dtype=np.float32)[:, None]
+    assert logit_error(shifted, reference) == pytest.approx(logit_error(logits, reference), rel=1e-5)
+    assert logit_error(reference + 1.0, reference) == pytest.approx(0.0, abs=1e-9)

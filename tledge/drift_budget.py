@@ -4,6 +4,12 @@ keep the layers that cost the most accuracy in float until it meets the budget.
 Every figure here is the *simulated* INT8 arithmetic (Q/DQ as float ops; :mod:`tledge.sensitivity`), so it is the
 same on every machine and is what TensorRT or a correct CPU kernel computes. Validation images are used, never the
 test split, which stays for the report.
+
+On a few hundred images, agreement is a count of a handful of flips: a model at 99.2% and one at 98.5% can both
+show 3 flips on validation and 2 or 9 on the next set (bench/RESULTS.md). So the budget also asks for the
+*expected* agreement (:func:`expected_agreement`), which counts every image by its chance to flip under the
+quantization error measured on all of them: it falls with the error smoothly, and a fallback cannot meet it by
+luck on the few images that happen to sit near a decision boundary.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from typing import Callable
 import numpy as np
 
 FALLBACK_STEPS = (1, 2, 4, 8, 16, 32, 64)
+TRIED_KEYS = ("top1", "top1_drop_pp", "agreement", "expected_agreement", "met")
 
 
 def drift_figures(logits: np.ndarray, reference: np.ndarray, labels: np.ndarray) -> dict:
@@ -25,11 +32,36 @@ def drift_figures(logits: np.ndarray, reference: np.ndarray, labels: np.ndarray)
         "top1": round(top1, 5),
         "top1_drop_pp": round((ref_top1 - top1) * 100, 3),
         "agreement": round(float(np.mean(logits.argmax(1) == reference.argmax(1))), 5),
+        "expected_agreement": round(expected_agreement(logits, reference), 5),
     }
 
 
+def expected_agreement(logits: np.ndarray, reference: np.ndarray) -> float:
+    """The share of predictions to expect INT8 to keep on new images like these.
+
+    Each image's FP32 margin (its winner's logit less the runner-up's) and how much quantization moved it: pooled
+    over the images, those moves are the measured error, and an image keeps its class with the chance that a move
+    drawn from them does not overturn its margin. Exact logits give 1; an image on a decision boundary counts as
+    half likely to flip. Only the runner-up is considered: on the digits and clothing-small models of
+    bench/RESULTS.md this predicted the held-out agreement better than the validation count did (mean error 0.46
+    against 0.60 pt over 32 INT8 models), where pooling every class's margin overstated the error.
+    """
+    n, c = reference.shape
+    if n == 0 or c < 2:
+        return 1.0
+    rows = np.arange(n)
+    order = np.argsort(-reference, axis=1, kind="stable")
+    winner, rival = order[:, 0], order[:, 1]
+    margin = reference[rows, winner].astype(np.float64) - reference[rows, rival]
+    moved = (logits[rows, winner].astype(np.float64) - logits[rows, rival]) - margin
+    pool = np.sort(moved)
+    flip = (np.searchsorted(pool, -margin, side="left") + np.searchsorted(pool, -margin, side="right")) / 2 / n  # P(move < -margin), ties half
+    return float(1.0 - np.mean(flip))
+
+
 def describe_drift(d: dict) -> str:
-    return (f"top-1 {d['top1']:.4f} vs FP32 {d['top1_fp32']:.4f} ({-d['top1_drop_pp']:+.2f} pt), agreement {d['agreement']:.4f} "
+    expected = f" (expected {d['expected_agreement']:.4f})" if "expected_agreement" in d else ""
+    return (f"top-1 {d['top1']:.4f} vs FP32 {d['top1_fp32']:.4f} ({-d['top1_drop_pp']:+.2f} pt), agreement {d['agreement']:.4f}{expected} "
             f"on {d['images']} {d['split']} images; budget: drop <= {d['budget']['max_top1_drop_pp']} pt, agreement >= {d['budget']['min_agreement']}")
 
 
@@ -63,7 +95,8 @@ class DriftBudget:
 
         x, y, reference = self._load()
         figures = drift_figures(simulate(onnx.load(str(path)), x), reference, y)
-        met = figures["top1_drop_pp"] <= self.cfg.max_top1_drop_pp + 1e-9 and figures["agreement"] >= self.cfg.min_agreement - 1e-9
+        met = (figures["top1_drop_pp"] <= self.cfg.max_top1_drop_pp + 1e-9 and figures["agreement"] >= self.cfg.min_agreement - 1e-9
+               and figures["expected_agreement"] >= self.cfg.min_agreement - 1e-9)
         return {**figures, "images": len(x), "split": self.split_name, "method": "simulated INT8 arithmetic",
                 "budget": {"max_top1_drop_pp": self.cfg.max_top1_drop_pp, "min_agreement": self.cfg.min_agreement}, "met": met}
 
@@ -87,7 +120,7 @@ class DriftBudget:
         x, _, reference = self._load()
         n = min(self.cfg.sensitivity_images, len(x))
         ranked = [r for r in rank_layers(first_model, fp32_model, x[:n], reference[:n]) if r["gain"] > 0 and r["node"] not in base_keep]
-        tried = [{"layers": 0, **{k: drift[k] for k in ("top1", "top1_drop_pp", "agreement", "met")}}]
+        tried = [{"layers": 0, **{k: drift[k] for k in TRIED_KEYS}}]
         best = (first, base_keep, drift)
         one_image = 1.0 / len(x)
         stopped = None
@@ -101,7 +134,7 @@ class DriftBudget:
             path = work / f"{target}-{k}.onnx"
             make(keep, path)
             d = self.evaluate(path)
-            attempt = {"layers": k, **{key: d[key] for key in ("top1", "top1_drop_pp", "agreement", "met")}}
+            attempt = {"layers": k, **{key: d[key] for key in TRIED_KEYS}}
             tried.append(attempt)
             if guard:
                 # Float layers also stop their neighbours' int8 fusion: past some count the INT8 model is slower
@@ -131,8 +164,9 @@ class DriftBudget:
 
 
 def score(d: dict) -> float:
-    """Agreement with FP32 less the top-1 lost, both as fractions of the images."""
-    return d["agreement"] - d["top1_drop_pp"] / 100
+    """Expected agreement with FP32 less the top-1 lost, both as fractions of the images: the smooth figure, so that
+    a choice between close candidates follows their error, not which few images happened to flip."""
+    return d.get("expected_agreement", d["agreement"]) - d["top1_drop_pp"] / 100
 
 
 def _speedup(fp32: Path, int8: Path, x: np.ndarray) -> float:

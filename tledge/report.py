@@ -228,6 +228,11 @@ def _markdown(summary: dict, extra: dict | None) -> str:
     return "\n".join(lines)
 
 
+def _expected(d: dict) -> str:
+    """The expected agreement beside the counted one (records from before it existed have none)."""
+    return f" (expected {d['expected_agreement']:.4f})" if "expected_agreement" in d else ""
+
+
 def _quantized_model_lines(target: str, info: dict) -> list[str]:
     """One INT8 model in the report: its format, drift budget, fallback, and what is special to its runtime."""
     method = f", ranges by {info['calibration_method']}" if "calibration_method" in info else ""
@@ -235,7 +240,7 @@ def _quantized_model_lines(target: str, info: dict) -> list[str]:
     if "method_choice" in info:
         c = info["method_choice"]["candidates"]
         lines.append("  Calibration method chosen on validation: " + ", ".join(
-            f"{m} agreement {f['agreement']:.4f}, top-1 {-f['top1_drop_pp']:+.2f} pt" for m, f in c.items()) + ".")
+            f"{m} agreement {f['agreement']:.4f}{_expected(f)}, top-1 {-f['top1_drop_pp']:+.2f} pt" for m, f in c.items()) + ".")
     if "cpu_target" in info:
         t = info["cpu_target"]
         requested = f" ({t['requested']})" if t["requested"] != t["name"] else ""
@@ -247,11 +252,11 @@ def _quantized_model_lines(target: str, info: dict) -> list[str]:
     if "drift" in info:
         d = info["drift"]
         lines.append(f"  Drift budget on {d['images']} {d['split']} images ({d['method']}): top-1 {d['top1']:.4f} vs FP32 "
-                     f"{d['top1_fp32']:.4f}, agreement {d['agreement']:.4f}: **{'met' if d['met'] else 'MISSED'}** "
-                     f"(drop <= {d['budget']['max_top1_drop_pp']} pt, agreement >= {d['budget']['min_agreement']}).")
+                     f"{d['top1_fp32']:.4f}, agreement {d['agreement']:.4f}{_expected(d)}: **{'met' if d['met'] else 'MISSED'}** "
+                     f"(drop <= {d['budget']['max_top1_drop_pp']} pt, agreement and expected agreement >= {d['budget']['min_agreement']}).")
     if info.get("fallback"):
         f = info["fallback"]
-        tried = ", ".join(f"{t['layers']} layers: agreement {t['agreement']:.4f}" for t in f["tried"])
+        tried = ", ".join(f"{t['layers']} layers: agreement {t['agreement']:.4f}{_expected(t)}" for t in f["tried"])
         added = ", ".join(f"`{n}`" for n in f["kept_float_added"]) or "none"
         stopped = f" Stopped: {f['stopped']}." if f.get("stopped") else ""
         lines.append(f"  Per-layer fallback kept {len(f['kept_float_added'])} layer(s) in float ({added}); tried {tried}.{stopped}")

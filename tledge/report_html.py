@@ -163,13 +163,13 @@ def render_html(summary: dict) -> str:
 
     q = summary.get("quantize")
     if q:
-        out += ["<h2>INT8 within the drift budget</h2>", "<table><tr><th>model</th><th>method</th><th>validation drop (pt)</th><th>agreement</th>"
+        out += ["<h2>INT8 within the drift budget</h2>", "<table><tr><th>model</th><th>method</th><th>validation drop (pt)</th><th>agreement</th><th>expected agreement</th>"
                 "<th>budget</th><th>layers in float</th><th>QAT</th></tr>"]
         for target, info in q["models"].items():
             d = info["drift"]
             qat = info.get("qat")
             out.append(f"<tr><td>{_e(info['path'])}</td><td>{_e(info.get('calibration_method', ''))}</td><td class=num>{d['top1_drop_pp']:+.2f}</td>"
-                       f"<td class=num>{d['agreement']:.4f}</td><td>{'met' if d['met'] else '<b>MISSED</b>'}</td><td class=num>{len(info['kept_float'])}</td>"
+                       f"<td class=num>{d['agreement']:.4f}</td><td class=num>{d.get('expected_agreement', d['agreement']):.4f}</td><td>{'met' if d['met'] else '<b>MISSED</b>'}</td><td class=num>{len(info['kept_float'])}</td>"
                        f"<td>{'' if not qat else 'chosen' if qat['chosen'] else 'tried, not better'}</td></tr>")
         out.append("</table>")
 

@@ -120,7 +120,12 @@ def simulate(model, x: np.ndarray, batch: int = 32) -> np.ndarray:
 
 
 def logit_error(logits: np.ndarray, reference: np.ndarray) -> float:
-    """Mean squared logit difference, relative to the reference's variance: 0 is exact, 1 is as large as the signal."""
+    """Mean squared logit difference, relative to the reference's variance: 0 is exact, 1 is as large as the signal.
+
+    Each image's logits are centred first: a shift of all of one image's logits by the same amount changes no
+    prediction and no probability, so it is not error."""
+    logits = logits - logits.mean(axis=1, keepdims=True)
+    reference = reference - reference.mean(axis=1, keepdims=True)
     return float(np.mean((logits - reference) ** 2) / (np.var(reference) or 1.0))
 
 
