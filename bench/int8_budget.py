@@ -6,9 +6,10 @@ For one fine-tuned FP32 model (a `tledge build` folder) and its dataset, in one 
   the same calibration images: the plain approach;
 * `tledge-<method>`: tledge's TensorRT Q/DQ and portable CPU models for each fixed method, no fallback, no bias
   correction (`+bc`: with it);
-* `tledge-budget`: tledge's defaults, as `tledge build` runs them: min-max, bias correction, the drift budget with
-  per-layer fallback and, when that still misses it, quantization-aware fine-tuning from the build's `model.pt`;
-* `tledge-auto`: method chosen per model on validation, then the drift budget.
+* `tledge-budget`: tledge's defaults, as `tledge build` runs them: the method chosen per model on validation
+  (`auto`), bias correction, the drift budget with per-layer fallback and, when that still misses it,
+  quantization-aware fine-tuning from the build's `model.pt`;
+* `tledge-minmax-budget`: the same with min-max ranges (the default until 2026-12-01).
 
 Every tledge variant reuses the first one's calibration statistics (one pass of the images through the model).
 
@@ -90,7 +91,7 @@ def main() -> None:
     runs += [(f"tledge-{m}+bc", dict(method=m, fallback_layers=0, bias_correction=True)) for m in filter(None, args.bc_methods.split(","))]
     checkpoint = args.build / "model.pt"
     qat = dict(checkpoint=checkpoint) if checkpoint.is_file() else {}  # as build: QAT when post-training misses the budget
-    runs += [("tledge-budget", qat), ("tledge-auto", dict(method="auto", **qat))]
+    runs += [("tledge-budget", qat), ("tledge-minmax-budget", dict(method="minmax", **qat))]
     runs = [r for r in runs if not only or r[0] in only]
     stats_file = None
     for name, options in runs:

@@ -103,7 +103,8 @@ def test_every_cpu_activation_scale_comes_from_tledges_ranges(tiny_pipeline, tin
     from tledge.calib_stats import STATS_FILE, CalibrationStats
 
     # The statistics' extremes are exact (test_calib_stats checks them against the activations themselves).
-    ranges = CalibrationStats.load(tiny_pipeline / STATS_FILE).ranges("minmax", symmetric=False)
+    method = json.loads((tiny_pipeline / "quantize.json").read_text())["models"]["cpu"]["calibration_method"]
+    ranges = CalibrationStats.load(tiny_pipeline / STATS_FILE).ranges(method, symmetric=False)
     model = onnx.load(str(tiny_pipeline / "model.int8.cpu.onnx"))
     inits = {i.name: i for i in model.graph.initializer}
     activations = [n for n in model.graph.node if n.op_type == "QuantizeLinear" and n.input[0] not in inits]

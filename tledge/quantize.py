@@ -52,7 +52,7 @@ class QuantizeConfig:
     calibration: Path | None = None
     num_images: int = 256
     seed: int = 0
-    method: str = "minmax"
+    method: str = "auto"  # per model, the candidate closest to FP32 on validation (bench/RESULTS.md: mse met the budget where minmax could not)
     targets: tuple[str, ...] = ("tensorrt", "cpu")
     keep_float: tuple[str, ...] = ()
     batch_size: int = 16
