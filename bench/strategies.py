@@ -107,7 +107,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--strategies", default="linear,staged,full,auto,scratch")
     ap.add_argument("--probe-epochs", type=int, default=2, help="epochs timed in the cached-vs-backbone comparison (0: skip it)")
-    ap.add_argument("--out", default=None)
+    ap.add_argument("--out", default=None, help="JSON, rewritten after every row")
+    ap.add_argument("--keep", default=None, help="a JSON of an earlier run of this script with the same settings: its rows are kept, not run again")
     args = ap.parse_args()
 
     data = Path(args.data) if args.data else digits_dataset()
@@ -117,9 +118,16 @@ def main() -> None:
               "settings": {"model": "efficientnet_lite0", "image_size": args.image_size, "epochs": args.epochs,
                            "patience": args.patience, "batch_size": args.batch_size, "augment": "light", "seed": 0},
               "rows": {}}
+    if args.keep:
+        earlier = json.loads(Path(args.keep).read_text())
+        if earlier["settings"] != result["settings"] or earlier["data"] != result["data"]:
+            raise SystemExit(f"{args.keep} was run with other settings or data: {earlier['settings']}")
+        result["rows"] = {name: {**row, "kept_from": args.keep} for name, row in earlier["rows"].items()}
     print(json.dumps(result["machine"]), flush=True)
     with tempfile.TemporaryDirectory(prefix="tledge-bench-strategies-") as tmp:
         for name in args.strategies.split(","):
+            if name in result["rows"]:
+                continue
             common = dict(data=data, out=Path(tmp) / name, image_size=args.image_size, epochs=args.epochs, patience=args.patience,
                           batch_size=args.batch_size, resume=False)
             cfg = FinetuneConfig(**common, weights="none") if name == "scratch" else FinetuneConfig(**common, strategy=name)
@@ -127,6 +135,8 @@ def main() -> None:
             result["rows"][name] = row
             print(f"{name:8s} val {row['val_top1']:.4f} test {row['test_top1']:.4f} epochs {row['epochs']:3d} "
                   f"cpu {row['cpu_s']:8.1f} s wall {row['wall_s']:7.1f} s  {row['why']}", flush=True)
+            if args.out:  # a long run keeps what it measured if it is stopped
+                Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     rows = result["rows"]
     if all(s in rows for s in (*FIXED, "auto")):
         best = max(FIXED, key=lambda s: (rows[s]["val_top1"], -rows[s]["cpu_s"]))

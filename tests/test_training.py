@@ -108,8 +108,13 @@ def test_plans():
     assert plan("linear", 12, (2,)) == [0]
     assert plan("staged", 12, (2, 5)) == [0, 2, 5]
     assert plan("full", 12, (2,)) == [12]
-    assert plan("auto", 12, (2,)) == [0, 2, 4, 8, 12]  # the unfreeze steps, then doubling, then everything
-    assert plan("auto", 18, (3,)) == [0, 3, 6, 12, 18]
+    assert plan("auto", 12, (2,)) == [0, 2, 12]  # the unfreeze steps, then everything
+    assert plan("auto", 18, (3, 6)) == [0, 3, 6, 18]
+    assert plan("auto", 4, (6,)) == [0, 4]  # a step deeper than the network is the whole network
+    from tledge.train.strategies import step_epochs
+
+    assert [step_epochs("auto", k, 18, 40) for k in (0, 3, 18)] == [40, 40, 10]  # the last step: a short schedule
+    assert step_epochs("auto", 18, 18, 3) == 2 and step_epochs("auto", 18, 18, 1) == 1 and step_epochs("full", 18, 18, 40) == 40
     assert plan("auto", 12, (2,), from_scratch=True) == [12]
 
 
@@ -194,7 +199,7 @@ def test_auto_thaws_while_validation_pays_and_says_why(tiny_dataset, related_wei
     record = finetune(_cfg(tiny_dataset, tmp_path, related_weights, strategy="auto", epochs=3))
     stages = record["stages"]
     names = [s["name"] for s in stages]
-    assert names == ["feature-extraction", "unfreeze-top-2", "unfreeze-top-4", "unfreeze-top-8", "unfreeze-all"][: len(names)]
+    assert names == ["feature-extraction", "unfreeze-top-2", "unfreeze-all"][: len(names)]
     kept = [s for s in stages if s["accepted"]]
     assert kept == stages[: len(kept)]  # nothing is kept after a rejected step
     assert all(not s["accepted"] for s in stages[len(kept):]) and len(stages) - len(kept) <= 1
@@ -205,6 +210,7 @@ def test_auto_thaws_while_validation_pays_and_says_why(tiny_dataset, related_wei
     assert record["model"]["trainable_blocks"] == winner["trainable_blocks"]
     assert record["strategy"]["cost"]["epochs"] == sum(s["epochs_run"] for s in stages)
     assert all(s["decision"] for s in stages) and all(s["seconds"] > 0 for s in stages)
+    assert all(s["epochs_run"] <= 2 for s in stages if s["name"] == "unfreeze-all")  # a short schedule: 3 epochs, a quarter, at least 2
 
 
 def test_sample_efficiency_curve(linear_run):

@@ -5,8 +5,12 @@
   times the previous learning rate and with discriminative rates inside it (a block ``d`` places below the top
   trains at ``layer_decay**d`` times the classifier's rate); a step is kept only if validation earns it;
 * ``full``: every layer from the pretrained weights at a low rate (``lr * lr_decay``) after a warm-up;
-* ``auto``: starts frozen and thaws more (the ``unfreeze`` steps, then twice as many blocks each step, up to the
-  whole network) while validation top-1 keeps rising; the first step that does not pay is undone and ends it.
+* ``auto``: starts frozen and thaws more (the ``unfreeze`` steps on cached activations, then the whole network)
+  while validation top-1 keeps rising; the first step that does not pay is undone and ends it. The whole-network
+  step starts from weights that already fit the data, so it runs a short schedule (a quarter of the epoch cap, at
+  least 2 epochs): on digits that kept ``auto`` within reach of ``full`` at a third of the compute of trying
+  every strategy (bench/RESULTS.md), where thawing 6, 12 and then all blocks at the full cap cost more than
+  ``full`` itself.
 
 Frozen layers run once: a step that thaws the top ``k`` blocks trains on activations cached below them
 (optionally several augmented views per image, ``views``). A step that thaws everything trains on images
@@ -73,13 +77,18 @@ def plan(strategy: str, depth: int, unfreeze: tuple[int, ...], from_scratch: boo
         return [0]
     if strategy == "staged":
         return [0, *unfreeze]
-    # auto: the unfreeze steps, then twice as many blocks each step, then the whole network
-    steps = [0, *(n for n in unfreeze if n < depth)]
-    k = steps[-1] * 2 if len(steps) > 1 else max(1, depth // 6)
-    while k < depth:
-        steps.append(k)
-        k *= 2
-    return [*steps, depth]
+    # auto: the unfreeze steps, then the whole network
+    return [0, *(n for n in unfreeze if n < depth), depth]
+
+
+AUTO_LAST_STEP_SHARE = 0.25  # of the epoch cap, for auto's whole-network step
+
+
+def step_epochs(strategy: str, thawed: int, depth: int, epochs: int) -> int:
+    """The epoch cap of one step: ``epochs``, except auto's whole-network step (a short schedule)."""
+    if strategy == "auto" and thawed == depth:
+        return min(epochs, max(2, math.ceil(epochs * AUTO_LAST_STEP_SHARE)))
+    return epochs
 
 
 # --- the model's parts ------------------------------------------------------------------------------------------
@@ -318,7 +327,7 @@ def transfer(ctx: Context, model, strategy: str, unfreeze: tuple[int, ...], trai
                 run = run_cached(ctx, model, name, start, lr, (carry(model, train_base[0], base, start, ctx.device), train_base[1]),
                                  (carry(model, val_base[0], base, start, ctx.device), val_base[1]))
             else:
-                run = run_images(ctx, model, name, lr, train, val, train_bn=False)
+                run = run_images(ctx, model, name, lr, train, val, train_bn=False, epochs=step_epochs(strategy, thawed, depth, ctx.epochs))
             if best is not None and not earns_its_keep(run, best):
                 run.accepted = False
                 model.load_state_dict(previous)
@@ -382,5 +391,5 @@ def subset(samples, fraction: float, seed: int):
     return sorted(out, key=lambda s: str(s.path))
 
 
-__all__ = ["Context", "STRATEGIES", "TransferOutcome", "cache_activations", "carry", "earns_its_keep", "plan",
-           "recompute_bn_statistics", "run_cached", "run_images", "scratch", "set_train_mode", "subset", "transfer"]
+__all__ = ["AUTO_LAST_STEP_SHARE", "Context", "STRATEGIES", "TransferOutcome", "cache_activations", "carry", "earns_its_keep", "plan",
+           "recompute_bn_statistics", "run_cached", "run_images", "scratch", "set_train_mode", "step_epochs", "subset", "transfer"]
