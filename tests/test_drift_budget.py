@@ -205,8 +205,13 @@ def test_auto_method_picks_the_candidate_closest_to_fp32(trained, tiny_dataset, 
         info = record["models"][target]
         choice = info["method_choice"]
         assert set(choice["candidates"]) == set(AUTO_CANDIDATES) == {"minmax", "percentile", "mse"}
-        best = max(score(c) for c in choice["candidates"].values())
-        assert score(choice["candidates"][choice["chosen"]]) == best
+        scores = [score(choice["candidates"][m]) for m in choice["order"]]
+        assert scores == sorted(scores, reverse=True)  # the budget search starts from the candidate closest to FP32
+        searched = choice["budget_search"]
+        assert [s["method"] for s in searched] == choice["order"][: len(searched)]
+        assert all(not s["met"] for s in searched[:-1])  # the search stops at the first method that meets the budget
+        met = [s["method"] for s in searched if s["met"]]
+        assert choice["chosen"] == (met[0] if met else choice["order"][0])
         assert info["calibration_method"] == choice["chosen"] == read_metadata(tmp_path / name)["calibration_method"]
         # the written model is the chosen candidate: its figures are the chosen one's
         assert info["drift"]["agreement"] == choice["candidates"][choice["chosen"]]["agreement"]

@@ -518,8 +518,9 @@ def check_tensorrt_qdq(model) -> list[str]:
     return problems
 
 
-def _choose_method(make, budget, work: Path, keep_float: tuple[str, ...]) -> tuple[str, dict]:
-    """``auto``: the calibration method whose model (before any fallback) stays closest to FP32 on validation."""
+def _rank_methods(make, budget, work: Path, keep_float: tuple[str, ...]) -> tuple[list[str], dict]:
+    """``auto``: the calibration methods, the one whose model (before any fallback) stays closest to FP32 on
+    validation first."""
     from .drift_budget import score
 
     figures = {}
@@ -528,8 +529,9 @@ def _choose_method(make, budget, work: Path, keep_float: tuple[str, ...]) -> tup
         make(keep_float, path, method)
         figures[method] = {k: v for k, v in budget.evaluate(path).items() if k in ("top1", "top1_drop_pp", "agreement", "expected_agreement")}
         path.unlink()
-    best = max(AUTO_CANDIDATES, key=lambda m: (score(figures[m]), -AUTO_CANDIDATES.index(m)))  # a tie goes to min-max
-    return best, {"candidates": figures, "chosen": best, "by": "expected agreement with FP32 minus top-1 lost, validation, simulated"}
+    ranked = sorted(AUTO_CANDIDATES, key=lambda m: (-score(figures[m]), AUTO_CANDIDATES.index(m)))  # a tie goes to min-max
+    return ranked, {"candidates": figures, "chosen": ranked[0], "order": ranked,
+                    "by": "expected agreement with FP32 minus top-1 lost, validation, simulated, before any fallback"}
 
 
 def _cpu_target_record(target: CpuTarget, reason: str) -> dict:
@@ -569,7 +571,7 @@ def quantize(cfg: QuantizeConfig) -> dict:
     from .calib_stats import STATS_FILE, calibrate, calibration_key
     from .calibration import calibration_warnings, load_calibration_set, sample_calibration_set
     from .data import Preprocess, Sample, load_array, splits_for
-    from .drift_budget import DriftBudget, describe_drift, score
+    from .drift_budget import TRIED_KEYS, DriftBudget, describe_drift, score
     from .export import load_onnx, set_metadata
 
     from . import validate
@@ -630,12 +632,24 @@ def quantize(cfg: QuantizeConfig) -> dict:
 
             # Candidates live in a private folder; only the chosen model replaces dst, in one rename.
             with tempfile.TemporaryDirectory(prefix=".tledge-quantize-", dir=cfg.out_dir) as work:
-                method = cfg.method
-                if method == "auto":
-                    method, info["method_choice"] = _choose_method(make, budget, Path(work), tuple(cfg.keep_float))
+                methods = [cfg.method]
+                if cfg.method == "auto":
+                    methods, info["method_choice"] = _rank_methods(make, budget, Path(work), tuple(cfg.keep_float))
+                # auto: the fallback starts from the method closest to FP32; if even that misses the budget, the next
+                # one may still meet it (a method that clips can need more float layers than min-max: digits, mse).
+                outcomes = []
+                for method in methods:
+                    (Path(work) / method).mkdir()
+                    outcome = budget.meet(lambda keep, path, method=method: make(keep, path, method), Path(work) / method, fp32_proto, recipe.target)
+                    outcomes.append((method, *outcome))
+                    if outcome[2]["met"]:
+                        break
+                method, chosen, keep_float, info["drift"], fallback = max(outcomes, key=lambda o: (o[3]["met"], score(o[3])))
+                if len(methods) > 1:
+                    info["method_choice"]["budget_search"] = [{"method": m, "layers_in_float": len(k) - len(cfg.keep_float), **{key: d[key] for key in TRIED_KEYS}}
+                                                              for m, _, k, d, _ in outcomes]
+                    info["method_choice"]["chosen"] = method
                 info["calibration_method"] = method
-                chosen, keep_float, info["drift"], fallback = budget.meet(
-                    lambda keep, path: make(keep, path, method), Path(work), fp32_proto, recipe.target)
                 source = base
                 if not info["drift"]["met"] and cfg.checkpoint is not None and cfg.qat_epochs > 0:
                     if not qat_source:

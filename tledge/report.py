@@ -241,6 +241,9 @@ def _quantized_model_lines(target: str, info: dict) -> list[str]:
         c = info["method_choice"]["candidates"]
         lines.append("  Calibration method chosen on validation: " + ", ".join(
             f"{m} agreement {f['agreement']:.4f}{_expected(f)}, top-1 {-f['top1_drop_pp']:+.2f} pt" for m, f in c.items()) + ".")
+        if len(info["method_choice"].get("budget_search", [])) > 1:
+            lines.append("  The budget search went on to the next method when one missed: " + "; ".join(
+                f"{s['method']} with {s['layers_in_float']} layer(s) in float {'met' if s['met'] else 'missed'} it" for s in info["method_choice"]["budget_search"]) + ".")
     if "cpu_target" in info:
         t = info["cpu_target"]
         requested = f" ({t['requested']})" if t["requested"] != t["name"] else ""
