@@ -5,8 +5,10 @@ cached features against the same head trained with the frozen backbone run on ev
     python bench/strategies.py --out bench/strategies-digits.json                                   # the default data
     python bench/strategies.py --data ../shared/data/neu-surface-defects --image-size 128 --out bench/strategies-neu.json
 
-Compute is the process's CPU seconds (every thread; less disturbed by other jobs than wall seconds, which are
-recorded too). "Exhaustive" is linear + staged + full: what a user would run to find the best fixed strategy.
+Compute is counted in multiply-accumulates (MACs), which no other job on the machine can change: per epoch, each
+training image costs 3x the forward MACs of the layers that train (forward and backward) and each validation image
+their forward MACs; a strategy that caches frozen layers pays their forward MACs once per image. The process's
+CPU and wall seconds are recorded too (on a shared machine they vary with the load). "Exhaustive" is linear + staged + full: what a user would run to find the best fixed strategy.
 Targets (issue 9): ``auto`` within 0.5 pt of val top-1 of the exhaustive best at <= 40% of its compute; cached
 features >= 10x faster per epoch than running the backbone.
 """
@@ -22,6 +24,48 @@ from pathlib import Path
 FIXED = ("linear", "staged", "full")
 
 
+def block_macs(image_size: int, num_classes: int) -> dict:
+    """Forward MACs per image of each block, and of the neck and head together, at ``image_size``."""
+    import torch
+
+    from tledge.models import create_model
+
+    model, _ = create_model("efficientnet_lite0", "none", num_classes=num_classes)
+    counts: dict[str, int] = {}
+
+    def hook(name):
+        def count(module, inputs, output):
+            if isinstance(module, torch.nn.Conv2d):
+                k = module.weight.shape[1] * module.weight.shape[2] * module.weight.shape[3]
+                counts[name] = counts.get(name, 0) + output.numel() * k
+            elif isinstance(module, torch.nn.Linear):
+                counts[name] = counts.get(name, 0) + output.numel() * module.in_features
+        return count
+
+    for name, module in model.named_modules():
+        if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
+            part = name.split(".")[0] + ("." + name.split(".")[1] if name.startswith("blocks.") else "")
+            module.register_forward_hook(hook(part))
+    model.eval()
+    with torch.no_grad():
+        model(torch.zeros(1, 3, image_size, image_size))
+    depth = len(model.blocks)
+    return {"blocks": [counts.get(f"blocks.{i}", 0) for i in range(depth)], "top": counts.get("neck", 0) + counts.get("head", 0)}
+
+
+def run_macs(runs: list[dict], macs: dict, n_train: int, n_val: int) -> int:
+    """MACs of one strategy's runs (see the module docstring); ``runs``: ``trainable_blocks`` and ``epochs_run``."""
+    blocks, depth = macs["blocks"], len(macs["blocks"])
+    trained = lambda k: sum(blocks[depth - k:]) + macs["top"] if k else macs["top"]  # noqa: E731
+    total = 0
+    cached = [r["trainable_blocks"] for r in runs if r["trainable_blocks"] < depth]
+    if cached:  # the frozen bottom below the deepest cached step, once per image
+        total += (n_train + n_val) * sum(blocks[: depth - max(cached)])
+    for r in runs:
+        total += r["epochs_run"] * (3 * n_train + n_val) * trained(r["trainable_blocks"])
+    return int(total)
+
+
 def _run(cfg, splits) -> dict:
     from tledge.finetune import finetune
 
@@ -32,7 +76,7 @@ def _run(cfg, splits) -> dict:
     return {"strategy": st["name"], "plan": st["plan"], "winner": st["winner"], "why": st["why"],
             "epochs": st["cost"]["epochs"], "val_top1": record["result"]["val_accuracy"],
             "test_top1": record["result"].get("test_accuracy"), "wall_s": round(wall, 1), "cpu_s": round(cpu, 1),
-            "runs": [{k: s[k] for k in ("name", "epochs_run", "val_accuracy", "accepted", "seconds")} for s in record["stages"]]}
+            "runs": [{k: s[k] for k in ("name", "trainable_blocks", "epochs_run", "val_accuracy", "accepted", "seconds")} for s in record["stages"]]}
 
 
 def cached_vs_backbone(data: Path, splits, image_size: int, batch_size: int, epochs: int) -> dict:
@@ -138,15 +182,21 @@ def main() -> None:
             if args.out:  # a long run keeps what it measured if it is stopped
                 Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     rows = result["rows"]
+    macs = block_macs(args.image_size, len(splits.classes))
+    result["forward_macs_per_image"] = {"blocks": macs["blocks"], "neck_and_head": macs["top"]}
+    for row in rows.values():
+        if row.get("runs"):
+            row["gmacs"] = round(run_macs(row["runs"], macs, len(splits.train), len(splits.val)) / 1e9, 1)
     if all(s in rows for s in (*FIXED, "auto")):
-        best = max(FIXED, key=lambda s: (rows[s]["val_top1"], -rows[s]["cpu_s"]))
-        exhaustive_cpu = sum(rows[s]["cpu_s"] for s in FIXED)
+        best = max(FIXED, key=lambda s: (rows[s]["val_top1"], -rows[s].get("gmacs", 0)))
+        exhaustive = sum(rows[s]["gmacs"] for s in FIXED)
         gap = round((rows[best]["val_top1"] - rows["auto"]["val_top1"]) * 100, 2)
-        share = round(rows["auto"]["cpu_s"] / exhaustive_cpu, 3)
+        share = round(rows["auto"]["gmacs"] / exhaustive, 3)
         result["auto_vs_exhaustive"] = {
             "best_fixed": best, "best_val_top1": rows[best]["val_top1"], "auto_val_top1": rows["auto"]["val_top1"],
-            "auto_behind_best_pp": gap, "exhaustive_cpu_s": round(exhaustive_cpu, 1), "auto_cpu_s": rows["auto"]["cpu_s"],
+            "auto_behind_best_pp": gap, "exhaustive_gmacs": round(exhaustive, 1), "auto_gmacs": rows["auto"]["gmacs"],
             "auto_share_of_exhaustive_compute": share, "auto_chose": rows["auto"]["winner"],
+            "exhaustive_cpu_s": round(sum(rows[s]["cpu_s"] for s in FIXED), 1), "auto_cpu_s": rows["auto"]["cpu_s"],
             "target_met": gap <= 0.5 and share <= 0.4}
         print(json.dumps(result["auto_vs_exhaustive"]), flush=True)
     if "scratch" in rows:
