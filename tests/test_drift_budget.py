@@ -80,17 +80,19 @@ def test_the_planted_layer_leaves_fp32_unchanged(trained, sensitive, tiny_datase
     np.testing.assert_allclose(OrtRunner(sensitive[0])(x), OrtRunner(trained / FP32)(x), rtol=1e-3, atol=1e-3)
 
 
-def test_bypassing_every_layer_gives_back_fp32(trained, tiny_dataset):
-    """On the calibration images (inside every calibrated range) a model with every layer bypassed is FP32 again."""
+def test_bypassing_every_layer_gives_back_fp32(trained, tiny_dataset, tmp_path):
+    """On the calibration images (inside every min-max range) a model with every layer bypassed is FP32 again."""
     from tledge.data import Sample, load_array
     from tledge.models import get_spec
 
+    quantize(QuantizeConfig(model=trained / FP32, data=tiny_dataset, out_dir=tmp_path, calibration=trained / "calibration.json",
+                            method="minmax", fallback_layers=0, qat_epochs=0))
     paths = [tiny_dataset / e["path"] for e in json.loads((trained / "calibration.json").read_text())["images"]]
     x, _ = load_array([Sample(p, 0) for p in paths], get_spec("test_efficientnet_lite").preprocess)
     fp32 = onnx.load(str(trained / FP32))
     reference = OrtRunner(trained / FP32)(x)
     for name in ("model.int8.qdq.onnx", "model.int8.cpu.onnx"):  # FP32 weights behind Q/DQ, and int8 weights
-        model = onnx.load(str(trained / name))
+        model = onnx.load(str(tmp_path / name))
         quantized_error = np.abs(simulate(model, x) - reference).mean()
         assert quantized_error > 1e-3, "the INT8 model differs from FP32"
         restored = simulate(bypass_quantization(model, fp32, quantized_layers(model)), x)
@@ -209,9 +211,13 @@ def test_auto_method_picks_the_candidate_closest_to_fp32(trained, tiny_dataset, 
         assert scores == sorted(scores, reverse=True)  # the budget search starts from the candidate closest to FP32
         searched = choice["budget_search"]
         assert [s["method"] for s in searched] == choice["order"][: len(searched)]
-        assert all(not s["met"] for s in searched[:-1])  # the search stops at the first method that meets the budget
-        met = [s["method"] for s in searched if s["met"]]
-        assert choice["chosen"] == (met[0] if met else choice["order"][0])
+        met = [s for s in searched if s["met"]]
+        if met:  # the fewest float layers that meet the budget win; a later method searched only below them
+            assert choice["chosen"] == min(met, key=lambda s: s["layers_in_float"])["method"]
+            assert all(s["layers_in_float"] < met[0]["layers_in_float"] for s in searched[searched.index(met[0]) + 1:])
+            assert met[0]["layers_in_float"] > 0 or searched[-1] is met[0]  # none in float: nothing left to search
+        else:
+            assert choice["chosen"] == choice["order"][0]
         assert info["calibration_method"] == choice["chosen"] == read_metadata(tmp_path / name)["calibration_method"]
         # the written model is the chosen candidate: its figures are the chosen one's
         assert info["drift"]["agreement"] == choice["candidates"][choice["chosen"]]["agreement"]
