@@ -100,10 +100,9 @@ class DriftBudget:
         return {**figures, "images": len(x), "split": self.split_name, "method": "simulated INT8 arithmetic",
                 "budget": {"max_top1_drop_pp": self.cfg.max_top1_drop_pp, "min_agreement": self.cfg.min_agreement}, "met": met}
 
-    def meet(self, make: Callable, work: Path, fp32_model, target: str, max_layers: int | None = None) -> tuple[Path, tuple[str, ...], dict, dict | None]:
+    def meet(self, make: Callable, work: Path, fp32_model, target: str) -> tuple[Path, tuple[str, ...], dict, dict | None]:
         """Build the model with the user's float layers; if it misses the budget, keep the most sensitive layers in
-        float too (1, 2, 4, ... up to ``fallback_layers``, or ``max_layers`` if fewer) and take the first that meets
-        it, else the closest.
+        float too (1, 2, 4, ... up to ``fallback_layers``) and take the first that meets it, else the closest.
 
         ``make(keep_float, path)`` writes a checked model and returns it. Returns the chosen file, its float layers,
         its drift record and what the fallback tried (None when it did not run).
@@ -115,8 +114,7 @@ class DriftBudget:
         first = work / f"{target}-0.onnx"
         first_model = make(base_keep, first)
         drift = self.evaluate(first)
-        limit = self.cfg.fallback_layers if max_layers is None else min(max_layers, self.cfg.fallback_layers)
-        if drift["met"] or limit <= 0:
+        if drift["met"] or self.cfg.fallback_layers == 0:
             return first, base_keep, drift, None
 
         x, _, reference = self._load()
@@ -129,7 +127,7 @@ class DriftBudget:
         # The speed guard below applies only where INT8 is faster than FP32 to begin with (not on tiny models).
         guard = target == "cpu" and _speedup(self.cfg.model, first, x[:1]) >= 1.0
         for k in FALLBACK_STEPS:
-            k = min(k, limit, len(ranked))
+            k = min(k, self.cfg.fallback_layers, len(ranked))
             if k <= tried[-1]["layers"]:
                 break
             keep = base_keep + tuple(r["node"] for r in ranked[:k])
