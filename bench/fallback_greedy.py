@@ -11,7 +11,7 @@ import argparse
 import json
 import tempfile
 from pathlib import Path
-import numpy as np, onnx
+import onnx
 from tledge.quantize import CpuInt8, _ArrayReader
 from tledge.cpu_isa import resolve_cpu_target
 from tledge.calib_stats import CalibrationStats
