@@ -22,19 +22,14 @@ from pathlib import Path
 import numpy as np
 
 
-def main() -> None:
-    import onnx
+from _int8_build import load_build, portable_cpu_recipe
 
-    from tledge.bias_correction import correct_bias
-    from tledge.calib_stats import CalibrationStats
-    from tledge.cpu_isa import resolve_cpu_target
-    from tledge.data import Preprocess, load_array, splits_for
+
+def main() -> None:
     from tledge.drift_budget import expected_agreement
     from tledge.machine import machine_info
-    from tledge.quantize import CpuInt8, TensorRTQDQ, _ArrayReader
-    from tledge.runners import OrtRunner
+    from tledge.quantize import TensorRTQDQ
     from tledge.sensitivity import simulate
-    from tledge.validate import onnx_metadata
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--build", type=Path, required=True)
@@ -43,26 +38,16 @@ def main() -> None:
     args = ap.parse_args()
 
     started = time.perf_counter()
-    model = args.build / "model.fp32.onnx"
-    fp32 = onnx.load(str(model))
-    meta = onnx_metadata(model, fp32)
-    pre = Preprocess.from_dict(meta["preprocess"])
-    splits = splits_for(args.data, args.build, 0, meta.get("splits_sha256"))
-    xv, _ = load_array(splits.val, pre)
-    xt, _ = load_array(splits.test, pre)
-    ref_v, ref_t = OrtRunner(model).run_batches(xv), OrtRunner(model).run_batches(xt)
-    stats = CalibrationStats.load(args.build / "calibration.stats.npz")
+    b = load_build(args.build, args.data)
+    xv, ref_v, xt, ref_t = b.val.x, b.val.reference, b.test.x, b.test.reference
     record = json.loads((args.build / "quantize.json").read_text())
-    reader = _ArrayReader(meta["input"], xv[:16], 16)
-    cpu_target, reason = resolve_cpu_target("portable")
 
     def agreement(logits, reference):
         return float(np.mean(logits.argmax(1) == reference.argmax(1)))
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for recipe in (TensorRTQDQ(), CpuInt8(cpu_target, reason)):
-            recipe.prepare(fp32)
+        for recipe in (TensorRTQDQ(), portable_cpu_recipe(b.fp32)):
             ranked = [r["node"] for r in record["models"][recipe.target].get("fallback", {}).get("most_sensitive", [])]
             for method in ("minmax", "percentile", "mse"):
                 for bias_correction in (True, False):
@@ -71,10 +56,7 @@ def main() -> None:
                         if len(keep) < k:
                             continue
                         path = Path(tmp) / "model.onnx"
-                        recipe.quantize(model, path, reader, stats.ranges(method, recipe.symmetric_activations), keep)
-                        proto, _ = recipe.finish(onnx.load(str(path)), fp32, keep)
-                        if bias_correction:
-                            correct_bias(proto, fp32, stats.channel_mean)
+                        proto = b.make(recipe, path, method, keep, bias_correction)
                         lv, lt = simulate(proto, xv), simulate(proto, xt)
                         row = {"model": recipe.target, "method": method, "bias_correction": bias_correction, "float_layers": k,
                                "val_agreement": round(agreement(lv, ref_v), 5), "val_expected": round(expected_agreement(lv, ref_v), 5),

@@ -79,7 +79,7 @@ def _run(cfg, splits) -> dict:
             "runs": [{k: s[k] for k in ("name", "trainable_blocks", "epochs_run", "val_accuracy", "accepted", "seconds")} for s in record["stages"]]}
 
 
-def cached_vs_backbone(data: Path, splits, image_size: int, batch_size: int, epochs: int) -> dict:
+def cached_vs_backbone(splits, image_size: int, batch_size: int, epochs: int) -> dict:
     """Seconds per epoch of the same linear head trained on cached features and on features computed by the frozen
     backbone from each (augmented) batch; the cache's one-off cost is recorded with it."""
     import torch
@@ -203,7 +203,7 @@ def main() -> None:
         ref = max((rows[s] for s in rows if s != "scratch"), key=lambda r: r["val_top1"])
         result["transfer_gain_pp"] = round((ref["val_top1"] - rows["scratch"]["val_top1"]) * 100, 2)
     if args.probe_epochs:
-        result["cached_vs_backbone"] = cached_vs_backbone(data, splits, args.image_size, args.batch_size, args.probe_epochs)
+        result["cached_vs_backbone"] = cached_vs_backbone(splits, args.image_size, args.batch_size, args.probe_epochs)
         print(json.dumps(result["cached_vs_backbone"]), flush=True)
     result["seconds"] = round(time.perf_counter() - started, 1)
     if args.out:

@@ -62,7 +62,7 @@ def sensitive(trained, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def loose(trained) -> dict:
-    """A budget the trained tiny model meets without the planted layer, with one image to spare.
+    """A budget the trained tiny model meets without the planted layer, with one image to spare (counted and expected).
 
     Its own drift depends on the CPU it was trained on (float kernels differ between AVX2 and AVX-512 machines, and
     15 full-batch steps carry the difference into other weights), so the budget is read from its quantize record
@@ -72,7 +72,7 @@ def loose(trained) -> dict:
     drifts = [record[t]["drift"] for t in ("tensorrt", "cpu")]
     one_image = 1 / drifts[0]["images"]
     return dict(max_top1_drop_pp=round(max(0.0, *(d["top1_drop_pp"] for d in drifts)) + 100 * one_image, 3),
-                min_agreement=round(min(d["agreement"] for d in drifts) - one_image, 5))
+                min_agreement=round(min(min(d["agreement"], d["expected_agreement"]) for d in drifts) - one_image, 5))
 
 
 def test_the_planted_layer_leaves_fp32_unchanged(trained, sensitive, tiny_dataset):

@@ -186,7 +186,7 @@ def build(cfg: BuildConfig) -> dict:
     timings["quantize"] = time.perf_counter() - t
     for info in q["models"].values():
         d = info["drift"]
-        _log(f"      {info['path']}: val top-1 {-d['top1_drop_pp']:+.2f} pt, agreement {d['agreement']:.4f} (expected {d.get('expected_agreement', d['agreement']):.4f}, simulated), budget "
+        _log(f"      {info['path']}: val top-1 {-d['top1_drop_pp']:+.2f} pt, agreement {d['agreement']:.4f} (expected {d['expected_agreement']:.4f}, simulated), budget "
              f"{'met' if d['met'] else 'MISSED'}" + (f", {len(info['kept_float'])} layer(s) kept in float" if info["kept_float"] else ""))
     _log(f"      wrote {', '.join(TARGETS.values())}, calibration.cache ({timings['quantize']:.0f} s)")
 

@@ -240,7 +240,7 @@ def quantize(
                   f" (agreement {val['top1_agreement']:.4f} on {val['images']} images)")
         d = info["drift"]
         print(f"  drift on {d['images']} {d['split']} images (simulated): top-1 {-d['top1_drop_pp']:+.2f} pt, agreement {d['agreement']:.4f}"
-              f" (expected {d.get('expected_agreement', d['agreement']):.4f}) -> budget {'met' if d['met'] else 'MISSED'}" + (f"; kept in float: {', '.join(info['kept_float'])}" if info["kept_float"] else ""))
+              f" (expected {d['expected_agreement']:.4f}) -> budget {'met' if d['met'] else 'MISSED'}" + (f"; kept in float: {', '.join(info['kept_float'])}" if info["kept_float"] else ""))
         if "calibration_cache" in info:
             c = info["calibration_cache"]
             print(f"wrote {out_dir / c['path']} (TensorRT {c['trt_version']} implicit INT8, {c['tensors']} tensors)")

@@ -59,9 +59,13 @@ def expected_agreement(logits: np.ndarray, reference: np.ndarray) -> float:
     return float(1.0 - np.mean(flip))
 
 
+def expected_note(d: dict) -> str:
+    """`` (expected 0.9931)`` beside a counted agreement; empty for records from before the expected one existed."""
+    return f" (expected {d['expected_agreement']:.4f})" if "expected_agreement" in d else ""
+
+
 def describe_drift(d: dict) -> str:
-    expected = f" (expected {d['expected_agreement']:.4f})" if "expected_agreement" in d else ""
-    return (f"top-1 {d['top1']:.4f} vs FP32 {d['top1_fp32']:.4f} ({-d['top1_drop_pp']:+.2f} pt), agreement {d['agreement']:.4f}{expected} "
+    return (f"top-1 {d['top1']:.4f} vs FP32 {d['top1_fp32']:.4f} ({-d['top1_drop_pp']:+.2f} pt), agreement {d['agreement']:.4f}{expected_note(d)} "
             f"on {d['images']} {d['split']} images; budget: drop <= {d['budget']['max_top1_drop_pp']} pt, agreement >= {d['budget']['min_agreement']}")
 
 

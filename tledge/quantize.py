@@ -530,7 +530,7 @@ def _rank_methods(make, budget, work: Path, keep_float: tuple[str, ...]) -> tupl
         figures[method] = {k: v for k, v in budget.evaluate(path).items() if k in ("top1", "top1_drop_pp", "agreement", "expected_agreement")}
         path.unlink()
     ranked = sorted(AUTO_CANDIDATES, key=lambda m: (-score(figures[m]), AUTO_CANDIDATES.index(m)))  # a tie goes to min-max
-    return ranked, {"candidates": figures, "chosen": ranked[0], "order": ranked,
+    return ranked, {"candidates": figures, "order": ranked,
                     "by": "expected agreement with FP32 minus top-1 lost, validation, simulated, before any fallback"}
 
 
@@ -646,7 +646,7 @@ def quantize(cfg: QuantizeConfig) -> dict:
                     if outcome[2]["met"]:
                         break
                 method, chosen, keep_float, info["drift"], fallback = max(outcomes, key=lambda o: (o[3]["met"], score(o[3])))
-                if len(methods) > 1:
+                if cfg.method == "auto":
                     info["method_choice"]["budget_search"] = [{"method": m, "layers_in_float": len(k) - len(cfg.keep_float), **{key: d[key] for key in TRIED_KEYS}}
                                                               for m, _, k, d, _ in outcomes]
                     info["method_choice"]["chosen"] = method

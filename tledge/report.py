@@ -6,6 +6,7 @@ import html
 from pathlib import Path
 
 from .artifacts import FORMATS, read_json, write_json, write_text
+from .drift_budget import expected_note
 from .report_html import render_html
 from .errors import TledgeError
 
@@ -228,11 +229,6 @@ def _markdown(summary: dict, extra: dict | None) -> str:
     return "\n".join(lines)
 
 
-def _expected(d: dict) -> str:
-    """The expected agreement beside the counted one (records from before it existed have none)."""
-    return f" (expected {d['expected_agreement']:.4f})" if "expected_agreement" in d else ""
-
-
 def _quantized_model_lines(target: str, info: dict) -> list[str]:
     """One INT8 model in the report: its format, drift budget, fallback, and what is special to its runtime."""
     method = f", ranges by {info['calibration_method']}" if "calibration_method" in info else ""
@@ -240,7 +236,7 @@ def _quantized_model_lines(target: str, info: dict) -> list[str]:
     if "method_choice" in info:
         c = info["method_choice"]["candidates"]
         lines.append("  Calibration method chosen on validation: " + ", ".join(
-            f"{m} agreement {f['agreement']:.4f}{_expected(f)}, top-1 {-f['top1_drop_pp']:+.2f} pt" for m, f in c.items()) + ".")
+            f"{m} agreement {f['agreement']:.4f}{expected_note(f)}, top-1 {-f['top1_drop_pp']:+.2f} pt" for m, f in c.items()) + ".")
         if len(info["method_choice"].get("budget_search", [])) > 1:
             lines.append("  The budget search went on to the next method when one missed: " + "; ".join(
                 f"{s['method']} with {s['layers_in_float']} layer(s) in float {'met' if s['met'] else 'missed'} it" for s in info["method_choice"]["budget_search"]) + ".")
@@ -255,11 +251,11 @@ def _quantized_model_lines(target: str, info: dict) -> list[str]:
     if "drift" in info:
         d = info["drift"]
         lines.append(f"  Drift budget on {d['images']} {d['split']} images ({d['method']}): top-1 {d['top1']:.4f} vs FP32 "
-                     f"{d['top1_fp32']:.4f}, agreement {d['agreement']:.4f}{_expected(d)}: **{'met' if d['met'] else 'MISSED'}** "
+                     f"{d['top1_fp32']:.4f}, agreement {d['agreement']:.4f}{expected_note(d)}: **{'met' if d['met'] else 'MISSED'}** "
                      f"(drop <= {d['budget']['max_top1_drop_pp']} pt, agreement and expected agreement >= {d['budget']['min_agreement']}).")
     if info.get("fallback"):
         f = info["fallback"]
-        tried = ", ".join(f"{t['layers']} layers: agreement {t['agreement']:.4f}{_expected(t)}" for t in f["tried"])
+        tried = ", ".join(f"{t['layers']} layers: agreement {t['agreement']:.4f}{expected_note(t)}" for t in f["tried"])
         added = ", ".join(f"`{n}`" for n in f["kept_float_added"]) or "none"
         stopped = f" Stopped: {f['stopped']}." if f.get("stopped") else ""
         lines.append(f"  Per-layer fallback kept {len(f['kept_float_added'])} layer(s) in float ({added}); tried {tried}.{stopped}")

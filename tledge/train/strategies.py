@@ -8,9 +8,9 @@
 * ``auto``: starts frozen and thaws more (the ``unfreeze`` steps on cached activations, then the whole network)
   while validation top-1 keeps rising; the first step that does not pay is undone and ends it. The whole-network
   step starts from weights that already fit the data, so it runs a short schedule (a quarter of the epoch cap, at
-  least 2 epochs): on digits that kept ``auto`` within reach of ``full`` at a third of the compute of trying
-  every strategy (bench/RESULTS.md), where thawing 6, 12 and then all blocks at the full cap cost more than
-  ``full`` itself.
+  least 2 epochs). Thawing 6, 12 and then all blocks at the full cap cost more than ``full`` itself; the short
+  schedule costs about half of trying every strategy, and on digits ended 0.84 pt behind ``full``
+  (bench/RESULTS.md).
 
 Frozen layers run once: a step that thaws the top ``k`` blocks trains on activations cached below them
 (optionally several augmented views per image, ``views``). A step that thaws everything trains on images
