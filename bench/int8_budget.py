@@ -9,13 +9,16 @@ For one fine-tuned FP32 model (a `tledge build` folder) and its dataset, in one 
 * `tledge-budget`: tledge's defaults, as `tledge build` runs them: the method chosen per model on validation
   (`auto`), bias correction, the drift budget with per-layer fallback and, when that still misses it,
   quantization-aware fine-tuning from the build's `model.pt`;
-* `tledge-minmax-budget`: the same with min-max ranges (the default until 2026-12-01).
+* `tledge-minmax-budget`: the same with min-max ranges (the default until 2026-12-01);
+* `tledge-unpriced-budget`: tledge's defaults with the CPU fallback chosen by sensitivity alone
+  (`fallback_max_slowdown=1`, the default until 2026-12-02) instead of priced by measured latency.
 
 Every tledge variant reuses the first one's calibration statistics (one pass of the images through the model).
 
 Every accuracy figure is the simulated INT8 arithmetic (the same on every machine): drift against FP32 on the
 validation split (what the budget judges) and on the test split (held out from every choice). The CPU models'
-batch-1 speed-up over FP32 is timed here, interleaved, one thread per model, and depends on this CPU.
+batch-1 speed-up over FP32 is timed here, interleaved, one thread per model and then every core per model (thread
+pools told not to spin, so one session's idle threads do not steal the cores from the next), and depends on this CPU.
 
     python bench/int8_budget.py --build tledge-out --data ~/.cache/tledge/datasets/digits-v1 --out bench/int8_budget-digits.json
 """
@@ -50,10 +53,10 @@ def drift(out: np.ndarray, ref: np.ndarray, y: np.ndarray) -> dict:
             "agreement": float(np.mean(out.argmax(1) == ref.argmax(1)))}
 
 
-def p50_ms(paths: dict[str, Path], x: np.ndarray, rounds: int = 10, per_round: int = 40) -> dict[str, float]:
-    # One thread each, spinning off: a dozen sessions timed in turn with every core stole the cores from one another
+def p50_ms(paths: dict[str, Path], x: np.ndarray, threads: int | None = 1, rounds: int = 10, per_round: int = 40) -> dict[str, float]:
+    # Spinning off: a dozen sessions timed in turn with every core and spinning pools stole the cores from one another
     # (identical files came out at 1.69x and 3.33x in one run); single-threaded ratios repeat (bench/RESULTS.md, gate).
-    runners = {k: OrtRunner(p, threads=1, spinning=False) for k, p in paths.items()}
+    runners = {k: OrtRunner(p, threads=threads, spinning=False) for k, p in paths.items()}
     return interleaved_p50(runners, x, rounds=rounds, per_round=per_round, warmup=5)
 
 
@@ -91,7 +94,8 @@ def main() -> None:
     runs += [(f"tledge-{m}+bc", dict(method=m, fallback_layers=0, bias_correction=True)) for m in filter(None, args.bc_methods.split(","))]
     checkpoint = args.build / "model.pt"
     qat = dict(checkpoint=checkpoint) if checkpoint.is_file() else {}  # as build: QAT when post-training misses the budget
-    runs += [("tledge-budget", qat), ("tledge-minmax-budget", dict(method="minmax", **qat))]
+    runs += [("tledge-budget", qat), ("tledge-minmax-budget", dict(method="minmax", **qat)),
+             ("tledge-unpriced-budget", dict(fallback_max_slowdown=1.0, **qat))]
     runs = [r for r in runs if not only or r[0] in only]
     stats_file = None
     for name, options in runs:
@@ -122,21 +126,24 @@ def main() -> None:
             rows.append(row)
     cpu_files = {f"{r['variant']}": variants[r["variant"]]["files"]["cpu"] for r in rows if r["target"] == "cpu"}
     latency = p50_ms({"fp32": fp32, **cpu_files}, sets["val"][0][:1])
+    latency_all = p50_ms({"fp32": fp32, **cpu_files}, sets["val"][0][:1], threads=None)
     for r in rows:
         if r["target"] == "cpu":
             r["speedup_b1"] = round(latency["fp32"] / latency[r["variant"]], 3)
+            r["speedup_b1_all_cores"] = round(latency_all["fp32"] / latency_all[r["variant"]], 3)
 
     cpu = {**this_cpu(), "name": machine_info()["cpu"]}
     print(f"CPU: {cpu['name']} class {cpu['class']} flags {cpu['int8_flags']}; onnxruntime {machine_info()['versions']['onnxruntime']}; "
           f"val {len(sets['val'][0])} / test {len(sets.get('test', sets['val'])[0])} images, input {list(pre.input_shape)}; "
           f"FP32 top-1 " + ", ".join(f"{k} {np.mean(refs[k].argmax(1) == y):.4f}" for k, (_, y) in sets.items()))
-    print("| variant | model | method | layers in float | val drop (pt) | val agreement | test top-1 | test drop (pt) | test agreement | CPU speed-up b1 | quantize s |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| variant | model | method | layers in float | val drop (pt) | val agreement | test top-1 | test drop (pt) | test agreement | CPU speed-up b1, 1 thread | all cores | quantize s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         test = r.get("test", r["val"])
         print(f"| {r['variant']} | {r['target']} | {r['method']} | {r['layers_in_float']} | {r['val']['drop_pp']:+.2f} | {r['val']['agreement']:.4f} | "
               f"{test['top1']:.4f} | {test['drop_pp']:+.2f} | {test['agreement']:.4f} | "
-              f"{str(r['speedup_b1']) + 'x' if 'speedup_b1' in r else 'n/a'} | {r['quantize_s']} |")
+              f"{str(r['speedup_b1']) + 'x' if 'speedup_b1' in r else 'n/a'} | "
+              f"{str(r['speedup_b1_all_cores']) + 'x' if 'speedup_b1_all_cores' in r else 'n/a'} | {r['quantize_s']} |")
     if args.out:
         args.out.write_text(json.dumps({"cpu": cpu, "versions": machine_info()["versions"], "rows": rows}, indent=2, default=str) + "\n")
 

@@ -12,6 +12,7 @@ from onnx import numpy_helper
 
 from _trained_tiny import trained_pipeline
 from tledge.quantize import QuantizeConfig, quantize
+from tledge.report import _quantized_model_lines
 from tledge.runners import OrtRunner
 from tledge.sensitivity import bypass_quantization, quantized_layers, rank_layers, simulate
 
@@ -133,6 +134,50 @@ def test_fallback_keeps_the_sensitive_layer_in_float_and_meets_the_budget(target
     if target == "cpu":
         cost = fallback["latency_cost"]
         assert cost["p50_ms"]["with_fallback"] > 0 and cost["slowdown"] > 0
+
+
+def _latency_by_float_layers(dear: str):
+    """A stand-in for the clock only (the tiny model is too small for INT8 to beat FP32 on a CPU): batch p50 in ms
+    of FP32 3, of an INT8 model 1 plus 0.02 per float layer, plus 0.5 when ``dear`` is one of them."""
+    from tledge.export import read_metadata
+
+    def p50(paths, x, rounds, per_round):
+        out = {}
+        for name, path in paths.items():
+            meta = read_metadata(path)
+            kept = meta.get("kept_float", []) if meta.get("precision", "").startswith("int8") else None
+            out[name] = 3.0 if kept is None else 1.0 + 0.02 * len(kept) + (0.5 if dear in kept else 0.0)
+        return out
+    return p50
+
+
+@pytest.mark.parametrize("planted_is_dear", [False, True])
+def test_the_cpu_fallback_is_priced_by_latency(planted_is_dear, sensitive, loose, tiny_dataset, tmp_path, monkeypatch):
+    """Layer by layer, a float layer that slows the CPU model by more than the price stays INT8; when the layers
+    within the price cannot meet the budget, the budget still wins: the layers are then kept by sensitivity."""
+    import tledge.drift_budget as drift_budget
+
+    path, planted = sensitive
+    monkeypatch.setattr(drift_budget, "_p50_interleaved", _latency_by_float_layers(planted if planted_is_dear else "none"))
+    record = quantize(QuantizeConfig(model=path, data=tiny_dataset, out_dir=tmp_path, num_images=24, targets=("cpu",), **loose))
+    info = record["models"]["cpu"]
+    priced = info["fallback"]["priced"]
+    first = priced["steps"][0]
+    assert first["node"] == planted and first["slowdown"] == pytest.approx(1.52 if planted_is_dear else 1.02, abs=1e-3)
+    assert info["drift"]["met"] and planted in info["kept_float"]
+    if planted_is_dear:
+        assert first["kept"] == "int8" and not priced["met"], "1.52x slower is over the 15% price, and nothing else meets the budget"
+        assert [t["layers"] for t in info["fallback"]["tried"]][:2] == [0, 1], "then the most sensitive layers by sensitivity alone"
+    else:
+        assert first["kept"] == "float" and priced["met"] and info["kept_float"] == [planted] and len(priced["steps"]) == 1
+        assert info["fallback"]["tried"] == info["fallback"]["tried"][:1], "no unpriced search once the priced one met the budget"
+    report = "\n".join(_quantized_model_lines("cpu", info))
+    assert "Priced by latency" in report and (("too slow: `" + planted) in report) == planted_is_dear
+
+
+def test_the_fallback_price_is_checked():
+    with pytest.raises(Exception, match="fallback-max-slowdown"):
+        QuantizeConfig(model="m.onnx", data="d", out_dir="o", fallback_max_slowdown=1.5)
 
 
 def test_a_missed_budget_is_said_and_the_models_are_still_written(sensitive, loose, tiny_dataset, tmp_path):

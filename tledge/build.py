@@ -58,6 +58,7 @@ class BuildConfig:
     max_top1_drop_pp: float = D(QuantizeConfig, "max_top1_drop_pp")
     min_agreement: float = D(QuantizeConfig, "min_agreement")
     fallback_layers: int = D(QuantizeConfig, "fallback_layers")
+    fallback_max_slowdown: float = D(QuantizeConfig, "fallback_max_slowdown")
     bias_correction: bool = D(QuantizeConfig, "bias_correction")
     qat_epochs: int = D(QuantizeConfig, "qat_epochs")
     bench_iterations: int = D(BenchConfig, "iterations")
@@ -91,7 +92,7 @@ class BuildConfig:
             model=self.out / "model.fp32.onnx", data=data, out_dir=self.out, calibration=calibration, num_images=self.num_calib,
             method=self.calib_method, cpu_target=self.cpu_target, trt_version=self.trt_version, seed=self.seed,
             max_top1_drop_pp=self.max_top1_drop_pp, min_agreement=self.min_agreement, fallback_layers=self.fallback_layers,
-            bias_correction=self.bias_correction, checkpoint=self.out / "model.pt" if (self.out / "model.pt").is_file() else None,
+            fallback_max_slowdown=self.fallback_max_slowdown, bias_correction=self.bias_correction, checkpoint=self.out / "model.pt" if (self.out / "model.pt").is_file() else None,
             qat_epochs=self.qat_epochs,
         )
 

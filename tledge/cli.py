@@ -87,6 +87,7 @@ def build(
     max_top1_drop: float = typer.Option(D(BuildConfig, "max_top1_drop_pp"), help="Drift budget: most top-1 an INT8 model may lose against FP32 on the validation split, in points."),
     min_agreement: float = typer.Option(D(BuildConfig, "min_agreement"), help="Drift budget: least share of validation predictions an INT8 model must share with FP32."),
     fallback_layers: int = typer.Option(D(BuildConfig, "fallback_layers"), help="Most layers kept in float to meet the drift budget (0: check and report only)."),
+    fallback_max_slowdown: float = typer.Option(D(BuildConfig, "fallback_max_slowdown"), help="CPU model: leave in INT8 any layer whose float copy would slow it by more than this share, measured here (0.15: 15%; 1: keep by sensitivity alone)."),
     bias_correction: bool = typer.Option(D(BuildConfig, "bias_correction"), help="Shift each quantized layer's bias by the mean error its int8 weights add (from the calibration statistics); on by default."),
     qat_epochs: int = typer.Option(D(BuildConfig, "qat_epochs"), help="When post-training INT8 misses the drift budget, epochs of quantization-aware fine-tuning to try (0: never)."),
     bench_iterations: int = typer.Option(D(BuildConfig, "bench_iterations"), help="Timed runs per variant."),
@@ -103,7 +104,7 @@ def build(
         unfreeze=_parse_unfreeze(unfreeze), strategy=strategy, scratch=scratch, scratch_epochs=scratch_epochs,
         epochs=epochs, patience=patience, calibration=calibration,
         num_calib=num_calib, calib_method=calib_method, cpu_target=cpu_target, trt_version=trt_version,
-        max_top1_drop_pp=max_top1_drop, min_agreement=min_agreement, fallback_layers=fallback_layers, bias_correction=bias_correction,
+        max_top1_drop_pp=max_top1_drop, min_agreement=min_agreement, fallback_layers=fallback_layers, fallback_max_slowdown=fallback_max_slowdown, bias_correction=bias_correction,
         qat_epochs=qat_epochs, bench_iterations=bench_iterations, threads=threads, seed=seed,
     )
     typed = _typed(ctx, {k: {"max_top1_drop_pp": "max_top1_drop"}.get(k, k) for k in given})
@@ -213,6 +214,7 @@ def quantize(
     max_top1_drop: float = typer.Option(D(QuantizeConfig, "max_top1_drop_pp"), help="Drift budget: most top-1 an INT8 model may lose against FP32 on the validation split, in points."),
     min_agreement: float = typer.Option(D(QuantizeConfig, "min_agreement"), help="Drift budget: least share of validation predictions an INT8 model must share with FP32."),
     fallback_layers: int = typer.Option(D(QuantizeConfig, "fallback_layers"), help="Most layers kept in float to meet the drift budget (0: check and report only)."),
+    fallback_max_slowdown: float = typer.Option(D(QuantizeConfig, "fallback_max_slowdown"), help="CPU model: leave in INT8 any layer whose float copy would slow it by more than this share, measured here (0.15: 15%; 1: keep by sensitivity alone)."),
     bias_correction: bool = typer.Option(D(QuantizeConfig, "bias_correction"), help="Shift each quantized layer's bias by the mean error its int8 weights add (from the calibration statistics); on by default."),
     checkpoint: Optional[Path] = typer.Option(None, help="The model.pt the ONNX came from; enables quantization-aware fine-tuning when the budget is missed."),
     qat_epochs: int = typer.Option(D(QuantizeConfig, "qat_epochs"), help="When post-training INT8 misses the drift budget, epochs of quantization-aware fine-tuning to try (0: never)."),
@@ -225,7 +227,7 @@ def quantize(
     given = dict(
         model=model, data=data, out_dir=out_dir, calibration=calibration, num_images=num_calib, method=method,
         targets=tuple(target), keep_float=tuple(keep_float), cpu_target=cpu_target, trt_version=trt_version,
-        max_top1_drop_pp=max_top1_drop, min_agreement=min_agreement, fallback_layers=fallback_layers, bias_correction=bias_correction,
+        max_top1_drop_pp=max_top1_drop, min_agreement=min_agreement, fallback_layers=fallback_layers, fallback_max_slowdown=fallback_max_slowdown, bias_correction=bias_correction,
         checkpoint=checkpoint, qat_epochs=qat_epochs, seed=seed,
     )
     renames = {"num_images": "num_calib", "targets": "target", "max_top1_drop_pp": "max_top1_drop"}

@@ -106,7 +106,13 @@ class DriftBudget:
 
     def meet(self, make: Callable, work: Path, fp32_model, target: str) -> tuple[Path, tuple[str, ...], dict, dict | None]:
         """Build the model with the user's float layers; if it misses the budget, keep the most sensitive layers in
-        float too (1, 2, 4, ... up to ``fallback_layers``) and take the first that meets it, else the closest.
+        float too until it meets it, else take the closest.
+
+        The CPU model (where INT8 is faster than FP32 to begin with) is searched layer by layer, priced by measured
+        latency: a float layer breaks its neighbours' int8 chain, and what that costs has little to do with its
+        MACs (bench/RESULTS.md), so a layer whose addition slows the model by more than ``fallback_max_slowdown``
+        is left in INT8 and the next one is tried. Where latency cannot be measured here (TensorRT), or when the
+        priced search misses, the most sensitive 1, 2, 4, ... layers (up to ``fallback_layers``) are tried.
 
         ``make(keep_float, path)`` writes a checked model and returns it. Returns the chosen file, its float layers,
         its drift record and what the fallback tried (None when it did not run).
@@ -124,12 +130,77 @@ class DriftBudget:
         x, _, reference = self._load()
         n = min(self.cfg.sensitivity_images, len(x))
         ranked = [r for r in rank_layers(first_model, fp32_model, x[:n], reference[:n]) if r["gain"] > 0 and r["node"] not in base_keep]
-        tried = [{"layers": 0, **{k: drift[k] for k in TRIED_KEYS}}]
+        start = {"layers": 0, **{k: drift[k] for k in TRIED_KEYS}}
         best = (first, base_keep, drift)
+        priced = stopped = None
+        # Latency prices only where INT8 is faster than FP32 to begin with (not on tiny models).
+        speedup = self._speedup(first) if target == "cpu" else None
+        if speedup is not None and speedup >= 1.0 and self.cfg.fallback_max_slowdown < 1.0:
+            start["speedup_vs_fp32"] = speedup
+            best, priced = self._priced_search(make, work, target, ranked, best, start)
+        tried = [start]
+        if not best[2]["met"]:
+            best, tried, stopped = self._doubling_search(make, work, target, ranked, best, tried, guard=speedup is not None and speedup >= 1.0)
+        chosen, keep, drift = best
+        fallback = {
+            "ranked_on": f"{n} {self.split_name} images, logit error with one layer in float (relative to FP32's variance)",
+            "most_sensitive": ranked[:10],
+            **({"priced": priced} if priced else {}),
+            "tried": tried,
+            "kept_float_added": list(keep[len(base_keep):]),
+            "seconds": round(time.perf_counter() - started, 1),
+        }
+        if stopped:
+            fallback["stopped"] = stopped
+        if target == "cpu" and keep != base_keep:
+            fallback["latency_cost"] = _latency_cost(first, chosen, x[:1])
+        return chosen, keep, drift, fallback
+
+    def _speedup(self, path: Path) -> float:
+        p50 = _p50_interleaved({"fp32": self.cfg.model, "int8": path}, self.images()[:1], rounds=5, per_round=20)
+        return round(p50["fp32"] / p50["int8"], 3)
+
+    def _priced_search(self, make, work: Path, target: str, ranked: list[dict], best: tuple, start: dict) -> tuple[tuple, dict]:
+        """Add the ranked layers to the float set one at a time, each only if its measured slowdown (batch 1, one
+        thread, timed interleaved with the current model and FP32) is within the price; stop at the budget."""
+        base_path, base_keep, _ = best
+        limit = 1.0 / (1.0 - self.cfg.fallback_max_slowdown)
+        x = self.images()
+        one_image = 1.0 / len(x)
+        current, keep = base_path, base_keep
+        steps = []
+        record = {"max_slowdown": self.cfg.fallback_max_slowdown, "measured": "batch-1 p50, one thread, interleaved with the current model and FP32",
+                  "steps": steps}
+        # Twice the float-layer allowance bounds the layers tried, skipped ones included.
+        for i, r in enumerate(ranked[: 2 * self.cfg.fallback_layers]):
+            if len(keep) - len(base_keep) >= self.cfg.fallback_layers:
+                break
+            path = work / f"{target}-priced-{i}.onnx"
+            make(keep + (r["node"],), path)
+            p50 = _p50_interleaved({"fp32": self.cfg.model, "current": current, "candidate": path}, x[:1], rounds=7, per_round=30)
+            step = {"node": r["node"], "slowdown": round(p50["candidate"] / p50["current"], 3),
+                    "speedup_vs_fp32": round(p50["fp32"] / p50["candidate"], 3)}
+            steps.append(step)
+            if step["slowdown"] > limit or step["speedup_vs_fp32"] < 1.0:
+                step["kept"] = "int8"  # too dear: the next layer is tried instead
+                path.unlink()
+                continue
+            d = self.evaluate(path)
+            step.update({"kept": "float", **{k: d[k] for k in TRIED_KEYS}})
+            current, keep = path, keep + (r["node"],)
+            if d["met"] or score(d) > score(best[2]) + one_image:
+                best = (path, keep, d)
+            if d["met"]:
+                break
+        record["met"] = bool(best[2]["met"])
+        return best, record
+
+    def _doubling_search(self, make, work: Path, target: str, ranked: list[dict], best: tuple, tried: list[dict], guard: bool):
+        """The most sensitive 1, 2, 4, ... layers in float, the first that meets the budget, else the best seen."""
+        base_keep = tuple(self.cfg.keep_float)
+        x = self.images()
         one_image = 1.0 / len(x)
         stopped = None
-        # The speed guard below applies only where INT8 is faster than FP32 to begin with (not on tiny models).
-        guard = target == "cpu" and _speedup(self.cfg.model, first, x[:1]) >= 1.0
         for k in FALLBACK_STEPS:
             k = min(k, self.cfg.fallback_layers, len(ranked))
             if k <= tried[-1]["layers"]:
@@ -141,9 +212,8 @@ class DriftBudget:
             attempt = {"layers": k, **{key: d[key] for key in TRIED_KEYS}}
             tried.append(attempt)
             if guard:
-                # Float layers also stop their neighbours' int8 fusion: past some count the INT8 model is slower
-                # than FP32, and then it has no reason to exist.
-                attempt["speedup_vs_fp32"] = _speedup(self.cfg.model, path, x[:1])
+                # Past some count of float layers the INT8 model is slower than FP32, and then it has no reason to exist.
+                attempt["speedup_vs_fp32"] = self._speedup(path)
                 if attempt["speedup_vs_fp32"] < 1.0:
                     stopped = f"{k} float layers made the CPU model slower than FP32"
                     break
@@ -152,30 +222,13 @@ class DriftBudget:
                 best = (path, keep, d)
             if d["met"]:
                 break
-        chosen, keep, drift = best
-        fallback = {
-            "ranked_on": f"{n} {self.split_name} images, logit error with one layer in float (relative to FP32's variance)",
-            "most_sensitive": ranked[:10],
-            "tried": tried,
-            "kept_float_added": list(keep[len(base_keep):]),
-            "seconds": round(time.perf_counter() - started, 1),
-        }
-        if stopped:
-            fallback["stopped"] = stopped
-        if target == "cpu" and keep != base_keep:
-            fallback["latency_cost"] = _latency_cost(first, chosen, x[:1])
-        return chosen, keep, drift, fallback
+        return best, tried, stopped
 
 
 def score(d: dict) -> float:
     """Expected agreement with FP32 less the top-1 lost, both as fractions of the images: the smooth figure, so that
     a choice between close candidates follows their error, not which few images happened to flip."""
     return d.get("expected_agreement", d["agreement"]) - d["top1_drop_pp"] / 100
-
-
-def _speedup(fp32: Path, int8: Path, x: np.ndarray) -> float:
-    p50 = _p50_interleaved({"fp32": fp32, "int8": int8}, x, rounds=5, per_round=20)
-    return round(p50["fp32"] / p50["int8"], 3)
 
 
 def _p50_interleaved(paths: dict[str, Path], x: np.ndarray, rounds: int, per_round: int) -> dict[str, float]:

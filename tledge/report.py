@@ -259,6 +259,13 @@ def _quantized_model_lines(target: str, info: dict) -> list[str]:
         added = ", ".join(f"`{n}`" for n in f["kept_float_added"]) or "none"
         stopped = f" Stopped: {f['stopped']}." if f.get("stopped") else ""
         lines.append(f"  Per-layer fallback kept {len(f['kept_float_added'])} layer(s) in float ({added}); tried {tried}.{stopped}")
+        if f.get("priced"):
+            steps = f["priced"]["steps"]
+            dear = [f"`{t['node']}` ({t['slowdown']:.2f}x slower)" for t in steps if t["kept"] == "int8"]
+            lines.append(f"  Priced by latency on this CPU (a float layer may slow the model by {f['priced']['max_slowdown']:.0%} at most): "
+                         f"{sum(t['kept'] == 'float' for t in steps)} of {len(steps)} layers tried kept in float, "
+                         f"{'budget met' if f['priced']['met'] else 'budget missed, so the layers were then kept by sensitivity alone'}"
+                         f"{'; left in INT8 as too slow: ' + ', '.join(dear) if dear else ''}.")
         if "latency_cost" in f:
             c = f["latency_cost"]
             lines.append(f"  Their cost on this CPU: batch-1 p50 {c['p50_ms']['without_fallback']:.2f} -> {c['p50_ms']['with_fallback']:.2f} ms ({c['slowdown']:.2f}x).")
