@@ -153,6 +153,7 @@ def main() -> None:
     ap.add_argument("--probe-epochs", type=int, default=2, help="epochs timed in the cached-vs-backbone comparison (0: skip it)")
     ap.add_argument("--out", default=None, help="JSON, rewritten after every row")
     ap.add_argument("--keep", default=None, help="a JSON of an earlier run of this script with the same settings: its rows are kept, not run again")
+    ap.add_argument("--rerun", default="", help="with --keep: rows of it to run again (e.g. auto, after a change to it)")
     args = ap.parse_args()
 
     data = Path(args.data) if args.data else digits_dataset()
@@ -166,7 +167,10 @@ def main() -> None:
         earlier = json.loads(Path(args.keep).read_text())
         if earlier["settings"] != result["settings"] or earlier["data"] != result["data"]:
             raise SystemExit(f"{args.keep} was run with other settings or data: {earlier['settings']}")
-        result["rows"] = {name: {**row, "kept_from": args.keep} for name, row in earlier["rows"].items()}
+        rerun = set(filter(None, args.rerun.split(",")))
+        result["rows"] = {name: {**row, "kept_from": row.get("kept_from", args.keep)} for name, row in earlier["rows"].items() if name not in rerun}
+        if not args.probe_epochs and "cached_vs_backbone" in earlier:
+            result["cached_vs_backbone"] = {**earlier["cached_vs_backbone"], "kept_from": args.keep}
     print(json.dumps(result["machine"]), flush=True)
     with tempfile.TemporaryDirectory(prefix="tledge-bench-strategies-") as tmp:
         for name in args.strategies.split(","):

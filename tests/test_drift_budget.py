@@ -134,19 +134,20 @@ def test_fallback_keeps_the_sensitive_layer_in_float_and_meets_the_budget(target
     if target == "cpu":
         cost = fallback["latency_cost"]
         assert cost["p50_ms"]["with_fallback"] > 0 and cost["slowdown"] > 0
+        assert set(cost["speedup_vs_fp32"]) == {"one_thread", "all_cores"} and all(v > 0 for v in cost["speedup_vs_fp32"].values())
 
 
-def _latency_by_float_layers(dear: str):
+def _latency_by_float_layers(dear: str, fp32_ms: float = 3.0):
     """A stand-in for the clock only (the tiny model is too small for INT8 to beat FP32 on a CPU): batch p50 in ms
-    of FP32 3, of an INT8 model 1 plus 0.02 per float layer, plus 0.5 when ``dear`` is one of them."""
+    of FP32 ``fp32_ms``, of an INT8 model 1 plus 0.02 per float layer, plus 0.5 when ``dear`` is one of them."""
     from tledge.export import read_metadata
 
-    def p50(paths, x, rounds, per_round):
+    def p50(paths, x, rounds, per_round, threads=1):
         out = {}
         for name, path in paths.items():
             meta = read_metadata(path)
             kept = meta.get("kept_float", []) if meta.get("precision", "").startswith("int8") else None
-            out[name] = 3.0 if kept is None else 1.0 + 0.02 * len(kept) + (0.5 if dear in kept else 0.0)
+            out[name] = fp32_ms if kept is None else 1.0 + 0.02 * len(kept) + (0.5 if dear in kept else 0.0)
         return out
     return p50
 
@@ -173,6 +174,19 @@ def test_the_cpu_fallback_is_priced_by_latency(planted_is_dear, sensitive, loose
         assert info["fallback"]["tried"] == info["fallback"]["tried"][:1], "no unpriced search once the priced one met the budget"
     report = "\n".join(_quantized_model_lines("cpu", info))
     assert "Priced by latency" in report and (("too slow: `" + planted) in report) == planted_is_dear
+
+
+def test_a_cpu_model_slower_than_fp32_is_said(sensitive, loose, tiny_dataset, tmp_path, monkeypatch):
+    import tledge.drift_budget as drift_budget
+
+    path, planted = sensitive
+    monkeypatch.setattr(drift_budget, "_p50_interleaved", _latency_by_float_layers("none", fp32_ms=0.5))
+    record = quantize(QuantizeConfig(model=path, data=tiny_dataset, out_dir=tmp_path, num_images=24, targets=("cpu",), **loose))
+    info = record["models"]["cpu"]
+    assert "priced" not in info["fallback"], "no latency price where INT8 is slower than FP32 to begin with"
+    assert info["fallback"]["latency_cost"]["speedup_vs_fp32"] == {"one_thread": 0.49, "all_cores": 0.49}
+    slower = [w for w in record["warnings"] if "slower than FP32" in w]
+    assert len(slower) == 1 and slower[0].startswith("cpu: with 1 layer(s) in float") and "0.49x FP32's speed on one thread" in slower[0]
 
 
 def test_the_fallback_price_is_checked():

@@ -153,7 +153,7 @@ class DriftBudget:
         if stopped:
             fallback["stopped"] = stopped
         if target == "cpu" and keep != base_keep:
-            fallback["latency_cost"] = _latency_cost(first, chosen, x[:1])
+            fallback["latency_cost"] = _latency_cost(self.cfg.model, first, chosen, x[:1])
         return chosen, keep, drift, fallback
 
     def _speedup(self, path: Path) -> float:
@@ -177,9 +177,16 @@ class DriftBudget:
                 break
             path = work / f"{target}-priced-{i}.onnx"
             make(keep + (r["node"],), path)
-            p50 = _p50_interleaved({"fp32": self.cfg.model, "current": current, "candidate": path}, x[:1], rounds=7, per_round=30)
-            step = {"node": r["node"], "slowdown": round(p50["candidate"] / p50["current"], 3),
-                    "speedup_vs_fp32": round(p50["fp32"] / p50["candidate"], 3)}
+            paths = {"fp32": self.cfg.model, "current": current, "candidate": path}
+            p50 = _p50_interleaved(paths, x[:1], rounds=7, per_round=30)
+            slowdown, speedup = p50["candidate"] / p50["current"], p50["fp32"] / p50["candidate"]
+            if abs(slowdown / limit - 1) < 0.1:
+                # Near the price, time it again in new sessions: the same file timed in two sessions of one run
+                # differed by 9% (bench/RESULTS.md), and the decision should not follow one session's placement.
+                again = _p50_interleaved(paths, x[:1], rounds=7, per_round=30)
+                slowdown = (slowdown + again["candidate"] / again["current"]) / 2
+                speedup = (speedup + again["fp32"] / again["candidate"]) / 2
+            step = {"node": r["node"], "slowdown": round(slowdown, 3), "speedup_vs_fp32": round(speedup, 3)}
             steps.append(step)
             if step["slowdown"] > limit or step["speedup_vs_fp32"] < 1.0:
                 step["kept"] = "int8"  # too dear: the next layer is tried instead
@@ -231,21 +238,27 @@ def score(d: dict) -> float:
     return d.get("expected_agreement", d["agreement"]) - d["top1_drop_pp"] / 100
 
 
-def _p50_interleaved(paths: dict[str, Path], x: np.ndarray, rounds: int, per_round: int) -> dict[str, float]:
-    """Batch p50 latency in ms of each model, single-threaded, after 10 warm-up calls (a new ONNX Runtime session
-    runs its first calls up to twice as slow)."""
+def _p50_interleaved(paths: dict[str, Path], x: np.ndarray, rounds: int, per_round: int, threads: int | None = 1) -> dict[str, float]:
+    """Batch p50 latency in ms of each model, after 10 warm-up calls (a new ONNX Runtime session runs its first calls
+    up to twice as slow). ``threads=None``: every core, each session's pool told not to spin once a run ends."""
     from .bench import interleaved_p50
     from .runners import OrtRunner
 
-    # One thread: two sessions' spinning thread pools would steal the two cores from each other and make the
+    # One thread decides: two sessions' spinning thread pools would steal the two cores from each other and make the
     # ratio swing by +-40% between repeats; single-threaded it repeats within a few percent.
-    runners = {name: OrtRunner(p, threads=1) for name, p in paths.items()}
+    runners = {name: OrtRunner(p, threads=threads, spinning=threads == 1) for name, p in paths.items()}
     p50 = interleaved_p50(runners, x, rounds=rounds, per_round=per_round, warmup=10)
     return {name: round(ms, 4) for name, ms in p50.items()}
 
 
-def _latency_cost(before: Path, after: Path, x: np.ndarray) -> dict:
-    """Batch-1 p50 latency (one thread) of the CPU model before and after the fallback, in interleaved rounds."""
-    p50 = _p50_interleaved({"without_fallback": before, "with_fallback": after}, x, rounds=5, per_round=20)
-    return {"batch": 1, "p50_ms": p50, "slowdown": round(p50["with_fallback"] / p50["without_fallback"], 3),
+def _latency_cost(fp32: Path, before: Path, after: Path, x: np.ndarray) -> dict:
+    """Batch-1 p50 latency of the CPU model before and after the fallback, and both against FP32, at one thread and
+    on every core, in interleaved rounds."""
+    paths = {"fp32": fp32, "without_fallback": before, "with_fallback": after}
+    one = _p50_interleaved(paths, x, rounds=5, per_round=20)
+    every = _p50_interleaved(paths, x, rounds=5, per_round=20, threads=None)
+    return {"batch": 1, "p50_ms": {k: one[k] for k in ("without_fallback", "with_fallback")},
+            "slowdown": round(one["with_fallback"] / one["without_fallback"], 3),
+            "speedup_vs_fp32": {"one_thread": round(one["fp32"] / one["with_fallback"], 3),
+                                "all_cores": round(every["fp32"] / every["with_fallback"], 3)},
             "note": "measured on the machine that quantized; TensorRT's cost of float layers shows only in the engine"}

@@ -698,6 +698,12 @@ def quantize(cfg: QuantizeConfig) -> dict:
         if qat_source:
             shutil.rmtree(qat_source[0].path.parent, ignore_errors=True)
     warnings = [f"{target}: INT8 DRIFT BUDGET MISSED: {describe_drift(o['drift'])}" for target, o in outputs.items() if not o["drift"]["met"]]
+    for target, o in outputs.items():
+        versus = o.get("fallback", {}).get("latency_cost", {}).get("speedup_vs_fp32", {})
+        if versus and min(versus.values()) < 1.0:
+            warnings.append(f"{target}: with {len(o['kept_float'])} layer(s) in float the INT8 model is slower than FP32 on this CPU "
+                            f"({versus['one_thread']:.2f}x FP32's speed on one thread, {versus['all_cores']:.2f}x on every core): "
+                            f"ship FP32 here, or loosen the drift budget")
     warnings += calibration_warnings(calib, meta["classes"])
     one_image_pp = 100 / max(1, len(budget.samples))
     if 0 < cfg.max_top1_drop_pp < one_image_pp:

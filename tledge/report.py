@@ -268,7 +268,10 @@ def _quantized_model_lines(target: str, info: dict) -> list[str]:
                          f"{'; left in INT8 as too slow: ' + ', '.join(dear) if dear else ''}.")
         if "latency_cost" in f:
             c = f["latency_cost"]
-            lines.append(f"  Their cost on this CPU: batch-1 p50 {c['p50_ms']['without_fallback']:.2f} -> {c['p50_ms']['with_fallback']:.2f} ms ({c['slowdown']:.2f}x).")
+            versus = (f"; {c['speedup_vs_fp32']['one_thread']:.2f}x FP32's speed on one thread, {c['speedup_vs_fp32']['all_cores']:.2f}x on every core"
+                      if "speedup_vs_fp32" in c else "")
+            lines.append(f"  Their cost on this CPU: batch-1 p50 {c['p50_ms']['without_fallback']:.2f} -> {c['p50_ms']['with_fallback']:.2f} ms "
+                         f"({c['slowdown']:.2f}x){versus}.")
     if "calibration_cache" in info:
         c = info["calibration_cache"]
         lines.append(f"  `{c['path']}`: TensorRT {c['trt_version']} implicit-INT8 cache ({c['tensors']} tensors; retarget it for another version).")
