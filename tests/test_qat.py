@@ -71,3 +71,33 @@ def test_qat_is_never_run_when_the_budget_is_met_and_bad_settings_fail_early(tin
         QuantizeConfig(model=tiny_pipeline / "model.fp32.onnx", data=tiny_dataset, out_dir=tmp_path, checkpoint=tmp_path / "nope.pt")
     with pytest.raises(TledgeError, match="QAT needs"):
         QuantizeConfig(model=tiny_pipeline / "model.fp32.onnx", data=tiny_dataset, out_dir=tmp_path, qat_epochs=-1)
+
+
+def test_qat_is_tried_when_post_training_needs_many_float_layers(tiny_pipeline, tiny_dataset, tmp_path):
+    """Post-training meets the budget only with layers in float (more than ``qat_over_float_layers``, here 0): QAT is
+    tried too, and its model ships only if it meets the budget with fewer float layers."""
+    from tledge.report import _quantized_model_lines
+
+    common = dict(model=tiny_pipeline / "model.fp32.onnx", data=tiny_dataset, calibration=tiny_pipeline / "calibration.json",
+                  checkpoint=tiny_pipeline / "model.pt", targets=("tensorrt",), max_top1_drop_pp=100, bias_correction=False)
+    # A budget that only a fallback meets: the agreement of the first fallback step that beats no fallback.
+    probe = quantize(QuantizeConfig(out_dir=tmp_path / "probe", min_agreement=1.0, qat_epochs=0, **common))
+    tried = probe["models"]["tensorrt"]["fallback"]["tried"]
+    floor = [min(t["agreement"], t["expected_agreement"]) for t in tried]
+    step = next(i for i in range(1, len(tried)) if floor[i] > floor[0])
+    record = quantize(QuantizeConfig(out_dir=tmp_path / "qat", min_agreement=floor[step], qat_epochs=1, qat_over_float_layers=0, **common))
+    trt = record["models"]["tensorrt"]
+    qat = trt["qat"]
+    assert qat["post_training_drift"]["met"] and qat["post_training_float_layers"] == tried[step]["layers"]
+    assert "over qat_over_float_layers (0)" in qat["why"]
+    assert qat["chosen"] == (qat["drift"]["met"] and qat["float_layers"] < qat["post_training_float_layers"])
+    assert len(trt["kept_float"]) == (qat["float_layers"] if qat["chosen"] else qat["post_training_float_layers"])
+    assert "Quantization-aware fine-tuning (post-training met the budget" in "\n".join(_quantized_model_lines("tensorrt", trt))
+
+
+def test_qat_is_not_tried_when_post_training_needs_few_float_layers(tiny_pipeline, tiny_dataset, tmp_path):
+    record = quantize(QuantizeConfig(model=tiny_pipeline / "model.fp32.onnx", data=tiny_dataset, out_dir=tmp_path,
+                                     calibration=tiny_pipeline / "calibration.json", checkpoint=tiny_pipeline / "model.pt",
+                                     targets=("tensorrt",), max_top1_drop_pp=100, min_agreement=0.0, qat_epochs=1))
+    trt = record["models"]["tensorrt"]
+    assert trt["drift"]["met"] and trt["kept_float"] == [] and "qat" not in trt

@@ -61,6 +61,7 @@ class BuildConfig:
     fallback_max_slowdown: float = D(QuantizeConfig, "fallback_max_slowdown")
     bias_correction: bool = D(QuantizeConfig, "bias_correction")
     qat_epochs: int = D(QuantizeConfig, "qat_epochs")
+    qat_over_float_layers: int = D(QuantizeConfig, "qat_over_float_layers")
     bench_iterations: int = D(BenchConfig, "iterations")
     threads: int | None = D(BenchConfig, "threads")
     seed: int = 0
@@ -93,7 +94,7 @@ class BuildConfig:
             method=self.calib_method, cpu_target=self.cpu_target, trt_version=self.trt_version, seed=self.seed,
             max_top1_drop_pp=self.max_top1_drop_pp, min_agreement=self.min_agreement, fallback_layers=self.fallback_layers,
             fallback_max_slowdown=self.fallback_max_slowdown, bias_correction=self.bias_correction, checkpoint=self.out / "model.pt" if (self.out / "model.pt").is_file() else None,
-            qat_epochs=self.qat_epochs,
+            qat_epochs=self.qat_epochs, qat_over_float_layers=self.qat_over_float_layers,
         )
 
     def bench_config(self, models: dict, data: Path) -> BenchConfig:

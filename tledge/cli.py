@@ -89,7 +89,8 @@ def build(
     fallback_layers: int = typer.Option(D(BuildConfig, "fallback_layers"), help="Most layers kept in float to meet the drift budget (0: check and report only)."),
     fallback_max_slowdown: float = typer.Option(D(BuildConfig, "fallback_max_slowdown"), help="CPU model: leave in INT8 any layer whose float copy would slow it by more than this share, measured here (0.15: 15%; 1: keep by sensitivity alone)."),
     bias_correction: bool = typer.Option(D(BuildConfig, "bias_correction"), help="Shift each quantized layer's bias by the mean error its int8 weights add (from the calibration statistics); on by default."),
-    qat_epochs: int = typer.Option(D(BuildConfig, "qat_epochs"), help="When post-training INT8 misses the drift budget, epochs of quantization-aware fine-tuning to try (0: never)."),
+    qat_epochs: int = typer.Option(D(BuildConfig, "qat_epochs"), help="When post-training INT8 misses the drift budget, or meets it only with more than --qat-over-float-layers layers in float, epochs of quantization-aware fine-tuning to try (0: never)."),
+    qat_over_float_layers: int = typer.Option(D(BuildConfig, "qat_over_float_layers"), help="Try QAT also when post-training needs more float layers than this to meet the budget; the QAT model ships if it meets it with fewer."),
     bench_iterations: int = typer.Option(D(BuildConfig, "bench_iterations"), help="Timed runs per variant."),
     threads: Optional[int] = typer.Option(None, help="CPU threads for ONNX Runtime (default: all)."),
     seed: int = typer.Option(D(BuildConfig, "seed"), help="Seed for splits, sampling and training."),
@@ -105,7 +106,7 @@ def build(
         epochs=epochs, patience=patience, calibration=calibration,
         num_calib=num_calib, calib_method=calib_method, cpu_target=cpu_target, trt_version=trt_version,
         max_top1_drop_pp=max_top1_drop, min_agreement=min_agreement, fallback_layers=fallback_layers, fallback_max_slowdown=fallback_max_slowdown, bias_correction=bias_correction,
-        qat_epochs=qat_epochs, bench_iterations=bench_iterations, threads=threads, seed=seed,
+        qat_epochs=qat_epochs, qat_over_float_layers=qat_over_float_layers, bench_iterations=bench_iterations, threads=threads, seed=seed,
     )
     typed = _typed(ctx, {k: {"max_top1_drop_pp": "max_top1_drop"}.get(k, k) for k in given})
     summary = run_build(BuildConfig(**merge(config, "build", given, typed)))
@@ -217,7 +218,8 @@ def quantize(
     fallback_max_slowdown: float = typer.Option(D(QuantizeConfig, "fallback_max_slowdown"), help="CPU model: leave in INT8 any layer whose float copy would slow it by more than this share, measured here (0.15: 15%; 1: keep by sensitivity alone)."),
     bias_correction: bool = typer.Option(D(QuantizeConfig, "bias_correction"), help="Shift each quantized layer's bias by the mean error its int8 weights add (from the calibration statistics); on by default."),
     checkpoint: Optional[Path] = typer.Option(None, help="The model.pt the ONNX came from; enables quantization-aware fine-tuning when the budget is missed."),
-    qat_epochs: int = typer.Option(D(QuantizeConfig, "qat_epochs"), help="When post-training INT8 misses the drift budget, epochs of quantization-aware fine-tuning to try (0: never)."),
+    qat_epochs: int = typer.Option(D(QuantizeConfig, "qat_epochs"), help="When post-training INT8 misses the drift budget, or meets it only with more than --qat-over-float-layers layers in float, epochs of quantization-aware fine-tuning to try (0: never)."),
+    qat_over_float_layers: int = typer.Option(D(QuantizeConfig, "qat_over_float_layers"), help="Try QAT also when post-training needs more float layers than this to meet the budget; the QAT model ships if it meets it with fewer."),
     seed: int = typer.Option(D(QuantizeConfig, "seed"), help="Sampling seed."),
     config: Optional[Path] = typer.Option(None, "--config", help="A tledge.toml whose [quantize] sets any of this command's settings; flags typed here win."),
 ):
@@ -228,7 +230,7 @@ def quantize(
         model=model, data=data, out_dir=out_dir, calibration=calibration, num_images=num_calib, method=method,
         targets=tuple(target), keep_float=tuple(keep_float), cpu_target=cpu_target, trt_version=trt_version,
         max_top1_drop_pp=max_top1_drop, min_agreement=min_agreement, fallback_layers=fallback_layers, fallback_max_slowdown=fallback_max_slowdown, bias_correction=bias_correction,
-        checkpoint=checkpoint, qat_epochs=qat_epochs, seed=seed,
+        checkpoint=checkpoint, qat_epochs=qat_epochs, qat_over_float_layers=qat_over_float_layers, seed=seed,
     )
     renames = {"num_images": "num_calib", "targets": "target", "max_top1_drop_pp": "max_top1_drop"}
     record = run(QuantizeConfig(**merge(config, "quantize", given, _typed(ctx, {k: renames.get(k, k) for k in given}))))

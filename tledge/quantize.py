@@ -70,6 +70,9 @@ class QuantizeConfig:
     # Quantization-aware fine-tuning when post-training quantization misses the budget (needs the checkpoint).
     checkpoint: Path | None = None
     qat_epochs: int = 2  # 0: never
+    # QAT is also tried when post-training meets the budget only with more float layers than this: each one costs
+    # an INT8 engine reformats that cannot be timed without the target (digits: 16 layers for the TensorRT model).
+    qat_over_float_layers: int = 8
     qat_lr: float = 2e-5
     qat_images: int = 2048  # training images per QAT epoch at most
 
@@ -79,8 +82,8 @@ class QuantizeConfig:
         for name in ("calibration", "checkpoint"):
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, Path(getattr(self, name)))
-        if self.qat_epochs < 0 or self.qat_images < 1 or not self.qat_lr > 0:
-            raise TledgeError("QAT needs epochs >= 0 (0: off), images >= 1 and a positive learning rate")
+        if self.qat_epochs < 0 or self.qat_images < 1 or not self.qat_lr > 0 or self.qat_over_float_layers < 0:
+            raise TledgeError("QAT needs epochs >= 0 (0: off), images >= 1, a positive learning rate and qat_over_float_layers >= 0")
         if self.checkpoint is not None and self.qat_epochs and not self.checkpoint.is_file():
             raise TledgeError(f"checkpoint {self.checkpoint} (for quantization-aware fine-tuning) does not exist")
         if self.method not in CALIBRATION_METHODS:
@@ -656,15 +659,24 @@ def quantize(cfg: QuantizeConfig) -> dict:
                     info["method_choice"]["chosen"] = method
                 info["calibration_method"] = method
                 source = base
-                if not info["drift"]["met"] and cfg.checkpoint is not None and cfg.qat_epochs > 0:
+                added = len(keep_float) - len(cfg.keep_float)
+                # QAT when post-training misses the budget, or meets it only by keeping many layers in float.
+                wants_qat = not info["drift"]["met"] or added > cfg.qat_over_float_layers
+                if wants_qat and cfg.checkpoint is not None and cfg.qat_epochs > 0:
                     if not qat_source:
                         qat_source.append(_qat_source(cfg, splits, x, Path(tempfile.mkdtemp(prefix=".tledge-qat-", dir=cfg.out_dir))))
                     qat = qat_source[0]
                     (Path(work) / "qat").mkdir()
                     q_chosen, q_keep, q_drift, q_fallback = budget.meet(
                         lambda keep, path: make(keep, path, method, source=qat), Path(work) / "qat", qat.proto, recipe.target)
-                    better = q_drift["met"] or score(q_drift) > score(info["drift"])
-                    info["qat"] = {**qat.qat, "post_training_drift": info["drift"], "drift": q_drift, "chosen": better}
+                    if info["drift"]["met"]:  # both within the budget: the one with fewer float layers ships
+                        better = q_drift["met"] and len(q_keep) < len(keep_float)
+                        why = f"post-training met the budget with {added} layers in float, over qat_over_float_layers ({cfg.qat_over_float_layers})"
+                    else:
+                        better = q_drift["met"] or score(q_drift) > score(info["drift"])
+                        why = "post-training missed the budget"
+                    info["qat"] = {**qat.qat, "why": why, "post_training_drift": info["drift"], "post_training_float_layers": added,
+                                   "drift": q_drift, "float_layers": len(q_keep) - len(cfg.keep_float), "chosen": better}
                     if better:
                         chosen, keep_float, info["drift"], fallback, source = q_chosen, q_keep, q_drift, q_fallback, qat
                 if fallback:

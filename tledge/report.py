@@ -272,6 +272,14 @@ def _quantized_model_lines(target: str, info: dict) -> list[str]:
                       if "speedup_vs_fp32" in c else "")
             lines.append(f"  Their cost on this CPU: batch-1 p50 {c['p50_ms']['without_fallback']:.2f} -> {c['p50_ms']['with_fallback']:.2f} ms "
                          f"({c['slowdown']:.2f}x){versus}.")
+    if info.get("qat"):
+        q = info["qat"]
+        before = f" with {q['post_training_float_layers']} float layer(s)" if "post_training_float_layers" in q else ""
+        after = f" with {q['float_layers']} float layer(s)" if "float_layers" in q else ""
+        lines.append(f"  Quantization-aware fine-tuning{' (' + q['why'] + ')' if 'why' in q else ''}: agreement "
+                     f"{q['drift']['agreement']:.4f}{expected_note(q['drift'])}{after}, {'met' if q['drift']['met'] else 'missed'}, against "
+                     f"{q['post_training_drift']['agreement']:.4f} post-training{before}: "
+                     f"**{'the QAT model ships' if q['chosen'] else 'post-training ships'}**.")
     if "calibration_cache" in info:
         c = info["calibration_cache"]
         lines.append(f"  `{c['path']}`: TensorRT {c['trt_version']} implicit-INT8 cache ({c['tensors']} tensors; retarget it for another version).")
