@@ -262,6 +262,7 @@ CLI_CASES = [
     Case("quantize-num-calib-0", lambda c: quant(c, "--num-calib", "0"), "--num-calib"),
     Case("quantize-fallback-negative", lambda c: quant(c, "--fallback-layers", "-1"), "--fallback-layers must be 0 or more"),
     Case("quantize-fallback-price-2", lambda c: quant(c, "--fallback-max-slowdown", "2"), "--fallback-max-slowdown must be between 0 and 1"),
+    Case("quantize-qat-over-negative", lambda c: quant(c, "--qat-over-float-layers", "-1"), "qat_over_float_layers >= 0"),
     Case("build-fallback-price-nan", lambda c: build(c, "--fallback-max-slowdown", "nan"), "--fallback-max-slowdown must be between 0 and 1"),
     Case("gate-threads-negative", lambda c: gate(c, "--threads", "-1"), "--threads must be at least 0, got -1"),
     Case("gate-confidence-1.5", lambda c: gate(c, "--confidence", "1.5"), "--confidence must be within"),

@@ -61,7 +61,7 @@ class BuildConfig:
     fallback_max_slowdown: float = D(QuantizeConfig, "fallback_max_slowdown")
     bias_correction: bool = D(QuantizeConfig, "bias_correction")
     qat_epochs: int = D(QuantizeConfig, "qat_epochs")
-    qat_over_float_layers: int = D(QuantizeConfig, "qat_over_float_layers")
+    qat_over_float_layers: int | None = D(QuantizeConfig, "qat_over_float_layers")
     bench_iterations: int = D(BenchConfig, "iterations")
     threads: int | None = D(BenchConfig, "threads")
     seed: int = 0

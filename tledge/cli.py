@@ -90,7 +90,7 @@ def build(
     fallback_max_slowdown: float = typer.Option(D(BuildConfig, "fallback_max_slowdown"), help="CPU model: leave in INT8 any layer whose float copy would slow it by more than this share, measured here (0.15: 15%; 1: keep by sensitivity alone)."),
     bias_correction: bool = typer.Option(D(BuildConfig, "bias_correction"), help="Shift each quantized layer's bias by the mean error its int8 weights add (from the calibration statistics); on by default."),
     qat_epochs: int = typer.Option(D(BuildConfig, "qat_epochs"), help="When post-training INT8 misses the drift budget, or meets it only with more than --qat-over-float-layers layers in float, epochs of quantization-aware fine-tuning to try (0: never)."),
-    qat_over_float_layers: int = typer.Option(D(BuildConfig, "qat_over_float_layers"), help="Try QAT also when post-training needs more float layers than this to meet the budget; the QAT model ships if it meets it with fewer."),
+    qat_over_float_layers: Optional[int] = typer.Option(None, help="Try QAT also when post-training needs more float layers than this to meet the budget (default: only when it misses); the QAT model then ships if it meets the budget with fewer."),
     bench_iterations: int = typer.Option(D(BuildConfig, "bench_iterations"), help="Timed runs per variant."),
     threads: Optional[int] = typer.Option(None, help="CPU threads for ONNX Runtime (default: all)."),
     seed: int = typer.Option(D(BuildConfig, "seed"), help="Seed for splits, sampling and training."),
@@ -219,7 +219,7 @@ def quantize(
     bias_correction: bool = typer.Option(D(QuantizeConfig, "bias_correction"), help="Shift each quantized layer's bias by the mean error its int8 weights add (from the calibration statistics); on by default."),
     checkpoint: Optional[Path] = typer.Option(None, help="The model.pt the ONNX came from; enables quantization-aware fine-tuning when the budget is missed."),
     qat_epochs: int = typer.Option(D(QuantizeConfig, "qat_epochs"), help="When post-training INT8 misses the drift budget, or meets it only with more than --qat-over-float-layers layers in float, epochs of quantization-aware fine-tuning to try (0: never)."),
-    qat_over_float_layers: int = typer.Option(D(QuantizeConfig, "qat_over_float_layers"), help="Try QAT also when post-training needs more float layers than this to meet the budget; the QAT model ships if it meets it with fewer."),
+    qat_over_float_layers: Optional[int] = typer.Option(None, help="Try QAT also when post-training needs more float layers than this to meet the budget (default: only when it misses); the QAT model then ships if it meets the budget with fewer."),
     seed: int = typer.Option(D(QuantizeConfig, "seed"), help="Sampling seed."),
     config: Optional[Path] = typer.Option(None, "--config", help="A tledge.toml whose [quantize] sets any of this command's settings; flags typed here win."),
 ):
