@@ -84,7 +84,8 @@ def test_qat_is_tried_when_post_training_needs_many_float_layers(tiny_pipeline, 
     probe = quantize(QuantizeConfig(out_dir=tmp_path / "probe", min_agreement=1.0, qat_epochs=0, **common))
     tried = probe["models"]["tensorrt"]["fallback"]["tried"]
     floor = [min(t["agreement"], t["expected_agreement"]) for t in tried]
-    step = next(i for i in range(1, len(tried)) if floor[i] > floor[0])
+    step = next((i for i in range(1, len(tried)) if floor[i] > floor[0]), None)
+    assert step is not None, f"no fallback step of the tiny model beats none: {tried}"
     record = quantize(QuantizeConfig(out_dir=tmp_path / "qat", min_agreement=floor[step], qat_epochs=1, qat_over_float_layers=0, **common))
     trt = record["models"]["tensorrt"]
     qat = trt["qat"]
