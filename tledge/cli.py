@@ -199,6 +199,7 @@ def export(
     "tledge quantize model.onnx --data my_images --out-dir out --max-top1-drop 0.5 --min-agreement 0.98",
     "tledge quantize out/model.fp32.onnx --data my_images --out-dir out --method mse   # reuses out/calibration.stats.npz",
     "tledge quantize out/model.fp32.onnx --data my_images --out-dir out --checkpoint out/model.pt   # QAT if the budget is missed",
+    "tledge quantize out/model.fp32.onnx --data my_images --out-dir out --target cpu --fallback-max-slowdown 1   # float layers by sensitivity alone",
 ))
 def quantize(
     ctx: typer.Context,
