@@ -30,17 +30,22 @@ class Int8Build:
 
     def make(self, recipe, path: Path, method: str = "minmax", keep_float=(), bias_correction: bool = True):
         """Quantize with ``recipe`` (its runtime's checks included), write ``path``, return the proto."""
-        import onnx
+        return make_int8(recipe, self.model, self.fp32, self.stats, self.reader, path, method, keep_float, bias_correction)
 
-        from tledge.bias_correction import correct_bias
 
-        keep_float = tuple(keep_float)
-        recipe.quantize(self.model, path, self.reader, self.stats.ranges(method, recipe.symmetric_activations), keep_float)
-        proto, _ = recipe.finish(onnx.load(str(path)), self.fp32, keep_float)
-        if bias_correction:
-            correct_bias(proto, self.fp32, self.stats.channel_mean)
-        onnx.save(proto, str(path))
-        return proto
+def make_int8(recipe, model: Path, fp32, stats, reader, path: Path, method: str = "minmax", keep_float=(), bias_correction: bool = True):
+    """``model`` (its proto ``fp32``, its calibration statistics ``stats``) quantized by ``recipe`` into ``path``."""
+    import onnx
+
+    from tledge.bias_correction import correct_bias
+
+    keep_float = tuple(keep_float)
+    recipe.quantize(model, path, reader, stats.ranges(method, recipe.symmetric_activations), keep_float)
+    proto, _ = recipe.finish(onnx.load(str(path)), fp32, keep_float)
+    if bias_correction:
+        correct_bias(proto, fp32, stats.channel_mean)
+    onnx.save(proto, str(path))
+    return proto
 
 
 def load_build(build: Path, data: Path) -> Int8Build:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from _int8_build import load_build, portable_cpu_recipe
+from _int8_build import load_build, make_int8, portable_cpu_recipe
 
 
 def pairs(model) -> list[tuple]:
@@ -147,18 +147,12 @@ def main() -> None:
               f"test {fp32_error['test']:.2e}", flush=True)
         cle_stats, _ = calibrate(cle_path, calib_x, {"cle": True})
         variants = {"plain": (b.model, b.fp32, b.stats), "cle": (cle_path, scaled, cle_stats)}
-        recipes = {"tensorrt": TensorRTQDQ(), "cpu": portable_cpu_recipe(b.fp32)}
-        for target, recipe in recipes.items():
+        for target in ("tensorrt", "cpu"):
             for method in args.methods.split(","):
                 for variant, (src, proto_src, stats) in variants.items():
-                    if target == "cpu":  # the portable recipe's weight narrowing is per model
-                        recipe = portable_cpu_recipe(proto_src)
-                    path = tmp / f"{target}-{method}-{variant}.onnx"
-                    recipe.quantize(src, path, b.reader, stats.ranges(method, recipe.symmetric_activations), ())
-                    proto, _ = recipe.finish(onnx.load(str(path)), proto_src, ())
-                    from tledge.bias_correction import correct_bias
-
-                    correct_bias(proto, proto_src, stats.channel_mean)
+                    # the portable CPU recipe's weight narrowing is per model
+                    recipe = TensorRTQDQ() if target == "tensorrt" else portable_cpu_recipe(proto_src)
+                    proto = make_int8(recipe, src, proto_src, stats, b.reader, tmp / f"{target}-{method}-{variant}.onnx", method)
                     row = {"target": target, "method": method, "variant": variant}
                     for name, split in (("val", b.val), ("test", b.test)):
                         row[name] = drift_figures(simulate(proto, split.x), split.reference, split.y)

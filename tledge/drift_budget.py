@@ -133,14 +133,15 @@ class DriftBudget:
         start = {"layers": 0, **{k: drift[k] for k in TRIED_KEYS}}
         best = (first, base_keep, drift)
         priced = stopped = None
-        # Latency prices only where INT8 is faster than FP32 to begin with (not on tiny models).
+        # Latency prices and guards only where INT8 is faster than FP32 to begin with (not on tiny models).
         speedup = self._speedup(first) if target == "cpu" else None
-        if speedup is not None and speedup >= 1.0 and self.cfg.fallback_max_slowdown < 1.0:
+        int8_faster = speedup is not None and speedup >= 1.0
+        if int8_faster and self.cfg.fallback_max_slowdown < 1.0:
             start["speedup_vs_fp32"] = speedup
-            best, priced = self._priced_search(make, work, target, ranked, best, start)
+            best, priced = self._priced_search(make, work, target, ranked, best)
         tried = [start]
         if not best[2]["met"]:
-            best, tried, stopped = self._doubling_search(make, work, target, ranked, best, tried, guard=speedup is not None and speedup >= 1.0)
+            best, tried, stopped = self._doubling_search(make, work, target, ranked, best, tried, guard=int8_faster)
         chosen, keep, drift = best
         fallback = {
             "ranked_on": f"{n} {self.split_name} images, logit error with one layer in float (relative to FP32's variance)",
@@ -160,13 +161,16 @@ class DriftBudget:
         p50 = _p50_interleaved({"fp32": self.cfg.model, "int8": path}, self.images()[:1], rounds=5, per_round=20)
         return round(p50["fp32"] / p50["int8"], 3)
 
-    def _priced_search(self, make, work: Path, target: str, ranked: list[dict], best: tuple, start: dict) -> tuple[tuple, dict]:
+    def _earns_its_cost(self, d: dict, best: dict) -> bool:
+        """A larger fallback must earn its cost: within the budget, or better than the best so far by over one image."""
+        return d["met"] or score(d) > score(best) + 1.0 / len(self.images())
+
+    def _priced_search(self, make, work: Path, target: str, ranked: list[dict], best: tuple) -> tuple[tuple, dict]:
         """Add the ranked layers to the float set one at a time, each only if its measured slowdown (batch 1, one
         thread, timed interleaved with the current model and FP32) is within the price; stop at the budget."""
         base_path, base_keep, _ = best
         limit = 1.0 / (1.0 - self.cfg.fallback_max_slowdown)
         x = self.images()
-        one_image = 1.0 / len(x)
         current, keep = base_path, base_keep
         steps = []
         record = {"max_slowdown": self.cfg.fallback_max_slowdown, "measured": "batch-1 p50, one thread, interleaved with the current model and FP32",
@@ -195,7 +199,7 @@ class DriftBudget:
             d = self.evaluate(path)
             step.update({"kept": "float", **{k: d[k] for k in TRIED_KEYS}})
             current, keep = path, keep + (r["node"],)
-            if d["met"] or score(d) > score(best[2]) + one_image:
+            if self._earns_its_cost(d, best[2]):
                 best = (path, keep, d)
             if d["met"]:
                 break
@@ -205,8 +209,6 @@ class DriftBudget:
     def _doubling_search(self, make, work: Path, target: str, ranked: list[dict], best: tuple, tried: list[dict], guard: bool):
         """The most sensitive 1, 2, 4, ... layers in float, the first that meets the budget, else the best seen."""
         base_keep = tuple(self.cfg.keep_float)
-        x = self.images()
-        one_image = 1.0 / len(x)
         stopped = None
         for k in FALLBACK_STEPS:
             k = min(k, self.cfg.fallback_layers, len(ranked))
@@ -224,8 +226,7 @@ class DriftBudget:
                 if attempt["speedup_vs_fp32"] < 1.0:
                     stopped = f"{k} float layers made the CPU model slower than FP32"
                     break
-            # A larger fallback must earn its cost: better by more than one image, or within the budget.
-            if d["met"] or score(d) > score(best[2]) + one_image:
+            if self._earns_its_cost(d, best[2]):
                 best = (path, keep, d)
             if d["met"]:
                 break
