@@ -162,6 +162,7 @@ def main() -> None:
     result = {"machine": machine_info(), "data": str(data), "dataset": splits.summary(),
               "settings": {"model": "efficientnet_lite0", "image_size": args.image_size, "epochs": args.epochs,
                            "patience": args.patience, "batch_size": args.batch_size, "augment": "light", "seed": 0},
+              "finetune_defaults": {k: getattr(FinetuneConfig, k) for k in ("lr", "lr_decay", "full_lr", "layer_decay", "warmup_epochs")},
               "rows": {}}
     if args.keep:
         earlier = json.loads(Path(args.keep).read_text())

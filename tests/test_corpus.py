@@ -244,6 +244,7 @@ CLI_CASES = [
     Case("finetune-lr-nan", lambda c: ft(c, "--lr", "nan"), "--lr must be a finite number"),
     Case("finetune-lr-0", lambda c: ft(c, "--lr", "0"), "lr > 0"),
     Case("finetune-lr-decay-2", lambda c: ft(c, "--lr-decay", "2"), "lr_decay in (0, 1]"),
+    Case("finetune-full-lr-0", lambda c: ft(c, "--full-lr", "0"), "--full-lr must be greater than 0"),
     Case("finetune-epochs-0", lambda c: ft(c, "--epochs", "0"), "epochs must be at least 1"),
     Case("finetune-batch-size-0", lambda c: ft(c, "--batch-size", "0"), "batch_size must be at least 1"),
     Case("finetune-unfreeze-decreasing", lambda c: ft(c, "--unfreeze", "3,2"), "increasing positive block counts"),

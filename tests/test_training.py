@@ -108,12 +108,11 @@ def test_plans():
     assert plan("linear", 12, (2,)) == [0]
     assert plan("staged", 12, (2, 5)) == [0, 2, 5]
     assert plan("full", 12, (2,)) == [12]
-    assert plan("auto", 12, (2,)) == [0, 2, 12]  # the unfreeze steps, then everything
-    assert plan("auto", 18, (3, 6)) == [0, 3, 6, 18]
-    assert plan("auto", 4, (6,)) == [0, 4]  # a step deeper than the network is the whole network
+    assert plan("auto", 12, (2,)) == [0, 12]  # linear probing, then every layer (the unfreeze steps are staged's)
+    assert plan("auto", 18, (3, 6)) == [0, 18]
     from tledge.train.strategies import step_epochs
 
-    assert [step_epochs("auto", k, 18, 40) for k in (0, 3, 18)] == [40, 40, 10]  # the last step: a short schedule
+    assert [step_epochs("auto", k, 18, 40) for k in (0, 18)] == [40, 16]  # the last step: a shorter schedule
     assert step_epochs("auto", 18, 18, 3) == 2 and step_epochs("auto", 18, 18, 1) == 1 and step_epochs("full", 18, 18, 40) == 40
     assert plan("auto", 12, (2,), from_scratch=True) == [12]
 
@@ -182,9 +181,9 @@ def test_scratch_better_than_transfer_is_reported_loudly(tiny_dataset, tiny_weig
 def test_full_trains_every_block_and_keeps_batchnorm_statistics(tiny_dataset, tiny_weights, tmp_path):
     record = finetune(_cfg(tiny_dataset, tmp_path, tiny_weights, strategy="full", epochs=2, augment="strong"))
     assert [s["name"] for s in record["stages"]] == ["full"] and record["stages"][0]["trainable_blocks"] == TINY_BLOCKS
-    assert record["stages"][0]["lr"] == pytest.approx(1e-3)  # lr * lr_decay
+    assert record["stages"][0]["lr"] == pytest.approx(2e-3)  # full_lr, not lr (1e-2 here)
     lrs = record["stages"][0]["lrs"]
-    assert lrs["block11"] == pytest.approx(1e-3 * 0.8) and lrs["block0"] == pytest.approx(1e-3 * 0.8**12)  # discriminative
+    assert lrs["block11"] == pytest.approx(2e-3 * 0.8) and lrs["block0"] == pytest.approx(2e-3 * 0.8**12)  # discriminative
     before = create_model(TINY, weights=str(tiny_weights), num_classes=3, seed=0)[0].state_dict()
     after = load_checkpoint(tmp_path / "model.pt")[0].state_dict()
     for k in before:
@@ -199,7 +198,7 @@ def test_auto_thaws_while_validation_pays_and_says_why(tiny_dataset, related_wei
     record = finetune(_cfg(tiny_dataset, tmp_path, related_weights, strategy="auto", epochs=3))
     stages = record["stages"]
     names = [s["name"] for s in stages]
-    assert names == ["feature-extraction", "unfreeze-top-2", "unfreeze-all"][: len(names)]
+    assert names == ["feature-extraction", "unfreeze-all"]  # linear probing, then every layer
     kept = [s for s in stages if s["accepted"]]
     assert kept == stages[: len(kept)]  # nothing is kept after a rejected step
     assert all(not s["accepted"] for s in stages[len(kept):]) and len(stages) - len(kept) <= 1
@@ -210,7 +209,11 @@ def test_auto_thaws_while_validation_pays_and_says_why(tiny_dataset, related_wei
     assert record["model"]["trainable_blocks"] == winner["trainable_blocks"]
     assert record["strategy"]["cost"]["epochs"] == sum(s["epochs_run"] for s in stages)
     assert all(s["decision"] for s in stages) and all(s["seconds"] > 0 for s in stages)
-    assert all(s["epochs_run"] <= 2 for s in stages if s["name"] == "unfreeze-all")  # a short schedule: 3 epochs, a quarter, at least 2
+    assert all(s["epochs_run"] <= 2 and s["lr"] == pytest.approx(2e-3) for s in stages if s["name"] == "unfreeze-all")  # 40% of 3 epochs, at least 2; at full_lr
+    from tledge.train.loop import warmup_cosine
+
+    last = stages[-1]  # 48 images in batches of 16: 3 steps an epoch; its warm-up is a quarter epoch (1 step), not 1 epoch
+    assert last["history"][0]["lr"] == pytest.approx(2e-3 * warmup_cosine(2 * 3, 1)(3))
 
 
 def test_sample_efficiency_curve(linear_run):

@@ -136,10 +136,11 @@ def finetune(
     unfreeze: str = typer.Option("3", help="Blocks thawed per stage after feature extraction, e.g. 3,6; 'none'."),
     epochs: int = typer.Option(D(FinetuneConfig, "epochs"), help="Most epochs per stage."),
     patience: int = typer.Option(D(FinetuneConfig, "patience"), help="Early-stopping patience in epochs."),
-    lr: float = typer.Option(D(FinetuneConfig, "lr"), help="Learning rate of feature extraction; staged: step k uses lr * lr_decay^k; auto and full thaw at lr * lr_decay."),
-    lr_decay: float = typer.Option(D(FinetuneConfig, "lr_decay"), help="Learning-rate factor per unfreezing stage."),
+    lr: float = typer.Option(D(FinetuneConfig, "lr"), help="Learning rate of feature extraction; staged: step k uses lr * lr_decay^k."),
+    lr_decay: float = typer.Option(D(FinetuneConfig, "lr_decay"), help="Learning-rate factor per unfreezing stage (staged)."),
+    full_lr: float = typer.Option(D(FinetuneConfig, "full_lr"), help="Peak learning rate when every layer trains (full, and auto after the classifier); a block d places below the top takes 0.8^d of it."),
     batch_size: int = typer.Option(D(FinetuneConfig, "batch_size"), help="Training batch size (in all: under torchrun each process takes its share)."),
-    strategy: str = typer.Option(D(FinetuneConfig, "strategy"), help="auto (thaw more only while validation pays), linear (frozen backbone, cached features), staged (head, then the --unfreeze steps), full (every layer, low lr, warm-up)."),
+    strategy: str = typer.Option(D(FinetuneConfig, "strategy"), help="auto (classifier on frozen features, then every layer if validation pays), linear (frozen backbone, cached features), staged (head, then the --unfreeze steps), full (every layer, low lr, warm-up)."),
     augment: str = typer.Option(D(FinetuneConfig, "augment"), help="Train-time augmentation: none, light or strong (random resized crop, colour jitter)."),
     hflip: bool = typer.Option(D(FinetuneConfig, "hflip"), "--hflip/--no-hflip", help="Add horizontal flips (only for classes a mirror keeps: not digits or text)."),
     views: int = typer.Option(D(FinetuneConfig, "views"), help="Views per image in the activation cache of frozen layers (1: plain; more add augmented ones)."),
@@ -157,7 +158,7 @@ def finetune(
 
     given = dict(data=data, out=out, model=model, weights=weights, image_size=image_size, resize=resize,
                  unfreeze=_parse_unfreeze(unfreeze), epochs=epochs, patience=patience, lr=lr, lr_decay=lr_decay,
-                 batch_size=batch_size, strategy=strategy, augment=augment, hflip=hflip, views=views, scratch=scratch,
+                 full_lr=full_lr, batch_size=batch_size, strategy=strategy, augment=augment, hflip=hflip, views=views, scratch=scratch,
                  scratch_epochs=scratch_epochs, curve=curve, device=device, amp=amp, resume=resume, seed=seed)
     record = run(FinetuneConfig(**merge(config, "finetune", given, _typed(ctx, {k: k for k in given}))))
     if os.environ.get("RANK", "0") != "0":

@@ -2,7 +2,8 @@
 transfer helped at all.
 
 ``strategy`` picks how much of the pretrained network trains (see :mod:`tledge.train.strategies`): ``auto``
-(default) starts frozen and thaws more only while validation top-1 rises; ``linear``, ``staged`` and ``full`` are
+(default) trains the classifier on frozen features, then every layer from there if validation shows it pays;
+``linear``, ``staged`` and ``full`` are
 the fixed recipes. Every run goes through the one loop (:func:`tledge.train.loop.fit`): AdamW, warm-up then
 cosine schedule, label smoothing, class-weighted loss, early stopping, best epoch kept, AMP and channels_last on
 CUDA, DistributedDataParallel under torchrun, resumable per epoch. Frozen layers run once and their activations
@@ -49,6 +50,7 @@ class FinetuneConfig:
     batch_size: int = 64  # in all: under torchrun each process takes batch_size / world size
     lr: float = 3e-3
     lr_decay: float = 0.1
+    full_lr: float = 2e-3  # peak rate when every layer trains (full, auto's last step): the classifier's; blocks below, layer_decay**d of it
     layer_decay: float = 0.8  # discriminative rates: a block d places below the top trains at layer_decay**d x lr
     weight_decay: float = 1e-4
     label_smoothing: float = 0.1
@@ -97,6 +99,7 @@ class FinetuneConfig:
         V.number("--resize", self.resize, minimum=8, optional=True)
         V.number("--lr", self.lr, above=0, maximum=10)  # far beyond any AdamW rate; near 1e38 the optimizer overflows float32
         V.number("--lr-decay", self.lr_decay, above=0, maximum=1)
+        V.number("--full-lr", self.full_lr, above=0, maximum=10)
         V.number("weight_decay", self.weight_decay, minimum=0)
         V.number("label_smoothing", self.label_smoothing, minimum=0, maximum=0.99)
 
@@ -176,7 +179,7 @@ def _finetune(cfg: FinetuneConfig, splits: Splits | None, on_epoch, world, devic
     settings = LoopSettings(patience=cfg.patience, weight_decay=cfg.weight_decay, label_smoothing=cfg.label_smoothing,
                             warmup_epochs=cfg.warmup_epochs, amp=cfg.amp, channels_last=cfg.channels_last, seed=cfg.seed)
     ctx = S.Context(settings=settings, device=device, world=world, batch_size=cfg.batch_size, epochs=cfg.epochs, lr=cfg.lr,
-                    lr_decay=cfg.lr_decay, layer_decay=cfg.layer_decay, views=cfg.views, num_classes=len(splits.classes),
+                    lr_decay=cfg.lr_decay, full_lr=cfg.full_lr, layer_decay=cfg.layer_decay, views=cfg.views, num_classes=len(splits.classes),
                     balance=cfg.balance, progress=progress, on_epoch=on_epoch)
     torch.manual_seed(cfg.seed)
 

@@ -4,13 +4,13 @@
 * ``staged``: the classifier first, then the top ``unfreeze`` blocks step by step, each step at ``lr_decay``
   times the previous learning rate and with discriminative rates inside it (a block ``d`` places below the top
   trains at ``layer_decay**d`` times the classifier's rate); a step is kept only if validation earns it;
-* ``full``: every layer from the pretrained weights at a low rate (``lr * lr_decay``) after a warm-up;
-* ``auto``: starts frozen and thaws more (the ``unfreeze`` steps on cached activations, then the whole network)
-  while validation top-1 keeps rising; the first step that does not pay is undone and ends it. The whole-network
-  step starts from weights that already fit the data, so it runs a short schedule (a quarter of the epoch cap, at
-  least 2 epochs). Thawing 6, 12 and then all blocks at the full cap cost more than ``full`` itself; the short
-  schedule costs about half of trying every strategy, and on digits ended 0.84 pt behind ``full``
-  (bench/RESULTS.md).
+* ``full``: every layer from the pretrained weights at ``full_lr`` after a warm-up;
+* ``auto``: linear probing, then fine-tuning (LP-FT): the classifier on frozen features, then every layer from
+  there at ``full_lr``, kept only if validation earns it. The whole-network step starts from a classifier that
+  already fits the features, so the first large steps do not scramble them (Kumar et al., 2022, "Fine-Tuning can
+  Distort Pretrained Features"), and it runs a shorter schedule (``AUTO_LAST_STEP_SHARE`` of the epoch cap).
+  It no longer thaws the ``unfreeze`` blocks first: on digits, NEU and clothing that detour cost a third of
+  ``auto``'s compute and never won (bench/RESULTS.md).
 
 Frozen layers run once: a step that thaws the top ``k`` blocks trains on activations cached below them
 (optionally several augmented views per image, ``views``). A step that thaws everything trains on images
@@ -23,6 +23,7 @@ exact averages over (up to 512) training images before each validation ("precise
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -50,6 +51,7 @@ class Context:
     epochs: int
     lr: float
     lr_decay: float
+    full_lr: float
     layer_decay: float
     views: int
     num_classes: int
@@ -77,15 +79,18 @@ def plan(strategy: str, depth: int, unfreeze: tuple[int, ...], from_scratch: boo
         return [0]
     if strategy == "staged":
         return [0, *unfreeze]
-    # auto: the unfreeze steps, then the whole network
-    return [0, *(n for n in unfreeze if n < depth), depth]
+    # auto: the classifier on frozen features, then the whole network from there
+    return [0, depth]
 
 
-AUTO_LAST_STEP_SHARE = 0.25  # of the epoch cap, for auto's whole-network step
+AUTO_LAST_STEP_SHARE = 0.4  # of the epoch cap, for auto's whole-network step
+# ... and its warm-up, in epochs: the classifier already fits, so a whole epoch at low rates would spend a quarter
+# of the short schedule protecting features that a trained classifier no longer disturbs
+AUTO_LAST_STEP_WARMUP = 0.25
 
 
 def step_epochs(strategy: str, thawed: int, depth: int, epochs: int) -> int:
-    """The epoch cap of one step: ``epochs``, except auto's whole-network step (a short schedule)."""
+    """The epoch cap of one step: ``epochs``, except auto's whole-network step (a shorter schedule)."""
     if strategy == "auto" and thawed == depth:
         return min(epochs, max(2, math.ceil(epochs * AUTO_LAST_STEP_SHARE)))
     return epochs
@@ -318,8 +323,8 @@ def transfer(ctx: Context, model, strategy: str, unfreeze: tuple[int, ...], trai
         start = depth - thawed
         name = "feature-extraction" if thawed == 0 else "full" if (thawed == depth and strategy == "full") else f"unfreeze-top-{thawed}" if thawed < depth else "unfreeze-all"
         run_name = f"{track}/{name}"
-        # staged: each step lr_decay times the one before; full and auto thaw at one low rate (lr * lr_decay)
-        lr = ctx.lr * ctx.lr_decay ** (k if strategy == "staged" else 1 if strategy == "full" else min(k, 1))
+        # staged: each step lr_decay times the one before; full and auto's last step: every layer at full_lr
+        lr = ctx.full_lr if strategy in ("full", "auto") and thawed == depth else ctx.lr * ctx.lr_decay ** k
         previous = _state(model)
         run = _replayed(ctx, run_name)
         if run is None:
@@ -327,7 +332,11 @@ def transfer(ctx: Context, model, strategy: str, unfreeze: tuple[int, ...], trai
                 run = run_cached(ctx, model, name, start, lr, (carry(model, train_base[0], base, start, ctx.device), train_base[1]),
                                  (carry(model, val_base[0], base, start, ctx.device), val_base[1]))
             else:
-                run = run_images(ctx, model, name, lr, train, val, train_bn=False, epochs=step_epochs(strategy, thawed, depth, ctx.epochs))
+                step_ctx = ctx
+                if strategy == "auto":
+                    warmup = min(ctx.settings.warmup_epochs, AUTO_LAST_STEP_WARMUP)
+                    step_ctx = dataclasses.replace(ctx, settings=dataclasses.replace(ctx.settings, warmup_epochs=warmup))
+                run = run_images(step_ctx, model, name, lr, train, val, train_bn=False, epochs=step_epochs(strategy, thawed, depth, ctx.epochs))
             if best is not None and not earns_its_keep(run, best):
                 run.accepted = False
                 model.load_state_dict(previous)
@@ -391,5 +400,5 @@ def subset(samples, fraction: float, seed: int):
     return sorted(out, key=lambda s: str(s.path))
 
 
-__all__ = ["AUTO_LAST_STEP_SHARE", "Context", "STRATEGIES", "TransferOutcome", "cache_activations", "carry", "earns_its_keep", "plan",
+__all__ = ["AUTO_LAST_STEP_SHARE", "AUTO_LAST_STEP_WARMUP", "Context", "STRATEGIES", "TransferOutcome", "cache_activations", "carry", "earns_its_keep", "plan",
            "recompute_bn_statistics", "run_cached", "run_images", "scratch", "set_train_mode", "step_epochs", "subset", "transfer"]
