@@ -165,7 +165,7 @@ def _finetune(cfg: FinetuneConfig, splits: Splits | None, on_epoch, world, devic
     pre = resolve_preprocess(spec.preprocess, cfg.image_size, cfg.resize)
     depth = len(model.blocks)
     from_scratch = cfg.weights == "none"
-    if not from_scratch and cfg.strategy in ("staged", "auto") and cfg.unfreeze and cfg.unfreeze[-1] > depth:
+    if not from_scratch and cfg.strategy == "staged" and cfg.unfreeze and cfg.unfreeze[-1] > depth:
         raise TledgeError(f"{cfg.model} has {depth} blocks; cannot unfreeze {cfg.unfreeze[-1]}")
 
     aug = preset(cfg.augment, cfg.hflip)

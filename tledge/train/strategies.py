@@ -9,8 +9,8 @@
   there at ``full_lr``, kept only if validation earns it. The whole-network step starts from a classifier that
   already fits the features, so the first large steps do not scramble them (Kumar et al., 2022, "Fine-Tuning can
   Distort Pretrained Features"), and it runs a shorter schedule (``AUTO_LAST_STEP_SHARE`` of the epoch cap).
-  It no longer thaws the ``unfreeze`` blocks first: on digits, NEU and clothing that detour cost a third of
-  ``auto``'s compute and never won (bench/RESULTS.md).
+  It no longer thaws the ``unfreeze`` blocks first: on digits, NEU and clothing that detour cost a quarter to a
+  third of ``auto``'s compute and never ended as the winner (bench/RESULTS.md).
 
 Frozen layers run once: a step that thaws the top ``k`` blocks trains on activations cached below them
 (optionally several augmented views per image, ``views``). A step that thaws everything trains on images
