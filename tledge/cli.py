@@ -120,7 +120,7 @@ def build(
 
 @app.command(epilog=_examples(
     "tledge finetune --data my_images --out runs/1",
-    "tledge finetune --data my_images --out runs/2 --model resnet18 --unfreeze 1,2",
+    "tledge finetune --data my_images --out runs/2 --model resnet18 --strategy staged --unfreeze 1,2",
     "tledge finetune --data my_images --out runs/3 --strategy linear   # feature extraction only",
     "tledge finetune --data my_images --out runs/4 --scratch --curve   # transfer gain over scratch, sample efficiency",
     "torchrun --nproc_per_node 4 -m tledge.cli finetune --data my_images --out runs/5   # DDP, one process per GPU",
@@ -140,7 +140,7 @@ def finetune(
     lr_decay: float = typer.Option(D(FinetuneConfig, "lr_decay"), help="Learning-rate factor per unfreezing stage (staged)."),
     full_lr: float = typer.Option(D(FinetuneConfig, "full_lr"), help="Peak learning rate when every layer trains (full, and auto after the classifier); a block d places below the top takes 0.8^d of it."),
     batch_size: int = typer.Option(D(FinetuneConfig, "batch_size"), help="Training batch size (in all: under torchrun each process takes its share)."),
-    strategy: str = typer.Option(D(FinetuneConfig, "strategy"), help="auto (classifier on frozen features, then every layer if validation pays), linear (frozen backbone, cached features), staged (head, then the --unfreeze steps), full (every layer, low lr, warm-up)."),
+    strategy: str = typer.Option(D(FinetuneConfig, "strategy"), help="auto (classifier on frozen features, then every layer if validation pays), linear (frozen backbone, cached features), staged (head, then the --unfreeze steps), full (every layer at --full-lr after a warm-up)."),
     augment: str = typer.Option(D(FinetuneConfig, "augment"), help="Train-time augmentation: none, light or strong (random resized crop, colour jitter)."),
     hflip: bool = typer.Option(D(FinetuneConfig, "hflip"), "--hflip/--no-hflip", help="Add horizontal flips (only for classes a mirror keeps: not digits or text)."),
     views: int = typer.Option(D(FinetuneConfig, "views"), help="Views per image in the activation cache of frozen layers (1: plain; more add augmented ones)."),
