@@ -142,6 +142,7 @@ def main() -> None:
     from tledge.datasets import digits_dataset
     from tledge.finetune import FinetuneConfig
     from tledge.machine import machine_info
+    from tledge.train.strategies import AUTO_LAST_STEP_SHARE, AUTO_LAST_STEP_WARMUP
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default=None, help="ImageFolder root (default: the digits of the default build)")
@@ -162,7 +163,8 @@ def main() -> None:
     result = {"machine": machine_info(), "data": str(data), "dataset": splits.summary(),
               "settings": {"model": "efficientnet_lite0", "image_size": args.image_size, "epochs": args.epochs,
                            "patience": args.patience, "batch_size": args.batch_size, "augment": "light", "seed": 0},
-              "finetune_defaults": {k: getattr(FinetuneConfig, k) for k in ("lr", "lr_decay", "full_lr", "layer_decay", "warmup_epochs")},
+              "finetune_defaults": {**{k: getattr(FinetuneConfig, k) for k in ("lr", "lr_decay", "full_lr", "layer_decay", "warmup_epochs")},
+                                    "auto_last_step_share": AUTO_LAST_STEP_SHARE, "auto_last_step_warmup_epochs": AUTO_LAST_STEP_WARMUP},
               "rows": {}}
     if args.keep:
         earlier = json.loads(Path(args.keep).read_text())

@@ -3,10 +3,10 @@ transfer helped at all.
 
 ``strategy`` picks how much of the pretrained network trains (see :mod:`tledge.train.strategies`): ``auto``
 (default) trains the classifier on frozen features, then every layer from there if validation shows it pays;
-``linear``, ``staged`` and ``full`` are
-the fixed recipes. Every run goes through the one loop (:func:`tledge.train.loop.fit`): AdamW, warm-up then
-cosine schedule, label smoothing, class-weighted loss, early stopping, best epoch kept, AMP and channels_last on
-CUDA, DistributedDataParallel under torchrun, resumable per epoch. Frozen layers run once and their activations
+``linear``, ``staged`` and ``full`` are the fixed recipes. Every run goes through the one loop
+(:func:`tledge.train.loop.fit`): AdamW, warm-up then cosine schedule, label smoothing, class-weighted loss, early
+stopping, best epoch kept, AMP and channels_last on CUDA, DistributedDataParallel under torchrun, resumable per
+epoch. Frozen layers run once and their activations
 are cached (the speed-up that makes CPU fine-tuning practical); layers that train see images augmented on the fly.
 
 With ``scratch=True`` the same loop, augmentation, batch size and schedule train a randomly initialized copy of

@@ -23,10 +23,9 @@ exact averages over (up to 512) training images before each validation ("precise
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 from .distributed import World
@@ -334,8 +333,7 @@ def transfer(ctx: Context, model, strategy: str, unfreeze: tuple[int, ...], trai
             else:
                 step_ctx = ctx
                 if strategy == "auto":
-                    warmup = min(ctx.settings.warmup_epochs, AUTO_LAST_STEP_WARMUP)
-                    step_ctx = dataclasses.replace(ctx, settings=dataclasses.replace(ctx.settings, warmup_epochs=warmup))
+                    step_ctx = replace(ctx, settings=replace(ctx.settings, warmup_epochs=min(ctx.settings.warmup_epochs, AUTO_LAST_STEP_WARMUP)))
                 run = run_images(step_ctx, model, name, lr, train, val, train_bn=False, epochs=step_epochs(strategy, thawed, depth, ctx.epochs))
             if best is not None and not earns_its_keep(run, best):
                 run.accepted = False
