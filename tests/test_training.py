@@ -136,6 +136,13 @@ def test_new_settings_are_checked(tmp_path, kw, words):
 # --- strategies, baseline, diagnostics --------------------------------------------------------------------------
 
 
+def _pp(difference: float):
+    """A gain in points as the record states it. The code rounds the unrounded difference while the record keeps
+    accuracies rounded to 5 places, so recomputing from those can land one step of the last place away
+    (0.72222 - 0.16667 -> 55.55, recorded 55.56: the tiny model trains to such values on AMX CPUs)."""
+    return pytest.approx(difference * 100, abs=0.011)
+
+
 @pytest.fixture(scope="module")
 def linear_run(tiny_dataset, related_weights, tmp_path_factory):
     """Feature extraction from related weights with the cheap baseline and the sample-efficiency curve."""
@@ -149,7 +156,7 @@ def test_linear_on_related_weights_beats_scratch_and_records_diagnostics(linear_
     assert [s["trainable_blocks"] for s in record["stages"]] == [0]
     b = record["baseline"]
     assert b["verdict"] == "positive transfer" and b["transfer_gain_pp"] > 10, b
-    assert b["transfer_gain_pp"] == round((b["transfer_val_accuracy"] - b["scratch_val_accuracy"]) * 100, 2)
+    assert b["transfer_gain_pp"] == _pp(b["transfer_val_accuracy"] - b["scratch_val_accuracy"])
     assert b["budget"]["cheap"] is True and b["budget"]["scratch_epochs_run"] == 1 and "upper bound" in b["fairness"]
     assert record["warnings"] == []
     d = record["diagnostics"]
@@ -159,7 +166,7 @@ def test_linear_on_related_weights_beats_scratch_and_records_diagnostics(linear_
         assert d[split]["accuracy"] == pytest.approx(np.trace(m) / n, abs=1e-5)
         assert set(d[split]["per_class_accuracy"]) == set(TINY_CLASSES)
     assert d["val"]["accuracy"] == pytest.approx(record["result"]["val_accuracy"], abs=1e-5)  # the kept epoch, rescored
-    assert d["generalization_gap_pp"] == round((d["train"]["accuracy"] - d["val"]["accuracy"]) * 100, 2)
+    assert d["generalization_gap_pp"] == _pp(d["train"]["accuracy"] - d["val"]["accuracy"])
     assert record["result"]["test_accuracy"] == d["test_split"]["accuracy"]
     h = record["stages"][0]["history"]
     assert {"train_loss", "train_accuracy", "val_accuracy", "val_loss", "lr"} <= set(h[0])
@@ -224,7 +231,7 @@ def test_sample_efficiency_curve(linear_run):
     assert rows[-1]["transfer_val_accuracy"] == record["baseline"]["transfer_val_accuracy"]
     assert rows[-1]["scratch_val_accuracy"] == record["baseline"]["scratch_val_accuracy"]
     for r in rows:
-        assert 0 <= r["scratch_val_accuracy"] <= 1 and r["transfer_gain_pp"] == round((r["transfer_val_accuracy"] - r["scratch_val_accuracy"]) * 100, 2)
+        assert 0 <= r["scratch_val_accuracy"] <= 1 and r["transfer_gain_pp"] == _pp(r["transfer_val_accuracy"] - r["scratch_val_accuracy"])
     from tledge.report import _transfer_lines, _transfer_summary
 
     md = "\n".join(_transfer_lines(_transfer_summary(record)))
