@@ -31,6 +31,7 @@ import numpy as np
 from .cpu_isa import CPU_TARGET_CHOICES, CpuTarget, resolve_cpu_target
 from .errors import TledgeError, require
 from .trt_cache import version_code
+from .trt_float_cost import estimate_float_cost
 
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile", "mse", "auto")
 # What "auto" chooses between, per model, by validation drift (entropy lost to these on every set in bench/RESULTS.md;
@@ -694,6 +695,8 @@ def quantize(cfg: QuantizeConfig) -> dict:
             info.update(recipe.companions(cfg, dst, source.stats.ranges(method, recipe.symmetric_activations), keep_float))
             proto = onnx.load(str(dst))
             ops = [n.op_type for n in proto.graph.node]
+            if recipe.target == "tensorrt":  # float layers cost an engine more than their MACs: say how much
+                info["engine_cost"] = estimate_float_cost(proto)
             outputs[recipe.target] = {
                 "path": dst.name,
                 "activations": recipe.activations,

@@ -9,6 +9,7 @@ from .artifacts import FORMATS, read_json, write_json, write_text
 from .drift_budget import expected_note
 from .report_html import render_html
 from .errors import TledgeError
+from .trt_float_cost import describe_float_cost
 
 STAGE_RECORDS = ("finetune", "export", "quantize", "bench")
 
@@ -272,6 +273,8 @@ def _quantized_model_lines(target: str, info: dict) -> list[str]:
                       if "speedup_vs_fp32" in c else "")
             lines.append(f"  Their cost on this CPU: batch-1 p50 {c['p50_ms']['without_fallback']:.2f} -> {c['p50_ms']['with_fallback']:.2f} ms "
                          f"({c['slowdown']:.2f}x){versus}.")
+    if "engine_cost" in info:  # the TensorRT model: no engine here, so the cost of its float layers is read from the graph
+        lines.append(f"  In a TensorRT engine: {describe_float_cost(info['engine_cost'])}.")
     if info.get("qat"):
         q = info["qat"]
         before = f" with {q['post_training_float_layers']} float layer(s)" if "post_training_float_layers" in q else ""
