@@ -68,6 +68,9 @@ class QuantizeConfig:
     sensitivity_images: int = 32  # validation images that rank the layers
     budget_images: int = 1000  # most validation images the budget is judged on (evenly spaced; bounds memory)
     bias_correction: bool = True  # shift each quantized layer's bias by its mean weight-rounding error (bench/RESULTS.md: it helped on all three sets)
+    # TensorRT model: int8 weight levels chosen by each layer's output error on calibration images (weight_rounding.py)
+    weight_rounding: bool = True
+    rounding_images: int = 64  # calibration images whose layer inputs choose the levels
     # Quantization-aware fine-tuning when post-training quantization misses the budget (needs the checkpoint).
     checkpoint: Path | None = None
     qat_epochs: int = 2  # 0: never
@@ -107,7 +110,7 @@ class QuantizeConfig:
         if not 0 <= self.fallback_max_slowdown <= 1:
             raise TledgeError(f"--fallback-max-slowdown must be between 0 and 1 (a share of the latency), got {self.fallback_max_slowdown}")
         for name, flag in (("num_images", "--num-calib"), ("sensitivity_images", "sensitivity_images"), ("budget_images", "budget_images"),
-                           ("batch_size", "batch_size")):
+                           ("batch_size", "batch_size"), ("rounding_images", "rounding_images")):
             if getattr(self, name) < 1:
                 raise TledgeError(f"{flag} (calibration setting {name}) must be at least 1, got {getattr(self, name)}")
 
@@ -300,6 +303,7 @@ class _Source:
     stats: object
     qat: dict | None
     checkpoint: Path | None = None
+    rounding: dict | None = None  # what weight rounding did, for a source whose weights it chose
 
 
 def _qat_source(cfg: "QuantizeConfig", splits, calibration_x: np.ndarray, work: Path) -> _Source:
@@ -316,6 +320,20 @@ def _qat_source(cfg: "QuantizeConfig", splits, calibration_x: np.ndarray, work: 
     record["export_parity"] = export_onnx(ExportConfig(checkpoint=checkpoint, out=onnx_path, data=cfg.data))["parity"]["max_abs_diff"]
     stats, _ = calibrate(onnx_path, calibration_x, {"qat": True})
     return _Source(onnx_path, onnx.load(str(onnx_path)), stats, qat=record, checkpoint=checkpoint)
+
+
+def _rounded_source(cfg: "QuantizeConfig", fp32_proto, calibration_x: np.ndarray, work: str) -> _Source:
+    """The FP32 model with weights on the int8 levels its layers' output error chose, calibrated (in ``work``)."""
+    import onnx
+
+    from .calib_stats import calibrate
+    from .weight_rounding import round_weights
+
+    proto, record = round_weights(fp32_proto, calibration_x[: cfg.rounding_images])
+    path = Path(work) / "model.rounded.fp32.onnx"
+    onnx.save(proto, str(path))
+    stats, _ = calibrate(path, calibration_x, {"weight_rounding": True})
+    return _Source(path, proto, stats, qat=None, rounding=record)
 
 
 def make_recipes(cfg: "QuantizeConfig") -> list[Recipe]:
@@ -618,6 +636,7 @@ def quantize(cfg: QuantizeConfig) -> dict:
     key = calibration_key(cfg.model, [digest for _, digest in calib.images])
     stats, stats_reused = calibrate(cfg.model, x, key, cfg.out_dir / STATS_FILE)
     base = _Source(cfg.model, fp32_proto, stats, qat=None)
+    rounded = None  # the TensorRT model's source when weight rounding is on: made once, below
     qat_source: list[_Source] = []  # made at most once, by the first model that needs it
     one_batch = _ArrayReader(meta["input"], x[: cfg.batch_size], cfg.batch_size)
     outputs = {}
@@ -626,8 +645,14 @@ def quantize(cfg: QuantizeConfig) -> dict:
             dst = cfg.out_dir / recipe.path
             info = recipe.prepare(fp32_proto)
             facts: dict[Path, dict] = {}  # per candidate file: the record describes the one chosen
+            recipe_base = base
+            if recipe.target == "tensorrt" and cfg.weight_rounding:
+                if rounded is None:
+                    rounded = _rounded_source(cfg, fp32_proto, x, tempfile.mkdtemp(prefix=".tledge-rounding-", dir=cfg.out_dir))
+                recipe_base = rounded
+                info["weight_rounding"] = rounded.rounding
 
-            def make(keep_float: tuple[str, ...], path: Path, method: str, source: _Source = base, recipe=recipe, facts=facts):
+            def make(keep_float: tuple[str, ...], path: Path, method: str, source: _Source = recipe_base, recipe=recipe, facts=facts):
                 """Quantize with ``keep_float`` in float, check the result against its runtime's rules, label it."""
                 recipe.quantize(source.path, path, one_batch, source.stats.ranges(method, recipe.symmetric_activations), keep_float)
                 proto, facts[path] = recipe.finish(onnx.load(str(path)), source.proto, keep_float)
@@ -635,7 +660,8 @@ def quantize(cfg: QuantizeConfig) -> dict:
                     facts[path]["bias_correction"] = correct_bias(proto, source.proto, source.stats.channel_mean)
                 set_metadata(proto, {**meta, "precision": f"int8-{recipe.target}", "calibration": "calibration.json",
                                      "calibration_method": method, "kept_float": list(keep_float), **recipe.metadata(),
-                                     **({"weights": "quantization-aware fine-tuned"} if source.qat else {})})
+                                     **({"weights": "quantization-aware fine-tuned"} if source.qat else {}),
+                                     **({"weights": "int8 levels chosen by output error"} if source.rounding else {})})
                 onnx.save(proto, str(path))
                 return proto
 
@@ -660,7 +686,7 @@ def quantize(cfg: QuantizeConfig) -> dict:
                                                               for m, _, k, d, _ in outcomes]
                     info["method_choice"]["chosen"] = method
                 info["calibration_method"] = method
-                source = base
+                source = base  # the implicit path builds from the FP32 model: its cache takes that model's ranges
                 added = len(keep_float) - len(cfg.keep_float)
                 # QAT when post-training misses the budget, or meets it only by keeping many layers in float.
                 wants_qat = not info["drift"]["met"] or (cfg.qat_over_float_layers is not None and added > cfg.qat_over_float_layers)
@@ -714,6 +740,8 @@ def quantize(cfg: QuantizeConfig) -> dict:
     finally:
         if qat_source:
             shutil.rmtree(qat_source[0].path.parent, ignore_errors=True)
+        if rounded is not None:
+            shutil.rmtree(rounded.path.parent, ignore_errors=True)
     warnings = [f"{target}: INT8 DRIFT BUDGET MISSED: {describe_drift(o['drift'])}" for target, o in outputs.items() if not o["drift"]["met"]]
     for target, o in outputs.items():
         versus = o.get("fallback", {}).get("latency_cost", {}).get("speedup_vs_fp32", {})
