@@ -20,6 +20,8 @@ import time
 import numpy as np
 
 LEVEL = 127  # symmetric int8 weights: -127..127
+MIN_SAMPLES_PER_INPUT = 4  # a layer is rounded by output error only with this many input samples per weight
+DAMPING = 0.01  # share of the mean diagonal added to E[xx^T] (as GPTQ damps its Hessian)
 
 
 def _attr(node, name, default):
@@ -30,18 +32,18 @@ def _attr(node, name, default):
 
 
 def _patches(x: np.ndarray, node) -> np.ndarray:
-    """Input patches of one image for a Conv: (positions, C_in, kh * kw) in the weight's (C, kh, kw) order."""
+    """Input patches of a batch for a Conv: (positions, C_in, kh * kw) in the weight's (C, kh, kw) order."""
     kh, kw = _attr(node, "kernel_shape", None)
     sh, sw = _attr(node, "strides", [1, 1])
     dh, dw = _attr(node, "dilations", [1, 1])
     top, left, bottom, right = _attr(node, "pads", [0, 0, 0, 0])
+    n, c = x.shape[:2]
     if kh == kw == 1 and sh == sw == 1 and not (top or left or bottom or right):
-        return x.reshape(x.shape[0], -1).T[:, :, None]
-    padded = np.pad(x, ((0, 0), (top, bottom), (left, right)))
+        return x.transpose(0, 2, 3, 1).reshape(-1, c, 1)
+    padded = np.pad(x, ((0, 0), (0, 0), (top, bottom), (left, right)))
     span_h, span_w = dh * (kh - 1) + 1, dw * (kw - 1) + 1
-    windows = np.lib.stride_tricks.sliding_window_view(padded, (span_h, span_w), axis=(1, 2))[:, ::sh, ::sw, ::dh, ::dw]
-    c = x.shape[0]
-    return windows.transpose(1, 2, 0, 3, 4).reshape(-1, c, kh * kw)
+    windows = np.lib.stride_tricks.sliding_window_view(padded, (span_h, span_w), axis=(2, 3))[:, :, ::sh, ::sw, ::dh, ::dw]
+    return windows.transpose(0, 2, 3, 1, 4, 5).reshape(-1, c, kh * kw)
 
 
 class _LayerStats:
@@ -51,24 +53,23 @@ class _LayerStats:
         self.node, self.depthwise = node, depthwise
         self.gram, self.total, self.count = 0.0, 0.0, 0
 
-    def add(self, activation: np.ndarray) -> None:
-        """Add one image's input to the layer (C, H, W) or (features,)."""
-        a = activation.astype(np.float64)
+    def add(self, activations: np.ndarray) -> None:
+        """Add a batch of the layer's inputs, (N, C, H, W) or (N, features). Products in float32, sums in float64."""
+        a = activations.astype(np.float32, copy=False)
         if self.node.op_type == "Conv":
             p = _patches(a, self.node)  # (L, C, kk)
             if self.depthwise:
-                self.gram = self.gram + np.einsum("lcd,lce->cde", p, p)
-                self.total = self.total + p.sum(0)
+                per_channel = np.ascontiguousarray(p.transpose(1, 0, 2))  # (C, L, kk): one batched matrix product
+                gram = np.matmul(per_channel.transpose(0, 2, 1), per_channel)
             else:
-                flat = p.reshape(p.shape[0], -1)
-                self.gram = self.gram + flat.T @ flat
-                self.total = self.total + flat.sum(0)
-            self.count += p.shape[0]
+                p = p.reshape(p.shape[0], -1)
+                gram = p.T @ p
         else:
-            flat = a.reshape(1, -1)
-            self.gram = self.gram + flat.T @ flat
-            self.total = self.total + flat[0]
-            self.count += 1
+            p = a.reshape(a.shape[0], -1)
+            gram = p.T @ p
+        self.gram = self.gram + gram.astype(np.float64)
+        self.total = self.total + p.sum(0, dtype=np.float64)
+        self.count += p.shape[0]
 
 
 def round_channels(w: np.ndarray, scale: np.ndarray, gram: np.ndarray, depthwise: bool, sweeps: int = 4) -> tuple[np.ndarray, int]:
@@ -142,17 +143,24 @@ def round_weights(model, images: np.ndarray, batch: int = 8) -> tuple[object, di
     for start in range(0, len(images), batch):
         results = dict(zip(names, session.run(None, {input_name: images[start:start + batch]})))
         for n in layers:
-            for activation in results[n.input[0]]:
-                stats[n.name].add(activation)
+            stats[n.name].add(results[n.input[0]])
 
     flipped = total = 0
+    too_few = []
     for n in layers:
         s = stats[n.name]
         weight = numpy_helper.to_array(inits[n.input[1]]).astype(np.float64)
         w = weight.reshape(weight.shape[0], -1)  # Conv (C_out, C_in/g * kh * kw); Gemm with transB (N, K)
+        if s.count < MIN_SAMPLES_PER_INPUT * w.shape[1]:
+            # E[xx^T] from fewer samples than inputs is rank-deficient: flips would fit those images, not the layer
+            too_few.append(n.name)
+            continue
         scale = np.abs(w).max(1) / LEVEL
         scale[scale == 0] = 1.0
         gram, mean = s.gram / s.count, s.total / s.count
+        diag = np.einsum("cii->ci", gram) if s.depthwise else np.diag(gram)
+        damp = DAMPING * diag.mean(-1)  # a little of nearest rounding's own objective, against noise in E[xx^T]
+        gram = gram + (damp[:, None, None] * np.eye(w.shape[1]) if s.depthwise else damp * np.eye(w.shape[1]))
         q, flips = round_channels(w, scale, gram, s.depthwise)
         flipped, total = flipped + flips, total + q.size
         rounded = q * scale[:, None]
@@ -164,6 +172,7 @@ def round_weights(model, images: np.ndarray, batch: int = 8) -> tuple[object, di
     return out, {
         "method": "levels chosen by each layer's output error on calibration inputs (greedy flips of e^T E[xx^T] e); "
                   "scales unchanged; mean error moved into the bias",
-        "layers": len(layers), "weights": total, "flipped": flipped, "images": len(images),
+        "layers": len(layers) - len(too_few), "weights": total, "flipped": flipped, "images": len(images),
+        "nearest_rounding": too_few,  # too few samples of their inputs to choose by
         "seconds": round(time.perf_counter() - started, 2),
     }
