@@ -84,3 +84,16 @@ def test_the_fp32_model_itself_is_left_alone(tiny_pipeline):
 def test_rounding_images_must_be_positive(tmp_path):
     with pytest.raises(TledgeError, match="rounding_images"):
         QuantizeConfig(model=tmp_path / "m.onnx", data=tmp_path, out_dir=tmp_path, rounding_images=0)
+
+
+def test_a_layer_kept_in_float_keeps_its_fp32_weights(tiny_pipeline, tiny_dataset, tmp_path):
+    fp32 = onnx.load(str(tiny_pipeline / FP32))
+    inits = {i.name: numpy_helper.to_array(i) for i in fp32.graph.initializer}
+    depthwise = next(n for n in fp32.graph.node if n.op_type == "Conv" and any(a.name == "group" and a.i > 1 for a in n.attribute))
+    quantize(QuantizeConfig(model=tiny_pipeline / FP32, data=tiny_dataset, out_dir=tmp_path, num_images=12, targets=("tensorrt",),
+                            fallback_layers=0, keep_float=(depthwise.name,), weight_rounding=True, rounding_images=8))
+    model = onnx.load(str(tmp_path / QDQ))
+    node = next(n for n in model.graph.node if n.name == depthwise.name)
+    got = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    for name in node.input[1:]:
+        assert np.array_equal(got[name], inits[name]), name  # not the rounded levels, not the corrected bias

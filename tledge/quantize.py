@@ -32,6 +32,7 @@ from .cpu_isa import CPU_TARGET_CHOICES, CpuTarget, resolve_cpu_target
 from .errors import TledgeError, require
 from .trt_cache import version_code
 from .trt_float_cost import estimate_float_cost
+from .weight_rounding import restore_float_layers
 
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile", "mse", "auto")
 # What "auto" chooses between, per model, by validation drift (entropy lost to these on every set in bench/RESULTS.md;
@@ -656,6 +657,8 @@ def quantize(cfg: QuantizeConfig) -> dict:
                 """Quantize with ``keep_float`` in float, check the result against its runtime's rules, label it."""
                 recipe.quantize(source.path, path, one_batch, source.stats.ranges(method, recipe.symmetric_activations), keep_float)
                 proto, facts[path] = recipe.finish(onnx.load(str(path)), source.proto, keep_float)
+                if source.rounding and keep_float:
+                    restore_float_layers(proto, fp32_proto, keep_float)
                 if cfg.bias_correction:
                     facts[path]["bias_correction"] = correct_bias(proto, source.proto, source.stats.channel_mean)
                 set_metadata(proto, {**meta, "precision": f"int8-{recipe.target}", "calibration": "calibration.json",

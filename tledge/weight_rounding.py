@@ -176,3 +176,21 @@ def round_weights(model, images: np.ndarray, batch: int = 8) -> tuple[object, di
         "nearest_rounding": too_few,  # too few samples of their inputs to choose by
         "seconds": round(time.perf_counter() - started, 2),
     }
+
+
+def restore_float_layers(model, fp32_model, node_names) -> int:
+    """Give the layers ``node_names`` of ``model`` (kept in float) their FP32 weights and bias back; how many tensors.
+
+    A layer left in float gains nothing from int8 levels, and its bias carries a correction meant for them.
+    """
+    names = set(node_names)
+    original = {i.name: i for i in fp32_model.graph.initializer}
+    restored = 0
+    for node in model.graph.node:
+        if node.name not in names:
+            continue
+        for init in model.graph.initializer:
+            if init.name in node.input[1:] and init.name in original:
+                init.CopyFrom(original[init.name])
+                restored += 1
+    return restored
