@@ -44,7 +44,7 @@ def test_qat_rescues_a_model_that_post_training_quantization_cannot_bring_within
     record = quantize(QuantizeConfig(model=tiny_pipeline / "model.fp32.onnx", data=tiny_dataset, out_dir=tmp_path,
                                      calibration=tiny_pipeline / "calibration.json", checkpoint=tiny_pipeline / "model.pt",
                                      targets=("tensorrt",), fallback_layers=0, max_top1_drop_pp=0.0, min_agreement=1.0, qat_epochs=2,
-                                     bias_correction=False))  # the premise: plain post-training rounding
+                                     bias_correction=False, weight_rounding=False))  # the premise: plain post-training rounding
     trt = record["models"]["tensorrt"]
     ptq, qat = trt["qat"]["post_training_drift"], trt["qat"]["drift"]
     assert not ptq["met"]  # the premise: post-training quantization misses this budget
@@ -79,7 +79,7 @@ def test_qat_is_tried_when_post_training_needs_many_float_layers(tiny_pipeline, 
     from tledge.report import _quantized_model_lines
 
     common = dict(model=tiny_pipeline / "model.fp32.onnx", data=tiny_dataset, calibration=tiny_pipeline / "calibration.json",
-                  checkpoint=tiny_pipeline / "model.pt", targets=("tensorrt",), max_top1_drop_pp=100, bias_correction=False)
+                  checkpoint=tiny_pipeline / "model.pt", targets=("tensorrt",), max_top1_drop_pp=100, bias_correction=False, weight_rounding=False)
     # A budget that only a fallback meets: the agreement of the first fallback step that beats no fallback.
     probe = quantize(QuantizeConfig(out_dir=tmp_path / "probe", min_agreement=1.0, qat_epochs=0, **common))
     tried = probe["models"]["tensorrt"]["fallback"]["tried"]

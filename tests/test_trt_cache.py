@@ -66,29 +66,46 @@ def test_unwritable_ranges_are_errors():
         format_cache({"a: b": 1.0}, "10.3.0")
 
 
-def test_quantize_writes_a_cache_that_matches_the_qdq_scales(tiny_pipeline):
+def test_quantize_writes_a_cache_of_the_fp32_models_ranges(tiny_pipeline):
+    """The implicit path builds from the FP32 ONNX (TensorRT rounds its weights itself), so the cache holds the FP32
+    model's activation ranges, for every tensor the Q/DQ model quantizes, even where weight rounding moved the Q/DQ
+    model's own scales a little."""
+    from tledge.calib_stats import STATS_FILE, CalibrationStats
+
     header, scales = parse_cache((tiny_pipeline / "calibration.cache").read_text())
     assert header == {"version_code": 100300, "calibrator": "EntropyCalibration2"}
+    record = json.loads((tiny_pipeline / "quantize.json").read_text())["models"]["tensorrt"]
+    assert record["weight_rounding"]["layers"] > 0  # the premise: the Q/DQ model's weights were chosen by output error
+    ranges = CalibrationStats.load(tiny_pipeline / STATS_FILE).ranges(record["calibration_method"], symmetric=True)
     model = onnx.load(str(tiny_pipeline / "model.int8.qdq.onnx"))
     inits = {i.name: i for i in model.graph.initializer}
     activations = [n for n in model.graph.node if n.op_type == "QuantizeLinear" and n.input[0] not in inits]
     assert len(activations) > 10
     for q in activations:
         assert q.input[0] in scales, f"{q.input[0]} is quantized in the Q/DQ model but has no cache scale"
-        assert scales[q.input[0]] == pytest.approx(float(numpy_helper.to_array(inits[q.input[1]])), rel=1e-6), q.input[0]
+        lo, hi = ranges[q.input[0]]
+        assert scales[q.input[0]] == pytest.approx(max(abs(lo), abs(hi)) / 127, rel=1e-6), q.input[0]
+        # the rounded model's activations differ from FP32's by a weight rounding step, not by a wrong tensor
+        assert scales[q.input[0]] == pytest.approx(float(numpy_helper.to_array(inits[q.input[1]])), rel=0.25), q.input[0]
     assert "input" in scales and "logits" in scales
-    record = json.loads((tiny_pipeline / "quantize.json").read_text())["models"]["tensorrt"]["calibration_cache"]
-    assert record == {"path": "calibration.cache", "trt_version": "10.3.0", "version_code": 100300,
-                      "calibrator": "EntropyCalibration2", "tensors": len(scales)}
+    assert record["calibration_cache"] == {"path": "calibration.cache", "trt_version": "10.3.0", "version_code": 100300,
+                                           "calibrator": "EntropyCalibration2", "tensors": len(scales)}
 
 
 def test_kept_float_layers_get_no_scale_and_the_version_is_chosen(tiny_pipeline, tiny_dataset, tmp_path):
+    """Without weight rounding the Q/DQ model is the FP32 one behind Q/DQ: its scales are the cache's, to the bit."""
     conv = next(n for n in onnx.load(str(tiny_pipeline / "model.fp32.onnx")).graph.node if n.op_type == "Conv")
     quantize(QuantizeConfig(model=tiny_pipeline / "model.fp32.onnx", data=tiny_dataset, out_dir=tmp_path, num_images=12,
-                            targets=("tensorrt",), keep_float=(conv.name,), trt_version="8.5.2"))
+                            targets=("tensorrt",), keep_float=(conv.name,), trt_version="8.5.2", weight_rounding=False))
     header, scales = parse_cache((tmp_path / "calibration.cache").read_text())
     assert header["version_code"] == 8502
     assert conv.output[0] not in scales and "input" in scales
+    model = onnx.load(str(tmp_path / "model.int8.qdq.onnx"))
+    inits = {i.name: i for i in model.graph.initializer}
+    activations = [n for n in model.graph.node if n.op_type == "QuantizeLinear" and n.input[0] not in inits]
+    assert len(activations) > 10
+    for q in activations:
+        assert scales[q.input[0]] == pytest.approx(float(numpy_helper.to_array(inits[q.input[1]])), rel=1e-6), q.input[0]
 
 
 def test_a_trt_version_without_implicit_int8_fails_before_any_work(tiny_pipeline, tiny_dataset, tmp_path):

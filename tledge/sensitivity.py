@@ -80,7 +80,8 @@ def bypass_quantization(model, fp32_model, node_names) -> object:
                 continue
             q = producer.get(dq.input[0])
             if q is not None and q.op_type == "QuantizeLinear" and q.input[0] in inits:
-                node.input[k] = q.input[0]  # an FP32 weight behind a Q->DQ pair
+                # a float weight behind a Q->DQ pair: the FP32 model's, since weight rounding may have moved it
+                node.input[k] = fp32_input(node, k) if node.name in fp32_nodes else q.input[0]
             elif q is not None and q.op_type == "QuantizeLinear":
                 lo, hi = _representable_range(q, init_protos)
                 base = f"{node.name}__tledge_in{k}"
