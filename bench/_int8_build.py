@@ -37,7 +37,7 @@ def make_int8(recipe, model: Path, fp32, stats, reader, path: Path, method: str 
     """``model`` (its proto ``fp32``, its calibration statistics ``stats``) quantized by ``recipe`` into ``path``."""
     import onnx
 
-    from tledge.bias_correction import correct_bias
+    from tledge.quant.bias_correction import correct_bias
 
     keep_float = tuple(keep_float)
     recipe.quantize(model, path, reader, stats.ranges(method, recipe.symmetric_activations), keep_float)
@@ -51,10 +51,10 @@ def make_int8(recipe, model: Path, fp32, stats, reader, path: Path, method: str 
 def load_build(build: Path, data: Path) -> Int8Build:
     import onnx
 
-    from tledge.calib_stats import STATS_FILE, CalibrationStats
-    from tledge.data import Preprocess, load_array, splits_for
-    from tledge.quantize import _ArrayReader
-    from tledge.runners import OrtRunner
+    from tledge.quant.statistics import STATS_FILE, CalibrationStats
+    from tledge.data.images import Preprocess, load_array, splits_for
+    from tledge.quant.quantize import _ArrayReader
+    from tledge.runners.backends import OrtRunner
     from tledge.validate import onnx_metadata
 
     model = build / "model.fp32.onnx"
@@ -73,7 +73,7 @@ def load_build(build: Path, data: Path) -> Int8Build:
 
 def portable_cpu_recipe(fp32):
     from tledge.cpu_isa import resolve_cpu_target
-    from tledge.quantize import CpuInt8
+    from tledge.quant.quantize import CpuInt8
 
     recipe = CpuInt8(*resolve_cpu_target("portable"))
     recipe.prepare(fp32)

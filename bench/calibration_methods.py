@@ -15,8 +15,8 @@ import json
 import tempfile
 from pathlib import Path
 
-from tledge.bench import BenchConfig, bench
-from tledge.quantize import CALIBRATION_METHODS, QuantizeConfig, quantize
+from tledge.bench.benchmark import BenchConfig, bench
+from tledge.quant.quantize import CALIBRATION_METHODS, QuantizeConfig, quantize
 
 
 def main() -> None:

@@ -16,11 +16,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from tledge.calib_stats import METHODS, calibrate
-from tledge.calibration import sample_calibration_set
+from tledge.quant.statistics import METHODS, calibrate
+from tledge.quant.calibration import sample_calibration_set
 from tledge.cpu_isa import this_cpu
-from tledge.data import Preprocess, Sample, load_array, load_splits
-from tledge.export import read_metadata
+from tledge.data.images import Preprocess, Sample, load_array, load_splits
+from tledge.export.onnx_export import read_metadata
 from tledge.machine import machine_info
 
 
@@ -32,7 +32,7 @@ def ort_ranges(model: Path, input_name: str, x, method: str) -> None:
     """ONNX Runtime's calibrator for one method (2048 bins for the histogram methods), streamed in chunks of 32."""
     from onnxruntime.quantization import CalibrationMethod, create_calibrator
 
-    from tledge.quantize import _ArrayReader, _quiet_onnxruntime
+    from tledge.quant.quantize import _ArrayReader, _quiet_onnxruntime
 
     ort_method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy, "percentile": CalibrationMethod.Percentile}[method]
     extra = {"symmetric": True, **({"num_bins": 2048, "num_quantized_bins": 256} if method == "entropy" else {}),

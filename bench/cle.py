@@ -105,14 +105,14 @@ def equalize(model, maxima: dict, alpha: float, cap: float, headroom: float = 1.
 def main() -> None:
     import onnx
 
-    from tledge.calib_stats import calibrate
-    from tledge.data import Preprocess, load_array, load_splits
-    from tledge.drift_budget import drift_figures
-    from tledge.export import read_metadata
+    from tledge.quant.statistics import calibrate
+    from tledge.data.images import Preprocess, load_array, load_splits
+    from tledge.quant.drift_budget import drift_figures
+    from tledge.export.onnx_export import read_metadata
     from tledge.machine import machine_info
-    from tledge.quantize import TensorRTQDQ
-    from tledge.runners import OrtRunner
-    from tledge.sensitivity import simulate
+    from tledge.quant.quantize import TensorRTQDQ
+    from tledge.runners.backends import OrtRunner
+    from tledge.quant.sensitivity import simulate
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--build", type=Path, required=True)

@@ -3,7 +3,7 @@
 For one `tledge build` folder, many INT8 models of its FP32 model (TensorRT Q/DQ and portable CPU; minmax,
 percentile and mse; with and without bias correction; 0, 2 and 6 of the build's most sensitive layers in float),
 each simulated on the validation and the test split. For every model: the counted agreement on validation, the
-expected agreement on validation (:func:`tledge.drift_budget.expected_agreement`) and the counted agreement on
+expected agreement on validation (:func:`tledge.quant.drift_budget.expected_agreement`) and the counted agreement on
 test, which neither figure saw. A better predictor has the smaller mean absolute error against the test count.
 
     python bench/expected_agreement.py --build tledge-out --data ~/.cache/tledge/datasets/digits-v1 --out bench/expected_agreement-digits.json
@@ -26,10 +26,10 @@ from _int8_build import load_build, portable_cpu_recipe
 
 
 def main() -> None:
-    from tledge.drift_budget import expected_agreement
+    from tledge.quant.drift_budget import expected_agreement
     from tledge.machine import machine_info
-    from tledge.quantize import TensorRTQDQ
-    from tledge.sensitivity import simulate
+    from tledge.quant.quantize import TensorRTQDQ
+    from tledge.quant.sensitivity import simulate
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--build", type=Path, required=True)

@@ -46,9 +46,9 @@ def node_macs(model_path: Path, fp32) -> dict[str, int]:
 
 
 def main() -> None:
-    from tledge.drift_budget import _p50_interleaved, drift_figures
+    from tledge.quant.drift_budget import _p50_interleaved, drift_figures
     from tledge.machine import machine_info
-    from tledge.sensitivity import rank_layers, simulate
+    from tledge.quant.sensitivity import rank_layers, simulate
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--build", type=Path, required=True)

@@ -1,6 +1,6 @@
 """How often the gate is wrong on this machine, side by side with the plain approach, in one run.
 
-1. Make a variant of the model that does more of its own work (``tledge.gate.slower_variant``: copies of its first
+1. Make a variant of the model that does more of its own work (``tledge.bench.gate.slower_variant``: copies of its first
    layers whose result is multiplied by zero), sized by interleaved measurement to be about ``--slowdown`` slower,
    and report the slowdown it really has (measured again over many blocks).
 2. ``--trials`` times each, with the gate's default settings (100 blocks of about 50 ms per model, 95% interval,
@@ -22,10 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
-from tledge.export import read_metadata
-from tledge.gate import GateConfig, _timed_blocks, gate, paired_ratio_interval, slower_variant
+from tledge.export.onnx_export import read_metadata
+from tledge.bench.gate import GateConfig, _timed_blocks, gate, paired_ratio_interval, slower_variant
 from tledge.machine import machine_info
-from tledge.runners import OrtRunner
+from tledge.runners.backends import OrtRunner
 
 
 def measured_ratio(base: Path, cand: Path, x: np.ndarray, blocks: int, threads: int | None) -> dict:

@@ -34,14 +34,14 @@ from pathlib import Path
 
 import numpy as np
 
-from tledge.bench import interleaved_p50
-from tledge.calib_stats import STATS_FILE
+from tledge.bench.benchmark import interleaved_p50
+from tledge.quant.statistics import STATS_FILE
 from tledge.cpu_isa import this_cpu
-from tledge.data import Preprocess, load_array, load_splits
-from tledge.export import read_metadata
+from tledge.data.images import Preprocess, load_array, load_splits
+from tledge.export.onnx_export import read_metadata
 from tledge.machine import machine_info
-from tledge.quantize import QuantizeConfig, _ArrayReader, _quiet_onnxruntime, quantize
-from tledge.runners import OrtRunner
+from tledge.quant.quantize import QuantizeConfig, _ArrayReader, _quiet_onnxruntime, quantize
+from tledge.runners.backends import OrtRunner
 
 
 def logits(path: Path, x: np.ndarray, simulate: bool) -> np.ndarray:

@@ -18,11 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
-from tledge.data import Preprocess, load_array, load_splits
-from tledge.export import read_metadata
+from tledge.data.images import Preprocess, load_array, load_splits
+from tledge.export.onnx_export import read_metadata
 from tledge.machine import machine_info
-from tledge.quantize import TARGETS, QuantizeConfig, quantize
-from tledge.runners import OrtRunner
+from tledge.quant.quantize import TARGETS, QuantizeConfig, quantize
+from tledge.runners.backends import OrtRunner
 
 
 def drift(path: Path, x, y, ref) -> dict:

@@ -67,7 +67,7 @@ def run_macs(runs: list[dict], macs: dict, n_train: int, n_val: int) -> int:
 
 
 def _run(cfg, splits) -> dict:
-    from tledge.finetune import finetune
+    from tledge.train.finetune import finetune
 
     wall, cpu = time.perf_counter(), time.process_time()
     record = finetune(cfg, splits=splits)
@@ -84,7 +84,7 @@ def cached_vs_backbone(splits, image_size: int, batch_size: int, epochs: int) ->
     backbone from each (augmented) batch; the cache's one-off cost is recorded with it."""
     import torch
 
-    from tledge.finetune import resolve_preprocess
+    from tledge.train.finetune import resolve_preprocess
     from tledge.models import create_model
     from tledge.train.augment import preset
     from tledge.train.loader import ImageSet
@@ -138,9 +138,9 @@ def cached_vs_backbone(splits, image_size: int, batch_size: int, epochs: int) ->
 
 
 def main() -> None:
-    from tledge.data import load_splits
-    from tledge.datasets import digits_dataset
-    from tledge.finetune import FinetuneConfig
+    from tledge.data.images import load_splits
+    from tledge.data.datasets import digits_dataset
+    from tledge.train.finetune import FinetuneConfig
     from tledge.machine import machine_info
     from tledge.train.strategies import AUTO_LAST_STEP_SHARE, AUTO_LAST_STEP_WARMUP
 

@@ -27,9 +27,9 @@ def _sync(device):
 def main() -> None:
     import torch
 
-    from tledge.data import load_splits
-    from tledge.datasets import digits_dataset
-    from tledge.finetune import resolve_preprocess
+    from tledge.data.images import load_splits
+    from tledge.data.datasets import digits_dataset
+    from tledge.train.finetune import resolve_preprocess
     from tledge.models import create_model
     from tledge.train.augment import preset
     from tledge.train.distributed import World, resolve_device

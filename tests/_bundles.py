@@ -12,7 +12,7 @@ NOT_SHIPPED = shutil.ignore_patterns("manifest.json", "gate*", "bench*", "report
 def copy_build(build: Path, folder: Path, sign: bool = True) -> Path:
     shutil.copytree(build, folder, ignore=NOT_SHIPPED)
     if sign:
-        from tledge.bundle import bundle
+        from tledge.release.bundle import bundle
 
         bundle(folder)
     return folder
@@ -24,7 +24,7 @@ def resign(folder: Path, name: str) -> None:
     import json
 
     from tledge.artifacts import STAGE_RECORDS, sha256_file
-    from tledge.bundle import bundle
+    from tledge.release.bundle import bundle
 
     for record_name in STAGE_RECORDS.values():
         path = folder / record_name

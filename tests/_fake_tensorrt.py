@@ -1,6 +1,6 @@
 """Small ``tensorrt``-like modules, one per TensorRT line, with that line's documented Python API surface.
 
-They exist to prove that ``tledge.engine`` makes no call a version lacks: a name a version removed is absent here
+They exist to prove that ``tledge.trt.engine`` makes no call a version lacks: a name a version removed is absent here
 (an ``AttributeError`` like the real module's), objects take no attribute their class does not have
 (``__slots__``), and the builder reproduces the documented refusals (a Q/DQ network without the INT8 flag, a
 calibrator on a Q/DQ network, precision flags on a strongly typed network, a cache of another version ignored).

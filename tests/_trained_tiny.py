@@ -19,7 +19,7 @@ _CACHE: dict[str, Path] = {}
 def train_tiny_checkpoint(data: Path, path: Path, steps: int = 15, seed: int = 0) -> Path:
     import torch
 
-    from tledge.data import load_array, load_splits
+    from tledge.data.images import load_array, load_splits
     from tledge.models import create_model, save_checkpoint
 
     splits = load_splits(data)
@@ -49,8 +49,8 @@ def trained_pipeline(data: Path, tmp_path_factory) -> Path:
     """Folder with model.pt, model.fp32.onnx, model.int8.qdq.onnx, model.int8.cpu.onnx, calibration.json (cached)."""
     key = str(data)
     if key not in _CACHE:
-        from tledge.export import ExportConfig, export_onnx
-        from tledge.quantize import QuantizeConfig, quantize
+        from tledge.export.onnx_export import ExportConfig, export_onnx
+        from tledge.quant.quantize import QuantizeConfig, quantize
 
         out = tmp_path_factory.mktemp("trained_tiny")
         train_tiny_checkpoint(data, out / "model.pt")

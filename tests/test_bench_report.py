@@ -15,11 +15,11 @@ import pytest
 
 from _trained_tiny import trained_pipeline
 from tledge.artifacts import ARTIFACTS, sha256_file
-from tledge.bench import BenchConfig, bench
-from tledge.bundle import bundle
+from tledge.bench.benchmark import BenchConfig, bench
+from tledge.release.bundle import bundle
 from tledge.errors import TledgeError
-from tledge.export import read_metadata, set_metadata
-from tledge.report import write_report
+from tledge.export.onnx_export import read_metadata, set_metadata
+from tledge.report.summary import write_report
 
 SVG = "{http://www.w3.org/2000/svg}"
 FAST = dict(iterations=10, rounds=2, warmup=1, throughput_batch=4)
@@ -93,7 +93,7 @@ def test_bench_records_the_machine(measured):
 
 
 def test_bench_accuracy_matches_an_independent_computation(measured, trained, tiny_dataset):
-    from tledge.data import Preprocess, load_array, load_splits
+    from tledge.data.images import Preprocess, load_array, load_splits
 
     _, record = measured
     pre = Preprocess.from_dict(read_metadata(trained / "model.fp32.onnx")["preprocess"])
@@ -264,7 +264,7 @@ def test_manifest_signs_exactly_what_the_stages_declared(build_folder):
 
 
 def test_manifest_describes_the_input_and_the_whole_preprocessing(build_folder):
-    from tledge.data import Preprocess
+    from tledge.data.images import Preprocess
 
     _, _, manifest = build_folder
     assert manifest["format"] == "tledge.manifest/2" and manifest["arch"] == "test_efficientnet_lite"
@@ -332,7 +332,7 @@ def test_report_html_draws_the_sample_efficiency_curve_and_says_negative_transfe
     """The curve's table and chart, and a loud verdict when scratch beat transfer."""
     import copy
 
-    from tledge.report_html import render_html
+    from tledge.report.html import render_html
 
     _, summary, _ = build_folder
     summary = copy.deepcopy(summary)

@@ -9,8 +9,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from tledge import calib_stats
-from tledge.calib_stats import BINS, STATS_FILE, CalibrationStats, _Collector, calibrate, calibration_key
+from tledge.quant import statistics as calib_stats
+from tledge.quant.statistics import BINS, STATS_FILE, CalibrationStats, _Collector, calibrate, calibration_key
 
 
 def stats_of(*chunks: np.ndarray) -> CalibrationStats:
@@ -130,7 +130,7 @@ def test_quantize_with_another_method_reuses_the_builds_statistics(tiny_pipeline
     """A second quantize in the same folder picks a new method over the saved statistics, without a model pass."""
     import shutil
 
-    from tledge.quantize import QuantizeConfig, quantize
+    from tledge.quant.quantize import QuantizeConfig, quantize
 
     shutil.copy(tiny_pipeline / STATS_FILE, tmp_path / STATS_FILE)
     built_with = json.loads((tiny_pipeline / "quantize.json").read_text())["models"]["tensorrt"]["calibration_method"]

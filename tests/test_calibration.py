@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from conftest import make_image_folder
-from tledge.calibration import CALIBRATION_FORMAT, load_calibration_set, sample_calibration_set
-from tledge.data import load_splits
+from tledge.quant.calibration import CALIBRATION_FORMAT, load_calibration_set, sample_calibration_set
+from tledge.data.images import load_splits
 from tledge.errors import TledgeError
 
 CLASSES = ["a", "b", "c"]

@@ -7,12 +7,12 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from tledge.build import BuildConfig
+from tledge.pipeline.build import BuildConfig
 from tledge.cli import app
-from tledge.config import default, read_section
+from tledge.pipeline.config import default, read_section
 from tledge.errors import TledgeError
-from tledge.gate import GateConfig
-from tledge.quantize import QuantizeConfig
+from tledge.bench.gate import GateConfig
+from tledge.quant.quantize import QuantizeConfig
 
 
 def test_the_cli_states_the_libraries_defaults():

@@ -3,7 +3,7 @@
 Each case prepares its inputs in a fresh folder, runs the real command (in process, through the typer app) and
 asserts the exact outcome: a ``TledgeError`` whose one line names the problem, with no file written anywhere (the
 case folder and the shared fixtures are snapshotted before and compared after); or a success whose output is
-right. Image cases of every mode and bit depth decode through :func:`tledge.data.load_image` and are compared
+right. Image cases of every mode and bit depth decode through :func:`tledge.data.images.load_image` and are compared
 pixel for pixel. Validation fails before any work, so the whole table runs in seconds.
 
 Outcomes counted for the issue's closing note: ``python -m pytest tests/test_corpus.py -q`` (one test per case).
@@ -194,7 +194,7 @@ def _nan_checkpoint(payload: dict) -> None:
 
 
 def _set_meta(proto, **changes) -> None:
-    from tledge.export import read_metadata, set_metadata
+    from tledge.export.onnx_export import read_metadata, set_metadata
 
     set_metadata(proto, {**read_metadata(proto), **changes})
 
@@ -428,7 +428,7 @@ def _with_file(ctx: Ctx, name: str, content: bytes) -> Path:
 
 
 def _load_stats(path: Path):
-    from tledge.calib_stats import CalibrationStats
+    from tledge.quant.statistics import CalibrationStats
 
     return lambda: CalibrationStats.load(path)
 
@@ -482,7 +482,7 @@ def _nan_in_folder(ctx: Ctx, folder: Path) -> Path:
 
 def _resize_meta(proto, size: int) -> None:
     """Metadata that says another input size than the graph takes (a file edited or mixed up)."""
-    from tledge.export import read_metadata
+    from tledge.export.onnx_export import read_metadata
 
     _set_meta(proto, preprocess={**read_metadata(proto)["preprocess"], "size": size, "resize": size})
 
@@ -657,7 +657,7 @@ def test_corpus_is_large_and_covers_every_command():
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_corpus(case: Case, ctx: Ctx):
     if case.kind == "pixels":
-        from tledge.data import Preprocess, load_image
+        from tledge.data.images import Preprocess, load_image
 
         path, expected = case.make(ctx)
         side = expected.shape[0]

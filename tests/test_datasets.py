@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tledge.calibration import load_calibration_set, sample_calibration_set
-from tledge.data import load_splits
-from tledge.datasets import DIGITS_SPLITS, digits_dataset
+from tledge.quant.calibration import load_calibration_set, sample_calibration_set
+from tledge.data.images import load_splits
+from tledge.data.datasets import DIGITS_SPLITS, digits_dataset
 
 REPO = Path(__file__).resolve().parent.parent
-# package data, so a wheel install pins the same images (tledge.build.PINNED_CALIBRATION_DIR)
+# package data, so a wheel install pins the same images (tledge.pipeline.build.PINNED_CALIBRATION_DIR)
 PINNED_CALIBRATION = REPO / "tledge" / "calibration_sets" / "digits-efficientnet_lite0-128.json"
 DIGIT_CLASSES = [str(d) for d in range(10)]
 # images per digit in sklearn's load_digits (UCI optdigits test set)
@@ -100,7 +100,7 @@ def test_incomplete_tree_is_replaced(tmp_path):
 
 
 def test_pinned_calibration_matches_the_dataset(digits):
-    from tledge.build import DEFAULT_CALIBRATION, PINNED_CALIBRATION_DIR
+    from tledge.pipeline.build import DEFAULT_CALIBRATION, PINNED_CALIBRATION_DIR
 
     assert PINNED_CALIBRATION_DIR / DEFAULT_CALIBRATION == PINNED_CALIBRATION and PINNED_CALIBRATION.is_file()
     calib = load_calibration_set(PINNED_CALIBRATION, digits, DIGIT_CLASSES, (3, 128, 128))

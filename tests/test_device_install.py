@@ -37,9 +37,9 @@ JETPACK5_BUILD = """
 import sys
 sys.path.insert(0, {tests!r})
 from _fake_tensorrt import make_trt
-from tledge.engine import build_engine
-from tledge.release import Here, verify
-from tledge.trt_plan import Device, EngineConfig
+from tledge.trt.engine import build_engine
+from tledge.release.verify import Here, verify
+from tledge.trt.plan import Device, EngineConfig
 jetson = {{"l4t": "35.4.1", "jetpack": "5.1.2", "model": "Jetson AGX Xavier"}}
 record = build_engine(EngineConfig({folder!r}, dla_core=0, batch=(1, 1, 1), timing_cache_dir={cache!r}),
                       trt=make_trt("8.5.2"), device=Device("Xavier", "7.2", jetson, dla_cores=2))
@@ -203,7 +203,7 @@ def test_device_install_in_a_plain_venv(tiny_pipeline, tiny_dataset, tmp_path):
     for name in TRAINING_ONLY:
         proc = subprocess.run([py, "-c", f"import {name}"], capture_output=True, text=True)
         assert proc.returncode != 0, f"{name} got installed by the device install"
-    proc = subprocess.run([py, "-c", "import tledge.engine, tledge.release, tledge.trt_runner, tledge.bench, tledge.cli; "
+    proc = subprocess.run([py, "-c", "import tledge.trt.engine, tledge.release.verify, tledge.trt.runner, tledge.bench.benchmark, tledge.cli; "
                            "import pathlib, tledge; "
                            "assert (pathlib.Path(tledge.__file__).parent / 'calibration_sets' / 'digits-efficientnet_lite0-128.json').is_file()"],
                           capture_output=True, text=True, cwd=tmp_path)

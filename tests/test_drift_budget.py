@@ -11,10 +11,10 @@ import pytest
 from onnx import numpy_helper
 
 from _trained_tiny import trained_pipeline
-from tledge.quantize import QuantizeConfig, quantize
-from tledge.report import _quantized_model_lines
-from tledge.runners import OrtRunner
-from tledge.sensitivity import bypass_quantization, quantized_layers, rank_layers, simulate
+from tledge.quant.quantize import QuantizeConfig, quantize
+from tledge.report.summary import _quantized_model_lines
+from tledge.runners.backends import OrtRunner
+from tledge.quant.sensitivity import bypass_quantization, quantized_layers, rank_layers, simulate
 
 FP32 = "model.fp32.onnx"
 
@@ -25,7 +25,7 @@ def trained(tiny_dataset, tmp_path_factory):
 
 
 def _val(data):
-    from tledge.data import load_array, load_splits
+    from tledge.data.images import load_array, load_splits
     from tledge.models import get_spec
 
     return load_array(load_splits(data).val, get_spec("test_efficientnet_lite").preprocess)
@@ -83,7 +83,7 @@ def test_the_planted_layer_leaves_fp32_unchanged(trained, sensitive, tiny_datase
 
 def test_bypassing_every_layer_gives_back_fp32(trained, tiny_dataset, tmp_path):
     """On the calibration images (inside every min-max range) a model with every layer bypassed is FP32 again."""
-    from tledge.data import Sample, load_array
+    from tledge.data.images import Sample, load_array
     from tledge.models import get_spec
 
     quantize(QuantizeConfig(model=trained / FP32, data=tiny_dataset, out_dir=tmp_path, calibration=trained / "calibration.json",
@@ -140,7 +140,7 @@ def test_fallback_keeps_the_sensitive_layer_in_float_and_meets_the_budget(target
 def _latency_by_float_layers(dear: str, fp32_ms: float = 3.0):
     """A stand-in for the clock only (the tiny model is too small for INT8 to beat FP32 on a CPU): batch p50 in ms
     of FP32 ``fp32_ms``, of an INT8 model 1 plus 0.02 per float layer, plus 0.5 when ``dear`` is one of them."""
-    from tledge.export import read_metadata
+    from tledge.export.onnx_export import read_metadata
 
     def p50(paths, x, rounds, per_round, threads=1):
         out = {}
@@ -156,7 +156,7 @@ def _latency_by_float_layers(dear: str, fp32_ms: float = 3.0):
 def test_the_cpu_fallback_is_priced_by_latency(planted_is_dear, sensitive, loose, tiny_dataset, tmp_path, monkeypatch):
     """Layer by layer, a float layer that slows the CPU model by more than the price stays INT8; when the layers
     within the price cannot meet the budget, the budget still wins: the layers are then kept by sensitivity."""
-    import tledge.drift_budget as drift_budget
+    import tledge.quant.drift_budget as drift_budget
 
     path, planted = sensitive
     monkeypatch.setattr(drift_budget, "_p50_interleaved", _latency_by_float_layers(planted if planted_is_dear else "none"))
@@ -177,7 +177,7 @@ def test_the_cpu_fallback_is_priced_by_latency(planted_is_dear, sensitive, loose
 
 
 def test_a_cpu_model_slower_than_fp32_is_said(sensitive, loose, tiny_dataset, tmp_path, monkeypatch):
-    import tledge.drift_budget as drift_budget
+    import tledge.quant.drift_budget as drift_budget
 
     path, planted = sensitive
     monkeypatch.setattr(drift_budget, "_p50_interleaved", _latency_by_float_layers("none", fp32_ms=0.5))
@@ -248,17 +248,17 @@ def test_the_budget_is_judged_on_a_bounded_spread_of_validation_images(trained, 
     record = quantize(QuantizeConfig(model=trained / FP32, data=tiny_dataset, out_dir=tmp_path, num_images=24,
                                      targets=("tensorrt",), fallback_layers=0, budget_images=5))
     assert record["models"]["tensorrt"]["drift"]["images"] == 5
-    from tledge.data import load_splits
-    from tledge.drift_budget import DriftBudget
+    from tledge.data.images import load_splits
+    from tledge.quant.drift_budget import DriftBudget
 
     budget = DriftBudget(QuantizeConfig(model=trained / FP32, data=tiny_dataset, out_dir=tmp_path, budget_images=5), load_splits(tiny_dataset), None)
     assert len({s.label for s in budget.samples}) == 3, "every class is in the spread"
 
 
 def test_auto_method_picks_the_candidate_closest_to_fp32(trained, tiny_dataset, tmp_path):
-    from tledge.drift_budget import score
-    from tledge.export import read_metadata
-    from tledge.quantize import AUTO_CANDIDATES
+    from tledge.quant.drift_budget import score
+    from tledge.export.onnx_export import read_metadata
+    from tledge.quant.quantize import AUTO_CANDIDATES
 
     record = quantize(QuantizeConfig(model=trained / FP32, data=tiny_dataset, out_dir=tmp_path, num_images=24,
                                      method="auto", fallback_layers=0))
@@ -295,7 +295,7 @@ def _noisy(n: int, classes: int, noise: float, seed: int):
 
 
 def test_expected_agreement_is_one_for_exact_logits_and_ignores_a_shift_of_all_logits():
-    from tledge.drift_budget import expected_agreement
+    from tledge.quant.drift_budget import expected_agreement
 
     reference, _ = _noisy(200, 5, 0.0, 0)
     assert expected_agreement(reference, reference) == 1.0
@@ -305,7 +305,7 @@ def test_expected_agreement_is_one_for_exact_logits_and_ignores_a_shift_of_all_l
 def test_expected_agreement_estimates_the_agreement_on_new_images_with_less_scatter_than_the_count():
     """On a large set it is the agreement; on a set of 300 it scatters less than the count of flips, which is why the
     budget asks for it too."""
-    from tledge.drift_budget import expected_agreement
+    from tledge.quant.drift_budget import expected_agreement
 
     reference, logits = _noisy(30000, 6, 0.1, 1)
     observed = float(np.mean(logits.argmax(1) == reference.argmax(1)))
@@ -320,14 +320,14 @@ def test_expected_agreement_estimates_the_agreement_on_new_images_with_less_scat
 
 
 def test_expected_agreement_falls_as_the_quantization_error_grows():
-    from tledge.drift_budget import expected_agreement
+    from tledge.quant.drift_budget import expected_agreement
 
     values = [expected_agreement(_noisy(400, 4, noise, 2)[1], _noisy(400, 4, noise, 2)[0]) for noise in (0.0, 0.05, 0.2, 0.8)]
     assert values[0] == 1.0 and values == sorted(values, reverse=True) and values[-1] < 0.9
 
 
 def test_a_shift_of_one_image_s_logits_is_no_sensitivity_error():
-    from tledge.sensitivity import logit_error
+    from tledge.quant.sensitivity import logit_error
 
     reference, logits = _noisy(50, 4, 0.1, 3)
     shifted = logits + np.arange(50, dtype=np.float32)[:, None]

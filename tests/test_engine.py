@@ -9,9 +9,9 @@ import json
 import onnx
 import pytest
 
-from tledge.engine import build_engine
+from tledge.trt.engine import build_engine
 from tledge.errors import TledgeError
-from tledge.trt_plan import Device, EngineConfig, TrtVersion, check_opset, make_plan
+from tledge.trt.plan import Device, EngineConfig, TrtVersion, check_opset, make_plan
 
 from _bundles import resign
 from _fake_tensorrt import make_trt
@@ -236,10 +236,10 @@ def test_real_tensorrt_builds_and_runs_the_engine(release, tmp_path, tiny_datase
     import numpy as np
 
     from tledge.cuda import device_info
-    from tledge.data import Preprocess, load_array, splits_for
-    from tledge.export import read_metadata
-    from tledge.runners import OrtRunner
-    from tledge.trt_runner import TrtRunner
+    from tledge.data.images import Preprocess, load_array, splits_for
+    from tledge.export.onnx_export import read_metadata
+    from tledge.runners.backends import OrtRunner
+    from tledge.trt.runner import TrtRunner
 
     if device_info() is None:
         pytest.skip("no NVIDIA GPU visible")

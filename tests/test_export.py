@@ -14,7 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from _trained_tiny import trained_pipeline
 from tledge.errors import TledgeError
-from tledge.export import ExportConfig, export_onnx, fold_constants, fold_pads_into_convs, read_metadata
+from tledge.export.onnx_export import ExportConfig, export_onnx, fold_constants, fold_pads_into_convs, read_metadata
 
 CLASSES = ["circle", "square", "stripes"]
 
@@ -30,7 +30,7 @@ def _session(model_or_path) -> ort.InferenceSession:
 
 
 def _test_images(data, pre, n=None):
-    from tledge.data import load_array, load_splits
+    from tledge.data.images import load_array, load_splits
 
     splits = load_splits(data)
     x, _ = load_array(splits.test[:n] if n else splits.test, pre)
@@ -78,7 +78,7 @@ def test_onnxruntime_matches_pytorch(which, batch, request, tiny_dataset):
 
 
 def test_dynamic_batch_gives_the_same_logits_per_image(trained, tiny_dataset):
-    from tledge.data import Preprocess
+    from tledge.data.images import Preprocess
 
     pre = Preprocess.from_dict(read_metadata(trained / "model.fp32.onnx")["preprocess"])
     x = _test_images(tiny_dataset, pre, n=5)
@@ -91,7 +91,7 @@ def test_dynamic_batch_gives_the_same_logits_per_image(trained, tiny_dataset):
 
 
 def test_metadata_describes_the_model(tiny_pipeline):
-    from tledge.data import Preprocess
+    from tledge.data.images import Preprocess
     from tledge.models import get_spec
 
     meta = read_metadata(tiny_pipeline / "model.fp32.onnx")

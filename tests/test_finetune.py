@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from conftest import TINY_CLASSES
-from tledge.data import Preprocess, load_array, load_splits
+from tledge.data.images import Preprocess, load_array, load_splits
 from tledge.errors import TledgeError
-from tledge.finetune import FinetuneConfig, finetune, resolve_preprocess
+from tledge.train.finetune import FinetuneConfig, finetune, resolve_preprocess
 from tledge.models import create_model, get_spec, load_checkpoint
 
 TINY = "test_efficientnet_lite"

@@ -63,7 +63,7 @@ def _manifest_is_true(out: Path) -> bool:
 def _bundle_signs_only_sound_files(out: Path) -> None:
     """`bundle` on what an interruption left: a clear error and no manifest, or a manifest of files that pass their
     checks (in process: the test already paid for the imports; the CLI's error path is the corpus's business)."""
-    from tledge.bundle import bundle
+    from tledge.release.bundle import bundle
     from tledge.errors import TledgeError
 
     try:

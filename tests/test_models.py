@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from tledge.data import Preprocess, load_image
+from tledge.data.images import Preprocess, load_image
 from tledge.errors import TledgeError
 from tledge.models import CHECKPOINT_FORMAT, TransferNet, create_model, get_spec, list_models, load_checkpoint, save_checkpoint
 

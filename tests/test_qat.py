@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from tledge.errors import TledgeError
-from tledge.export import read_metadata
-from tledge.qat import _QuantAware, _fake_quant_weight, _input_amax
-from tledge.quantize import QAT_CHECKPOINT, QuantizeConfig, check_tensorrt_qdq, quantize
+from tledge.export.onnx_export import read_metadata
+from tledge.quant.qat import _QuantAware, _fake_quant_weight, _input_amax
+from tledge.quant.quantize import QAT_CHECKPOINT, QuantizeConfig, check_tensorrt_qdq, quantize
 
 
 def test_fake_quantized_weights_are_the_int8_grid_per_channel_and_pass_gradients():
@@ -49,7 +49,7 @@ def test_qat_rescues_a_model_that_post_training_quantization_cannot_bring_within
     ptq, qat = trt["qat"]["post_training_drift"], trt["qat"]["drift"]
     assert not ptq["met"]  # the premise: post-training quantization misses this budget
     assert len(trt["qat"]["loss_per_epoch"]) == 2 and trt["qat"]["export_parity"] < 1e-3
-    from tledge.drift_budget import score
+    from tledge.quant.drift_budget import score
 
     assert trt["qat"]["chosen"] == (qat["met"] or score(qat) > score(ptq))  # score: expected agreement less the top-1 lost
     assert trt["qat"]["chosen"], "QAT did not improve on post-training quantization of the tiny model"
@@ -76,7 +76,7 @@ def test_qat_is_never_run_when_the_budget_is_met_and_bad_settings_fail_early(tin
 def test_qat_is_tried_when_post_training_needs_many_float_layers(tiny_pipeline, tiny_dataset, tmp_path):
     """Post-training meets the budget only with layers in float (more than ``qat_over_float_layers``, here 0): QAT is
     tried too, and its model ships only if it meets the budget with fewer float layers."""
-    from tledge.report import _quantized_model_lines
+    from tledge.report.summary import _quantized_model_lines
 
     common = dict(model=tiny_pipeline / "model.fp32.onnx", data=tiny_dataset, calibration=tiny_pipeline / "calibration.json",
                   checkpoint=tiny_pipeline / "model.pt", targets=("tensorrt",), max_top1_drop_pp=100, bias_correction=False, weight_rounding=False)

@@ -13,10 +13,10 @@ from onnx import TensorProto, helper, numpy_helper
 
 from _trained_tiny import trained_pipeline
 from tledge.artifacts import sha256_file
-from tledge.quantize import AUTO_CANDIDATES
+from tledge.quant.quantize import AUTO_CANDIDATES
 from tledge.errors import TledgeError
-from tledge.export import read_metadata
-from tledge.quantize import QuantizeConfig, check_int16_saturation, check_tensorrt_qdq, quantize
+from tledge.export.onnx_export import read_metadata
+from tledge.quant.quantize import QuantizeConfig, check_int16_saturation, check_tensorrt_qdq, quantize
 
 QDQ, CPU, FP32 = "model.int8.qdq.onnx", "model.int8.cpu.onnx", "model.fp32.onnx"
 
@@ -64,7 +64,7 @@ def _run(path, x, simulate=False):
 
 
 def _eval_images(data, n_splits=("test", "val")):
-    from tledge.data import load_array, load_splits
+    from tledge.data.images import load_array, load_splits
     from tledge.models import get_spec
 
     splits = load_splits(data)
@@ -393,7 +393,7 @@ def test_keep_float_leaves_named_convs_unquantized(tiny_pipeline, tiny_dataset, 
 
 def test_unknown_keep_float_node_is_an_error(tiny_pipeline, tiny_dataset, tmp_path):
     from tledge.errors import TledgeError
-    from tledge.quantize import QuantizeConfig, quantize
+    from tledge.quant.quantize import QuantizeConfig, quantize
 
     with pytest.raises(TledgeError, match="does not have"):
         quantize(QuantizeConfig(model=tiny_pipeline / "model.fp32.onnx", data=tiny_dataset, out_dir=tmp_path, keep_float=("/no/such/Conv",)))
@@ -404,7 +404,7 @@ def test_checker_flags_a_missing_zero_point():
     import numpy as np
     from onnx import TensorProto, helper, numpy_helper
 
-    from tledge.quantize import check_tensorrt_qdq
+    from tledge.quant.quantize import check_tensorrt_qdq
 
     node = helper.make_node("QuantizeLinear", ["x", "s"], ["y"], name="q")
     graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
@@ -413,7 +413,7 @@ def test_checker_flags_a_missing_zero_point():
 
 
 def test_reusing_calibration_json_reproduces_the_models_bit_for_bit(tiny_pipeline, tiny_dataset, tmp_path):
-    from tledge.quantize import QuantizeConfig, quantize
+    from tledge.quant.quantize import QuantizeConfig, quantize
 
     record = quantize(QuantizeConfig(model=tiny_pipeline / "model.fp32.onnx", data=tiny_dataset, out_dir=tmp_path,
                                      calibration=tiny_pipeline / "calibration.json", targets=("cpu",), fallback_layers=0))

@@ -19,9 +19,9 @@ from onnx import TensorProto, helper, numpy_helper
 from tledge import cpu_isa
 from tledge.cpu_isa import classify, resolve_cpu_target, this_cpu
 from tledge.errors import TledgeError
-from tledge.quantize import (QuantizeConfig, check_int16_saturation, compare_fused_with_simulation,
+from tledge.quant.quantize import (QuantizeConfig, check_int16_saturation, compare_fused_with_simulation,
                              fused_matches_simulation, quantize)
-from tledge.saturation import (INT8_MAX, PAIR_LIMIT, from_gemm_rows, gemm_rows, pair_safe_scales, quantize_pair_safe,
+from tledge.quant.saturation import (INT8_MAX, PAIR_LIMIT, from_gemm_rows, gemm_rows, pair_safe_scales, quantize_pair_safe,
                                saturating_channels, saturating_pairs)
 
 SATURATING_CPU = this_cpu()["class"] in (cpu_isa.X86_AVX2, cpu_isa.X86_AVX512)
@@ -157,7 +157,7 @@ def test_pair_safe_weights_compute_exactly_where_full_ones_saturate():
 def saturating_fp32(tmp_path_factory):
     """An FP32 model whose second convolution has large same-sign neighbouring weights and reads ReLU6 outputs
     that reach 6 (uint8 255): the worst case for int16 pairs."""
-    from tledge.export import set_metadata
+    from tledge.export.onnx_export import set_metadata
     from tledge.models import get_spec
 
     rng = np.random.default_rng(3)
@@ -215,14 +215,14 @@ def test_vnni_target_keeps_full_weights_and_is_refused_nowhere_but_judged_outsid
 
 
 def _images(data):
-    from tledge.data import load_array, load_splits
+    from tledge.data.images import load_array, load_splits
     from tledge.models import get_spec
 
     return load_array(load_splits(data).train, get_spec("test_efficientnet_lite").preprocess)[0]
 
 
 def test_bench_warns_when_this_cpu_is_outside_the_models_target(saturating_fp32, tiny_dataset, tmp_path, monkeypatch):
-    from tledge.bench import BenchConfig, bench
+    from tledge.bench.benchmark import BenchConfig, bench
 
     quantize(QuantizeConfig(model=saturating_fp32, data=tiny_dataset, out_dir=tmp_path, num_images=24, targets=("cpu",), cpu_target="vnni"))
     models = {"fp32": saturating_fp32, "int8-cpu": tmp_path / "model.int8.cpu.onnx"}

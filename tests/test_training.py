@@ -15,11 +15,11 @@ import pytest
 import torch
 
 from conftest import TINY_CLASSES, make_image_folder
-from tledge.data import load_image, load_splits
+from tledge.data.images import load_image, load_splits
 from tledge.errors import TledgeError
-from tledge.finetune import FinetuneConfig, finetune
+from tledge.train.finetune import FinetuneConfig, finetune
 from tledge.models import create_model, get_spec, load_checkpoint
-from tledge.data import resized_uint8, to_input
+from tledge.data.images import resized_uint8, to_input
 from tledge.train.augment import augmented_input, preset
 from tledge.train.loop import class_weights, warmup_cosine
 from tledge.train.resume import RESUME_FILE
@@ -179,7 +179,7 @@ def test_scratch_better_than_transfer_is_reported_loudly(tiny_dataset, tiny_weig
     b = record["baseline"]
     assert b["transfer_gain_pp"] < 0 and b["verdict"] == "NEGATIVE TRANSFER", b
     assert record["warnings"] == [b["message"]] and b["message"].startswith("NEGATIVE TRANSFER: training from scratch beat")
-    from tledge.report import _transfer_lines, _transfer_summary
+    from tledge.report.summary import _transfer_lines, _transfer_summary
 
     md = "\n".join(_transfer_lines(_transfer_summary(record)))
     assert "> **NEGATIVE TRANSFER:**" in md and "Generalization gap" in md
@@ -232,7 +232,7 @@ def test_sample_efficiency_curve(linear_run):
     assert rows[-1]["scratch_val_accuracy"] == record["baseline"]["scratch_val_accuracy"]
     for r in rows:
         assert 0 <= r["scratch_val_accuracy"] <= 1 and r["transfer_gain_pp"] == _pp(r["transfer_val_accuracy"] - r["scratch_val_accuracy"])
-    from tledge.report import _transfer_lines, _transfer_summary
+    from tledge.report.summary import _transfer_lines, _transfer_summary
 
     md = "\n".join(_transfer_lines(_transfer_summary(record)))
     assert "| 10% | 6 |" in md and "| 100% | 48 |" in md
@@ -335,7 +335,7 @@ def test_cuda_mixed_precision_channels_last(tiny_dataset, tiny_weights, tmp_path
 
 
 def test_strategy_and_baseline_from_the_config_file(tmp_path):
-    from tledge.config import merge
+    from tledge.pipeline.config import merge
 
     toml = tmp_path / "tledge.toml"
     toml.write_text('[finetune]\nstrategy = "linear"\nscratch = true\nscratch_epochs = 2\naugment = "strong"\n\n[build]\nstrategy = "full"\nscratch = false\n')
@@ -343,7 +343,7 @@ def test_strategy_and_baseline_from_the_config_file(tmp_path):
     cfg = FinetuneConfig(**merge(toml, "finetune", given, {"views"}))
     assert (cfg.strategy, cfg.scratch, cfg.scratch_epochs, cfg.augment, cfg.views) == ("linear", True, 2, "strong", 3)
     assert FinetuneConfig(**merge(toml, "finetune", given, {"strategy"})).strategy == "auto"  # typed on the command line wins
-    from tledge.build import BuildConfig
+    from tledge.pipeline.build import BuildConfig
 
     b = BuildConfig(**merge(toml, "build", {"out": tmp_path}, set()))
     ft = b.finetune_config(tmp_path, None, None)

@@ -11,8 +11,8 @@ import pytest
 from onnx import numpy_helper
 
 from tledge.errors import TledgeError
-from tledge.quantize import QuantizeConfig, quantize
-from tledge.trt_cache import format_cache, parse_cache, retarget, scale_hex, version_code
+from tledge.quant.quantize import QuantizeConfig, quantize
+from tledge.quant.calibration_cache import format_cache, parse_cache, retarget, scale_hex, version_code
 
 
 @pytest.mark.parametrize("version, code", [("8.5.2", 8502), ("8.6.1", 8601), ("8.6.2.3", 8602), ("10.0.1", 100001),
@@ -70,7 +70,7 @@ def test_quantize_writes_a_cache_of_the_fp32_models_ranges(tiny_pipeline):
     """The implicit path builds from the FP32 ONNX (TensorRT rounds its weights itself), so the cache holds the FP32
     model's activation ranges, for every tensor the Q/DQ model quantizes, even where weight rounding moved the Q/DQ
     model's own scales a little."""
-    from tledge.calib_stats import STATS_FILE, CalibrationStats
+    from tledge.quant.statistics import STATS_FILE, CalibrationStats
 
     header, scales = parse_cache((tiny_pipeline / "calibration.cache").read_text())
     assert header == {"version_code": 100300, "calibrator": "EntropyCalibration2"}
@@ -117,7 +117,7 @@ def test_a_trt_version_without_implicit_int8_fails_before_any_work(tiny_pipeline
 
 def test_every_cpu_activation_scale_comes_from_tledges_ranges(tiny_pipeline, tiny_dataset):
     """quantize_static sees one batch only; each activation scale must still come from the ranges of all images."""
-    from tledge.calib_stats import STATS_FILE, CalibrationStats
+    from tledge.quant.statistics import STATS_FILE, CalibrationStats
 
     # The statistics' extremes are exact (test_calib_stats checks them against the activations themselves).
     method = json.loads((tiny_pipeline / "quantize.json").read_text())["models"]["cpu"]["calibration_method"]

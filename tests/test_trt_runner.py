@@ -10,11 +10,11 @@ import ctypes
 import numpy as np
 import pytest
 
-from tledge.engine import build_engine
+from tledge.trt.engine import build_engine
 from tledge.errors import TledgeError
-from tledge.release import Here
-from tledge.trt_plan import Device, EngineConfig
-from tledge.trt_runner import TrtRunner
+from tledge.release.verify import Here
+from tledge.trt.plan import Device, EngineConfig
+from tledge.trt.runner import TrtRunner
 
 from _fake_tensorrt import make_trt
 
@@ -123,9 +123,9 @@ def test_bench_and_gate_measure_an_engine_in_the_same_report_format(release, tmp
     import json
     import sys
 
-    from tledge.bench import BenchConfig, bench
-    from tledge.report import write_report
-    from tledge.runners import Variant, backend_unavailable
+    from tledge.bench.benchmark import BenchConfig, bench
+    from tledge.report.summary import write_report
+    from tledge.runners.backends import Variant, backend_unavailable
 
     trt = make_trt("10.3.0")
     trt.__spec__ = importlib.machinery.ModuleSpec("tensorrt", None)
@@ -144,7 +144,7 @@ def test_bench_and_gate_measure_an_engine_in_the_same_report_format(release, tmp
     assert v["latency_ms"]["p50"] > 0 and summary["variants"]["engine"]["top1"] >= 0
 
     # and gate: the same engine against itself passes, accuracy exactly equal
-    from tledge.gate import GateConfig, gate
+    from tledge.bench.gate import GateConfig, gate
 
     engine = release / record["path"]
     verdict = gate(GateConfig(candidate=engine, baseline=engine, data=tiny_dataset, blocks=8, calls_per_block=3, max_latency_regression_pct=400))  # latency is not what this checks

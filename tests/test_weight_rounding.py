@@ -8,8 +8,8 @@ import pytest
 from onnx import numpy_helper
 
 from tledge.errors import TledgeError
-from tledge.quantize import QuantizeConfig, quantize
-from tledge.weight_rounding import LEVEL, round_channels, round_weights
+from tledge.quant.quantize import QuantizeConfig, quantize
+from tledge.quant.weight_rounding import LEVEL, round_channels, round_weights
 
 FP32, QDQ = "model.fp32.onnx", "model.int8.qdq.onnx"
 

@@ -40,7 +40,7 @@ ARTIFACTS: dict[str, tuple[str, str]] = {
     "latency.svg": ("report", "chart"),
     "accuracy.svg": ("report", "chart"),
     "engine.json": ("engine", "stage record: every TensorRT engine in the bundle, with the device and version it runs on"),
-    # engines are named model.<precision>.<gpu>-sm<cc>.trt<version>[.dla<N>].engine (tledge.trt_plan.engine_name)
+    # engines are named model.<precision>.<gpu>-sm<cc>.trt<version>[.dla<N>].engine (tledge.trt.plan.engine_name)
 }
 STAGE_RECORDS = {"finetune": "finetune.json", "export": "export.json", "quantize": "quantize.json", "bench": "bench.json", "report": "report.json",
                  "engine": "engine.json"}
@@ -89,7 +89,7 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
 
 
 def read_json(path: str | os.PathLike) -> Any:
-    from .errors import TledgeError
+    from tledge.errors import TledgeError
 
     try:
         return json.loads(Path(path).read_text(encoding="utf-8"))

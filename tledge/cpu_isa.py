@@ -13,7 +13,7 @@ from __future__ import annotations
 import platform
 from dataclasses import dataclass
 
-from .errors import TledgeError
+from tledge.errors import TledgeError
 
 # CPU classes, from most to least capable int8 arithmetic.
 X86_AMX, X86_VNNI, X86_AVX512, X86_AVX2, X86_OLD = "x86-amx", "x86-vnni", "x86-avx512", "x86-avx2", "x86-no-avx2"

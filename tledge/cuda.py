@@ -15,7 +15,7 @@ import ctypes.util
 import re
 from typing import Optional
 
-from .errors import TledgeError
+from tledge.errors import TledgeError
 
 # CUdevice_attribute values (cuda.h; stable across CUDA 11 and 12)
 _CC_MAJOR, _CC_MINOR = 75, 76

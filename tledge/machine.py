@@ -57,7 +57,7 @@ def gpu_info() -> list[dict] | None:
 
 def machine_info() -> dict:
     """A JSON-ready description of this machine and the package versions, without importing the packages."""
-    from .cpu_isa import this_cpu
+    from tledge.cpu_isa import this_cpu
 
     onnxruntime = package_version("onnxruntime") or package_version("onnxruntime-gpu")
     cpu = this_cpu()

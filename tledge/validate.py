@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterable
 
-from .errors import TledgeError
+from tledge.errors import TledgeError
 
 MANIFEST = "manifest.json"
 
@@ -84,7 +84,7 @@ def start_rewrite(folder: Path, stage: str | None = None) -> None:
     """Before ``stage`` rewrites ``folder``: the manifest goes, and so do the records of that stage and of every stage
     after it (they describe what was made from the files about to change). Records are written last, so a failure
     or a kill midway leaves nothing that vouches for a mix of old and new files."""
-    from .artifacts import STAGE_RECORDS
+    from tledge.artifacts import STAGE_RECORDS
 
     folder = Path(folder)
     if not folder.is_dir():
@@ -123,8 +123,8 @@ def remove_partials(folder: Path) -> list[str]:
 def scan_images(paths: Iterable[Path], shown: int = 3) -> int:
     """Open every image's header (cheap: no pixels are decoded): unreadable, empty, zero-sized or oversized files are
     one error that names them, before any training. Returns the number checked. Truncated pixel data is only seen
-    when decoded (:func:`tledge.data.load_image` reports it, still before any file is written)."""
-    from .data import open_image
+    when decoded (:func:`tledge.data.images.load_image` reports it, still before any file is written)."""
+    from tledge.data.images import open_image
 
     problems, count = [], 0
     for path in paths:
@@ -167,8 +167,8 @@ def finite_array(x, what: str) -> None:
 def onnx_metadata(path: str | os.PathLike, proto=None) -> dict:
     """The tledge metadata of an ONNX file, checked against the graph: well-formed, its input named and shaped as
     the preprocessing says (batch, 3, size, size), its output one logit per class."""
-    from .data import Preprocess
-    from .export import load_onnx, read_metadata
+    from tledge.data.images import Preprocess
+    from tledge.export.onnx_export import load_onnx, read_metadata
 
     path = Path(path)
     proto = proto if proto is not None else load_onnx(path, load_external_data=False)
@@ -224,7 +224,7 @@ def is_sha256(text) -> bool:
 
 def digests(folder: Path, names: Iterable[str]) -> dict[str, str]:
     """``{name: sha256}`` of files a stage just wrote, for its record: ``bundle`` refuses a file changed since."""
-    from .artifacts import sha256_file
+    from tledge.artifacts import sha256_file
 
     return {name: sha256_file(Path(folder) / name) for name in names if (Path(folder) / name).is_file()}
 
@@ -237,7 +237,7 @@ def check_artifact(path: Path) -> None:
     if path.stat().st_size == 0:
         raise TledgeError(f"{path} is empty; re-run the stage that writes it")
     if suffix == ".onnx":
-        from .export import load_onnx
+        from tledge.export.onnx_export import load_onnx
 
         import onnx
 
@@ -249,12 +249,12 @@ def check_artifact(path: Path) -> None:
         except Exception as exc:  # onnx raises ValidationError and friends
             raise TledgeError(f"{path} fails the ONNX checker ({type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]})") from None
     elif suffix == ".json":
-        from .artifacts import read_json
+        from tledge.artifacts import read_json
 
         read_json(path)
     elif suffix == ".pt":
         try:
-            from .models import _torch_load
+            from tledge.models import _torch_load
         except ImportError:
             # The device install has no torch: there a checkpoint is only carried along (verify checked its sha256
             # against the build machine's manifest); it must still be the zip archive torch.save writes.

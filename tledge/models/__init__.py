@@ -17,8 +17,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..data import IMAGENET_MEAN, IMAGENET_STD, Preprocess
-from ..errors import TledgeError
+from tledge.data.images import IMAGENET_MEAN, IMAGENET_STD, Preprocess
+from tledge.errors import TledgeError
 
 CHECKPOINT_FORMAT = "tledge.checkpoint/1"
 
@@ -84,7 +84,7 @@ class TransferNet(nn.Module):
 
 def _load_state_dict_into(module, state: dict, source: str) -> None:
     """Load ``state`` into ``module`` keeping everything but a classifier whose shape differs (it gets replaced)."""
-    from ..validate import finite_state
+    from tledge.validate import finite_state
 
     finite_state(state, f"weights file {source}")
     own = module.state_dict()
@@ -162,7 +162,7 @@ def _first_line(exc: BaseException) -> str:
 
 def save_checkpoint(path: str | Path, model, arch: str, classes: list[str], preprocess: Preprocess, extra: dict | None = None) -> Path:
     """Write a fine-tuned model as plain tensors and JSON-like metadata (loadable with ``weights_only=True``)."""
-    from ..artifacts import atomic_path
+    from tledge.artifacts import atomic_path
 
     payload = {
         "format": CHECKPOINT_FORMAT,
@@ -190,7 +190,7 @@ def load_checkpoint(path: str | Path):
         raise TledgeError(f"tledge checkpoint {path} is incomplete (no {', '.join(missing)}); fine-tune again to rewrite it")
     if not isinstance(payload["state_dict"], dict):
         raise TledgeError(f"tledge checkpoint {path} holds no state dict; fine-tune again to rewrite it")
-    from ..validate import finite_state
+    from tledge.validate import finite_state
 
     finite_state(payload["state_dict"], f"checkpoint {path}")
     model, _ = create_model(payload["arch"], weights="none", num_classes=len(payload["classes"]))
@@ -211,7 +211,7 @@ def _ensure_registered() -> None:
     global _registered
     if not _registered:
         _registered = True
-        from . import zoo  # noqa: F401  (registers the built-in backbones)
+        from tledge.models import zoo  # noqa: F401  (registers the built-in backbones)
 
 
 __all__ = [

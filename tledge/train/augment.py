@@ -10,8 +10,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from ..data import _PIL_FILTERS, Preprocess, to_input
-from ..errors import TledgeError
+from tledge.data.images import _PIL_FILTERS, Preprocess, to_input
+from tledge.errors import TledgeError
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,7 @@ def resolve_device(name: str, world: World):
     """``auto``: this rank's GPU when there is one, else the CPU; ``cuda`` under torchrun means ``cuda:LOCAL_RANK``."""
     import torch
 
-    from ..errors import TledgeError
+    from tledge.errors import TledgeError
 
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"

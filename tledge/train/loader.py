@@ -13,9 +13,9 @@ from typing import Sequence
 
 import numpy as np
 
-from ..data import Preprocess, Sample
-from ..data import resized_uint8, to_input
-from .augment import Augment, augmented_input
+from tledge.data.images import Preprocess, Sample
+from tledge.data.images import resized_uint8, to_input
+from tledge.train.augment import Augment, augmented_input
 
 # Decoded images are kept in memory up to this many bytes (uint8 HWC at the resize size); above it they are
 # decoded again every epoch (in the loader's workers).
@@ -25,7 +25,7 @@ DECODE_CACHE_BYTES = 2 << 30
 class ImageSet:
     """A map-style dataset of ``samples``; item ``(epoch, i)`` is image ``i`` augmented with seed (seed, epoch, i).
 
-    ``aug=None`` gives the eval input (center crop), identical to :func:`tledge.data.load_image`.
+    ``aug=None`` gives the eval input (center crop), identical to :func:`tledge.data.images.load_image`.
     """
 
     def __init__(self, samples: Sequence[Sample], pre: Preprocess, aug: Augment | None, seed: int, cache: bool | None = None, threads: int = 4):

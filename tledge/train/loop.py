@@ -14,7 +14,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
-from .distributed import World, all_sum
+from tledge.train.distributed import World, all_sum
 
 
 @dataclass(frozen=True)
@@ -60,7 +60,7 @@ def amp_dtype(setting: str, device):
     """The autocast dtype for ``setting`` on ``device`` (None: full precision)."""
     import torch
 
-    from ..errors import TledgeError
+    from tledge.errors import TledgeError
 
     if setting not in ("auto", "bf16", "fp16", "off"):
         raise TledgeError(f"amp must be auto, bf16, fp16 or off, got {setting!r}")
@@ -208,7 +208,7 @@ def fit(
         val_acc, val_loss = evaluate()
         if not (math.isfinite(loss_sum) and math.isfinite(val_loss)):
             # Training diverged (or the weights were not finite to begin with): stop before a model of NaNs is saved.
-            from ..errors import TledgeError
+            from tledge.errors import TledgeError
 
             raise TledgeError(f"training diverged in {name}, epoch {epoch}: the loss is {loss_sum / max(seen, 1)} (train), {val_loss} (val). "
                               "Lower --lr, or check the weights and images; nothing was written")

@@ -84,7 +84,7 @@ class Progress:
             return
         import torch
 
-        from ..artifacts import atomic_path
+        from tledge.artifacts import atomic_path
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(self.path) as tmp:

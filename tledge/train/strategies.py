@@ -28,9 +28,9 @@ import time
 from dataclasses import dataclass, replace
 from typing import Callable
 
-from .distributed import World
-from .loader import ImageSet, TensorSet, make_loader
-from .loop import LoopSettings, RunResult, class_weights, fit
+from tledge.train.distributed import World
+from tledge.train.loader import ImageSet, TensorSet, make_loader
+from tledge.train.loop import LoopSettings, RunResult, class_weights, fit
 
 STRATEGIES = ("auto", "linear", "staged", "full")
 PRECISE_BN_IMAGES = 512

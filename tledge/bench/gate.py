@@ -1,0 +1,452 @@
+"""The release gate: does a candidate model regress against a baseline beyond the thresholds, for sure?
+
+Latency on a shared CI runner is noisy, so the gate decides on a confidence interval, never on one number:
+
+* **both models runnable here** (the usual case): they are timed call by call in turn (A B, then B A, ...), one
+  thread each and ONNX Runtime's thread spinning off, so a change of machine speed hits both alike and neither
+  steals the other's cores. Each block's time of a model is the median of its calls in the block; the per-block
+  ratio candidate / baseline is bootstrapped (20%-trimmed mean of the log ratios, resampled over blocks);
+* **a stored baseline** (a ``gate.json`` written earlier): its recorded per-call times stand for the baseline, the
+  candidate is timed now, and both medians are bootstrapped independently, so the stored spread counts too.
+
+A latency regression is declared only when the whole interval is above ``1 + max_latency_regression_pct``; an
+interval that straddles it is "inconclusive" and passes, with a note. Accuracy is exact, on the evaluation split:
+the candidate's top-1 against the baseline's, and the share of images on which they agree.
+
+Exit codes of ``tledge gate``: 0 pass, 3 the gate failed (a regression), 1 bad input, 2 bad usage.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from tledge.errors import TledgeError
+
+GATE_FORMAT = 1
+EXIT_FAILED = 3
+
+
+@dataclass(frozen=True)
+class GateConfig:
+    """Settings for :func:`gate`. ``baseline``: an ONNX model (run here, interleaved) or a ``gate.json``."""
+
+    candidate: Path
+    baseline: Path
+    data: Path | None = None  # images for accuracy (its evaluation split); None checks latency only
+    out_dir: Path | None = None  # gate.json and gate.md go here
+    max_latency_regression_pct: float = 5.0
+    max_top1_drop_pp: float = 0.5
+    min_agreement: float = 0.99
+    confidence: float = 0.95
+    blocks: int = 100  # timed blocks per model
+    calls_per_block: int = 0  # 0: as many as fill about 50 ms a block (at least 3)
+    warmup: int = 10
+    batch_size: int = 1
+    # One thread per model by default: on a shared 2-core runner single-threaded latency repeats within about 1%
+    # between interleaved calls, two threads within 2-3% (bench/gate_reliability.py); 0 lets ONNX Runtime use every core.
+    threads: int | None = 1
+    max_images: int | None = None
+    resamples: int = 2000
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("candidate", "baseline", "data", "out_dir"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, Path(getattr(self, name)))
+        if self.max_latency_regression_pct < 0 or not 0 <= self.max_top1_drop_pp <= 100 or not 0 <= self.min_agreement <= 1:
+            raise TledgeError("gate thresholds: latency regression >= 0 (%), 0 <= top-1 drop <= 100 (points), 0 <= agreement <= 1")
+        if not 0.5 <= self.confidence < 1:
+            raise TledgeError(f"--confidence must be within [0.5, 1), got {self.confidence}")
+        if min(self.blocks, self.batch_size, self.resamples) < 1 or self.calls_per_block < 0 or self.warmup < 0:
+            raise TledgeError("blocks, batch size and resamples must be at least 1, calls per block at least 0 (0: automatic)")
+        if self.blocks < 8:
+            raise TledgeError(f"--blocks must be at least 8 for a confidence interval worth the name, got {self.blocks}")
+        if self.max_images is not None and self.max_images < 1:
+            raise TledgeError(f"--max-images must be at least 1, got {self.max_images}")
+        from tledge import validate as V
+
+        V.number("--threads", self.threads, minimum=0, optional=True)  # 0: every core
+        for name in ("max_latency_regression_pct", "max_top1_drop_pp", "min_agreement", "confidence"):
+            V.number(name, getattr(self, name))
+
+    def to_dict(self) -> dict:
+        return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}
+
+
+# ---- the decision, on timing samples alone (tested with synthetic samples whose answer is known) ----
+
+def paired_ratio_interval(baseline_blocks, candidate_blocks, confidence: float = 0.95, resamples: int = 2000, seed: int = 0) -> dict:
+    """Candidate / baseline latency from paired blocks: the median of per-block ratios and its bootstrap interval."""
+    b, c = np.asarray(baseline_blocks, float), np.asarray(candidate_blocks, float)
+    if b.shape != c.shape or b.ndim != 1 or len(b) < 2 or np.any(b <= 0) or np.any(c <= 0):
+        raise TledgeError("paired timings need two equally long lists of positive block times")
+    logs = np.log(c / b)
+    rng = np.random.default_rng(seed)
+    boot = _trimmed_mean(logs[rng.integers(0, len(logs), (resamples, len(logs)))])
+    alpha = (1 - confidence) / 2
+    return {"ratio": float(np.exp(_trimmed_mean(logs[None])[0])), "low": float(np.exp(np.quantile(boot, alpha))),
+            "high": float(np.exp(np.quantile(boot, 1 - alpha))),
+            "method": f"paired blocks, bootstrap of the 20%-trimmed mean log ratio ({len(b)} pairs)"}
+
+
+def _trimmed_mean(rows: np.ndarray, cut: float = 0.1) -> np.ndarray:
+    """Mean of each row without its lowest and highest ``cut`` share: robust to a stalled block, and more
+    efficient than the median on the near-normal log ratios."""
+    rows = np.sort(rows, axis=-1)
+    k = int(rows.shape[-1] * cut)
+    return rows[..., k : rows.shape[-1] - k].mean(axis=-1)
+
+
+def unpaired_ratio_interval(baseline_samples, candidate_samples, confidence: float = 0.95, resamples: int = 2000, seed: int = 0) -> dict:
+    """Candidate / baseline latency from independent samples (a stored baseline): ratio of medians, bootstrapped."""
+    b, c = np.asarray(baseline_samples, float), np.asarray(candidate_samples, float)
+    if min(len(b), len(c)) < 2 or np.any(b <= 0) or np.any(c <= 0):
+        raise TledgeError("latency samples must hold at least two positive times each")
+    rng = np.random.default_rng(seed)
+    boot_b = np.median(b[rng.integers(0, len(b), (resamples, len(b)))], axis=1)
+    boot_c = np.median(c[rng.integers(0, len(c), (resamples, len(c)))], axis=1)
+    ratios = boot_c / boot_b
+    alpha = (1 - confidence) / 2
+    return {"ratio": float(np.median(c) / np.median(b)), "low": float(np.quantile(ratios, alpha)),
+            "high": float(np.quantile(ratios, 1 - alpha)), "method": f"stored baseline: ratio of medians, both bootstrapped ({len(b)} and {len(c)} samples)"}
+
+
+def latency_check(interval: dict, max_regression_pct: float) -> dict:
+    limit = 1 + max_regression_pct / 100
+    if interval["low"] > limit:
+        status, passed = "regression", False
+        why = f"the candidate is slower by {interval['low'] - 1:+.1%} to {interval['high'] - 1:+.1%}, beyond the {max_regression_pct:g}% allowed"
+    elif interval["high"] <= limit:
+        status, passed = "within", True
+        why = f"at most {interval['high'] - 1:+.1%} slower, within the {max_regression_pct:g}% allowed"
+    else:
+        status, passed = "inconclusive", True
+        why = (f"the interval {interval['low'] - 1:+.1%} .. {interval['high'] - 1:+.1%} straddles the {max_regression_pct:g}% allowed: "
+               "not a proven regression (more --blocks narrow it)")
+    return {"check": "latency", **interval, "limit": limit, "status": status, "passed": passed, "why": why}
+
+
+def accuracy_checks(candidate_top1: float, baseline_top1: float, agreement: float | None, max_drop_pp: float, min_agreement: float) -> list[dict]:
+    drop = (baseline_top1 - candidate_top1) * 100
+    checks = [{"check": "top1", "candidate": round(candidate_top1, 5), "baseline": round(baseline_top1, 5), "drop_pp": round(drop, 3),
+               "limit_pp": max_drop_pp, "passed": drop <= max_drop_pp + 1e-9,
+               "why": f"top-1 {candidate_top1:.4f} vs {baseline_top1:.4f} ({-drop:+.2f} pt; at most -{max_drop_pp:g} allowed)"}]
+    if agreement is not None:
+        checks.append({"check": "agreement", "value": round(agreement, 5), "limit": min_agreement, "passed": agreement >= min_agreement - 1e-9,
+                       "why": f"{agreement:.2%} of the predictions equal the baseline's (at least {min_agreement:.2%} required)"})
+    return checks
+
+
+# ---- running the models ----
+
+BLOCK_MS = 50.0  # automatic calls per block fill about this much time
+
+
+def _timed_blocks(runners: dict, x: np.ndarray, blocks: int, calls: int, warmup: int) -> tuple[dict[str, list[float]], int]:
+    """Per block, the median ms of each model over ``calls`` rounds in which every model runs once, the order
+    alternating round by round (A B, B A, ...): a change of machine speed longer than one call hits both alike.
+
+    ``calls=0`` picks the count from the warm-up: enough rounds to fill about ``BLOCK_MS`` per model.
+    """
+    names = list(runners)
+    slowest = 0.0
+    for runner in runners.values():
+        for _ in range(max(warmup, 1)):
+            t0 = time.perf_counter()
+            runner(x)
+            elapsed = (time.perf_counter() - t0) * 1000
+        slowest = max(slowest, elapsed)
+    if calls <= 0:
+        calls = int(min(50, max(3, BLOCK_MS // max(slowest, 1e-3))))
+    out: dict[str, list[float]] = {n: [] for n in names}
+    for _ in range(blocks):
+        times: dict[str, list[float]] = {n: [] for n in names}
+        for i in range(calls):
+            for name in (names if i % 2 == 0 else names[::-1]):
+                t0 = time.perf_counter()
+                runners[name](x)
+                times[name].append((time.perf_counter() - t0) * 1000)
+        for name in names:
+            out[name].append(float(np.median(times[name])))
+    return out, calls
+
+
+def _runner(path: Path, threads: int | None, simulate_int8: bool = False):
+    """An ONNX model in ONNX Runtime, or a TensorRT engine (``.engine``, built by `tledge engine`) on this GPU.
+
+    ONNX Runtime's thread spinning is off: workers that spin after a run would steal the cores from the other
+    model's next call."""
+    from tledge.runners.backends import OrtRunner, Variant, make_runner
+
+    if path.suffix in (".engine", ".plan"):
+        return make_runner(Variant(path.name, path, "tensorrt"))
+    return OrtRunner(path, threads=threads, simulate_int8=simulate_int8, spinning=False)
+
+
+def _accuracy_runner(path: Path):
+    """How the model's accuracy is judged, as in ``bench``: a TensorRT Q/DQ model by its simulated arithmetic,
+    an engine by itself (on every core: only the timing needs the gate's thread setting)."""
+    from tledge.bench.benchmark import variant_metadata
+
+    return _runner(path, None, simulate_int8=variant_metadata(path).get("precision") == "int8-tensorrt")
+
+
+def _load_stored(path: Path) -> dict:
+    from tledge.artifacts import read_json
+
+    stored = read_json(path)
+    if not isinstance(stored, dict) or stored.get("kind") != "tledge-gate" or "latency_samples_ms" not in stored.get("candidate", {}):
+        raise TledgeError(f"{path} is not a gate.json written by `tledge gate` (give an ONNX model or a gate.json as the baseline)")
+    if stored.get("format") != GATE_FORMAT:
+        raise TledgeError(f"{path} has gate format {stored.get('format')}, this tledge reads {GATE_FORMAT}; re-run the gate for the baseline")
+    return stored
+
+
+def gate(cfg: GateConfig) -> dict:
+    """Compare ``cfg.candidate`` with ``cfg.baseline``; returns the verdict (and writes gate.json/gate.md to ``out_dir``).
+
+    >>> verdict = gate(GateConfig(candidate="new/model.int8.cpu.onnx", baseline="release/model.int8.cpu.onnx", data="my_images"))  # doctest: +SKIP
+    >>> verdict["passed"]  # doctest: +SKIP
+    """
+    from tledge.bench.benchmark import variant_metadata
+    from tledge.data.images import Preprocess, load_array, splits_for
+    from tledge.machine import machine_info
+
+    from tledge import validate
+
+    started = time.perf_counter()
+    for p in (cfg.candidate, cfg.baseline):
+        if not p.is_file():
+            raise TledgeError(f"{p} {'is a folder, not a model file' if p.is_dir() else 'does not exist'}")
+    if cfg.out_dir is not None:
+        validate.output_dir(cfg.out_dir, "--out-dir")
+    stored = _load_stored(cfg.baseline) if cfg.baseline.suffix == ".json" else None
+    meta = variant_metadata(cfg.candidate)
+    pre = Preprocess.from_dict(meta["preprocess"])
+    if stored is None:
+        base_meta = variant_metadata(cfg.baseline)
+        if base_meta["classes"] != meta["classes"] or base_meta["preprocess"] != meta["preprocess"]:
+            raise TledgeError(f"{cfg.candidate} and {cfg.baseline} were made for other classes or preprocessing: they cannot be compared")
+    elif stored["classes"] != meta["classes"]:
+        raise TledgeError(f"{cfg.baseline} was recorded for classes {stored['classes']}, {cfg.candidate} has {meta['classes']}")
+
+    # Accuracy first (exact): both models' predictions on the evaluation split.
+    accuracy, predictions, split_id = None, None, None
+    if cfg.data is not None:
+        splits = splits_for(cfg.data, cfg.candidate.parent, cfg.seed, meta.get("splits_sha256"))
+        if splits.classes != meta["classes"]:
+            raise TledgeError(f"{cfg.data} has classes {splits.classes}, the models were trained on {meta['classes']}")
+        samples = splits.evaluation[: cfg.max_images] if cfg.max_images else splits.evaluation
+        x, y = load_array(samples, pre)
+        split_id = hashlib.sha256("\n".join(s.path.relative_to(splits.root).as_posix() for s in samples).encode()).hexdigest()
+        predictions = _accuracy_runner(cfg.candidate).run_batches(x).argmax(1)
+        top1 = float(np.mean(predictions == y))
+        if stored is None:
+            base_pred = _accuracy_runner(cfg.baseline).run_batches(x).argmax(1)
+            base_top1, agreement = float(np.mean(base_pred == y)), float(np.mean(base_pred == predictions))
+        else:
+            if stored.get("accuracy") is None:
+                raise TledgeError(f"{cfg.baseline} holds no accuracy (it was run without --data); run the gate without --data or re-record it")
+            if stored["accuracy"]["split_sha256"] != split_id:
+                raise TledgeError(f"{cfg.baseline} was scored on other images than {cfg.data}'s {splits.evaluation_name} split; re-record it on these")
+            base_top1 = stored["candidate"]["top1"]
+            agreement = float(np.mean(np.asarray(stored["candidate"]["predictions"]) == predictions))
+        accuracy = {"split": splits.evaluation_name, "images": len(y), "split_sha256": split_id}
+
+    # Latency on real images where there are any (the same input for both), else zeros of the model's shape.
+    lat_x = x[: cfg.batch_size] if cfg.data is not None and len(x) >= cfg.batch_size else np.zeros((cfg.batch_size, *pre.input_shape), np.float32)
+    cand_runner = _runner(cfg.candidate, cfg.threads)
+    machine = machine_info()
+    notes = []
+    if stored is None:
+        timed, calls = _timed_blocks({"baseline": _runner(cfg.baseline, cfg.threads), "candidate": cand_runner},
+                                     lat_x, cfg.blocks, cfg.calls_per_block, cfg.warmup)
+        interval = paired_ratio_interval(timed["baseline"], timed["candidate"], cfg.confidence, cfg.resamples, cfg.seed)
+        cand_samples = timed["candidate"]
+    else:
+        timed, calls = _timed_blocks({"candidate": cand_runner}, lat_x, cfg.blocks, cfg.calls_per_block, cfg.warmup)
+        cand_samples = timed["candidate"]
+        interval = unpaired_ratio_interval(stored["candidate"]["latency_samples_ms"], cand_samples, cfg.confidence, cfg.resamples, cfg.seed)
+        if stored["machine"]["cpu"] != machine["cpu"] or stored["machine"]["usable_cpus"] != machine["usable_cpus"]:
+            notes.append(f"the baseline was timed on {stored['machine']['cpu']} ({stored['machine']['usable_cpus']} cores), this run on "
+                         f"{machine['cpu']} ({machine['usable_cpus']} cores): the latency ratio compares machines as much as models")
+        if stored.get("batch_size") != cfg.batch_size:
+            raise TledgeError(f"{cfg.baseline} was timed at batch {stored.get('batch_size')}, this run at {cfg.batch_size}")
+
+    checks = [latency_check(interval, cfg.max_latency_regression_pct)]
+    if accuracy is not None:
+        checks += accuracy_checks(top1, base_top1, agreement, cfg.max_top1_drop_pp, cfg.min_agreement)
+    passed = all(c["passed"] for c in checks)
+    verdict = {
+        "kind": "tledge-gate",
+        "format": GATE_FORMAT,
+        "passed": passed,
+        "exit_code": 0 if passed else EXIT_FAILED,
+        "checks": checks,
+        "notes": notes,
+        "candidate": {"path": str(cfg.candidate), "latency_samples_ms": [round(t, 5) for t in cand_samples],
+                      "latency_p50_ms": round(float(np.median(cand_samples)), 4),
+                      **({"top1": round(top1, 6), "predictions": predictions.tolist()} if accuracy is not None else {})},
+        "baseline": {"path": str(cfg.baseline), "stored": stored is not None,
+                     **({"latency_p50_ms": round(float(np.median(timed["baseline"])), 4)} if stored is None else
+                        {"latency_p50_ms": stored["candidate"]["latency_p50_ms"], "recorded_on": stored["machine"]["cpu"]})},
+        "classes": meta["classes"],
+        "accuracy": accuracy,
+        "batch_size": cfg.batch_size,
+        "timing": {"blocks": cfg.blocks, "calls_per_block": calls},
+        "config": cfg.to_dict(),
+        "machine": machine,
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+    if cfg.out_dir is not None:
+        from tledge.artifacts import write_json, write_text
+
+        write_json(cfg.out_dir / "gate.json", verdict)
+        write_text(cfg.out_dir / "gate.md", format_markdown(verdict))
+    return verdict
+
+
+def format_markdown(verdict: dict) -> str:
+    """A summary fit for a CI step summary (GitHub's $GITHUB_STEP_SUMMARY)."""
+    head = "PASSED" if verdict["passed"] else "FAILED"
+    lines = [f"## tledge gate: {head}", "",
+             f"Candidate `{Path(verdict['candidate']['path']).name}` against baseline `{Path(verdict['baseline']['path']).name}`"
+             + (" (stored)" if verdict["baseline"]["stored"] else "") + f", batch {verdict['batch_size']}, on {verdict['machine']['cpu']}.", "",
+             "| check | result | measured | limit | |", "|---|---|---|---|---|"]
+    for c in verdict["checks"]:
+        mark = "pass" if c["passed"] else "**FAIL**"
+        if c["check"] == "latency":
+            measured = f"x{c['ratio']:.3f} ({c['low']:.3f} .. {c['high']:.3f})"
+            limit = f"x{c['limit']:.3f}"
+        elif c["check"] == "top1":
+            measured, limit = f"{-c['drop_pp']:+.2f} pt", f"-{c['limit_pp']:g} pt"
+        else:
+            measured, limit = f"{c['value']:.2%}", f"{c['limit']:.2%}"
+        lines.append(f"| {c['check']} | {mark} | {measured} | {limit} | {c['why']} |")
+    for note in verdict["notes"]:
+        lines += ["", f"Note: {note}"]
+    return "\n".join(lines) + "\n"
+
+
+def slower_variant(src: Path, dst: Path, extra_work: float) -> Path:
+    """A copy of ``src`` that computes the same logits with ``extra_work`` more of its own work (0.1: 10% more).
+
+    The extra work is the model itself: copies of its first layers (whole copies for ``extra_work >= 1``, then a
+    prefix holding that share of the multiply-accumulates of its Conv and Gemm layers), run on the input scaled
+    by 1.001 so that ONNX Runtime's common-subexpression elimination cannot merge them with the originals, their
+    result multiplied by zero and added to the logits. The same kind of kernels run more, so the slowdown is
+    close to the share of work added, which a made-up extra branch is not (one extra convolution cost 13% at
+    batch 1 whatever its size). For checking that a gate catches a slowdown of known size
+    (bench/gate_reliability.py).
+    """
+    import onnx
+    from onnx import helper, numpy_helper
+
+    if extra_work <= 0:
+        raise TledgeError(f"extra work must be positive, got {extra_work}")
+    model = onnx.load(str(src))
+    g = model.graph
+    inferred = onnx.shape_inference.infer_shapes(model)
+    macs = _node_macs(model, inferred)
+    ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in (*inferred.graph.value_info, *inferred.graph.output)}
+    total = sum(macs.values())
+    if total == 0:
+        raise TledgeError(f"{src} has no Conv or Gemm layer to repeat")
+    source_nodes = list(g.node)
+    producers = {o: n for n in source_nodes for o in n.output}
+    weights = {i.name for i in g.initializer}
+    quantized = any(n.op_type == "QuantizeLinear" for n in source_nodes)
+    out = g.output[0].name
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 17)
+    g.initializer.extend([numpy_helper.from_array(np.zeros((1,), np.float32), "slow_zero"),
+                          numpy_helper.from_array(np.array([1], np.int64), "slow_axes")])
+
+    def is_end(node) -> bool:  # a float tensor where copying may stop without breaking the copied layers' fusion
+        if not quantized:
+            return node.op_type in ("Conv", "Gemm")
+        # in a Q/DQ model, after an activation's DequantizeLinear: a Conv without its QuantizeLinear would run in float
+        q = producers.get(node.input[0]) if node.op_type == "DequantizeLinear" else None
+        return q is not None and q.op_type == "QuantizeLinear" and q.input[0] not in weights
+
+    added, copy, remaining, last = [], 0, extra_work, "slow_logits"
+    while remaining > 1e-9:
+        share = min(remaining, 1.0)
+        prefix, done, end = f"slow{copy}/", 0, out
+        for node in source_nodes:
+            done += macs.get(node.name, 0)
+            if done >= share * total and is_end(node):
+                end = node.output[0]
+                break
+        needed, todo = set(), [end]  # the nodes the end tensor depends on, and nothing else
+        while todo:
+            node = producers.get(todo.pop())
+            if node is not None and id(node) not in needed:
+                needed.add(id(node))
+                todo.extend(node.input)
+        scale = numpy_helper.from_array(np.array(1 + 1e-3 * (copy + 1), np.float32), prefix + "scale")
+        g.initializer.append(scale)
+        renamed = {g.input[0].name: prefix + "input"}
+        added.append(helper.make_node("Mul", [g.input[0].name, scale.name], [prefix + "input"], name=prefix + "scale_input"))
+        for node in source_nodes:
+            if id(node) in needed:
+                clone = onnx.NodeProto()
+                clone.CopyFrom(node)
+                clone.name = prefix + node.name
+                clone.input[:] = [renamed.get(i, i) for i in node.input]
+                for k, o in enumerate(node.output):
+                    renamed[o] = clone.output[k] = prefix + o
+                added.append(clone)
+        end_rank = ranks.get(end, 4)
+        axes = list(range(1, end_rank))
+        end = renamed[end]
+        if opset < 18:  # ReduceMean takes its axes as an attribute before opset 18, as an input since
+            reduce = helper.make_node("ReduceMean", [end], [prefix + "mean"], keepdims=0, axes=axes, name=prefix + "mean")
+        else:
+            g.initializer.append(numpy_helper.from_array(np.array(axes, np.int64), prefix + "axes"))
+            reduce = helper.make_node("ReduceMean", [end, prefix + "axes"], [prefix + "mean"], keepdims=0, name=prefix + "mean")
+        nxt = out if remaining - share <= 1e-9 else f"slow{copy}/sum"
+        added += [
+            reduce,
+            helper.make_node("Unsqueeze", [prefix + "mean", "slow_axes"], [prefix + "column"], name=prefix + "unsqueeze"),
+            helper.make_node("Mul", [prefix + "column", "slow_zero"], [prefix + "nothing"], name=prefix + "times_zero"),
+            helper.make_node("Add", [last, prefix + "nothing"], [nxt], name=prefix + "add"),
+        ]
+        last, remaining, copy = nxt, remaining - share, copy + 1
+    producer = next(n for n in source_nodes if out in n.output)  # the original logits now feed the zero-sum chain
+    producer.output[list(producer.output).index(out)] = "slow_logits"
+    g.node.extend(added)
+    onnx.checker.check_model(model)
+    onnx.save(model, str(dst))
+    return Path(dst)
+
+
+def _node_macs(model, inferred=None) -> dict[str, int]:
+    """Multiply-accumulates per Conv and Gemm node at batch 1, from ONNX shape inference (``inferred``: the
+    model with shapes inferred already)."""
+    import onnx
+
+    inferred = inferred if inferred is not None else onnx.shape_inference.infer_shapes(model)
+    shapes = {v.name: [d.dim_value or 1 for d in v.type.tensor_type.shape.dim]
+              for v in (*inferred.graph.value_info, *inferred.graph.output, *inferred.graph.input)}
+    weights = {i.name: tuple(i.dims) for i in model.graph.initializer}
+    producers = {o: n for n in model.graph.node for o in n.output}
+
+    def weight_shape(name):  # through the Q/DQ nodes in front of a quantized weight
+        while name not in weights and name in producers and producers[name].op_type in ("QuantizeLinear", "DequantizeLinear"):
+            name = producers[name].input[0]
+        return weights.get(name)
+
+    macs = {}
+    for node in model.graph.node:
+        w = weight_shape(node.input[1]) if node.op_type in ("Conv", "Gemm") else None
+        if w is None or node.output[0] not in shapes:
+            continue
+        # Conv: every output element sums (input channels / groups) x kernel products; Gemm at batch 1: in x out
+        macs[node.name] = int(np.prod(shapes[node.output[0]][1:]) * np.prod(w[1:]) if node.op_type == "Conv" else np.prod(w))
+    return macs
+

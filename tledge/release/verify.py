@@ -1,0 +1,251 @@
+"""The release bundle on its way to a device: one archive of the signed files, extracted safely, and
+``tledge verify``: every hash, and whether this device can run each engine.
+
+A TensorRT engine runs only with the TensorRT version and on the GPU model it was built for (compute capability
+alone is not enough: two GPUs of one architecture can differ in SM count and tactics), unless it was built
+hardware-compatible (Ampere and newer) or version-compatible (later TensorRT of the same major). ``verify``
+compares each engine's record in ``manifest.json`` with this device and says what to rebuild, and how.
+"""
+
+from __future__ import annotations
+
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import List, Optional
+
+from tledge.artifacts import FORMATS, atomic_path, read_json, sha256_file
+from tledge.errors import TledgeError
+
+ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.xz", ".tar.bz2")
+
+
+def is_archive(path: Path) -> bool:
+    return Path(path).is_file() and any(Path(path).name.endswith(s) for s in ARCHIVE_SUFFIXES)
+
+
+def write_archive(bundle_dir: Path, archive: Path) -> Path:
+    """One archive holding ``manifest.json`` and every file it signs (regular files only, no leftovers)."""
+    bundle_dir, archive = Path(bundle_dir), Path(archive)
+    manifest = read_json(bundle_dir / "manifest.json")
+    names = ["manifest.json"] + [a["path"] for a in manifest.get("artifacts", [])]
+    mode = "w:gz" if archive.name.endswith((".tar.gz", ".tgz")) else "w:xz" if archive.name.endswith(".tar.xz") else "w:bz2" if archive.name.endswith(".tar.bz2") else "w"
+    if not any(archive.name.endswith(s) for s in ARCHIVE_SUFFIXES):
+        raise TledgeError(f"--archive must end in one of {', '.join(ARCHIVE_SUFFIXES)}, got {archive.name}")
+    with atomic_path(archive) as tmp:
+        with tarfile.open(tmp, mode) as tar:
+            for name in names:
+                info = tar.gettarinfo(str(bundle_dir / name), arcname=name)
+                info.uid = info.gid = 0
+                info.uname = info.gname = ""
+                info.mode = 0o644
+                with open(bundle_dir / name, "rb") as f:
+                    tar.addfile(info, f)
+    return archive
+
+
+def _unsafe_reason(member: tarfile.TarInfo) -> Optional[str]:
+    name = member.name
+    path = PurePosixPath(name)
+    if not name or path.is_absolute() or name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":"):
+        return "an absolute path"
+    if ".." in path.parts or "\\" in name:
+        return "a path that leaves the folder"
+    if member.issym() or member.islnk():
+        return f"a link (to {member.linkname!r}); a bundle holds only plain files"
+    if not (member.isfile() or member.isdir()):
+        return "a device, pipe or other special file"
+    return None
+
+
+def safe_extract(archive: Path, dest: Path) -> Path:
+    """Extract ``archive`` into ``dest`` (a new folder), refusing, before anything is written, any member that
+    is absolute, climbs out with ``..``, is a link or a special file."""
+    archive, dest = Path(archive), Path(dest)
+    try:
+        tar = tarfile.open(archive, "r:*")
+    except (tarfile.TarError, OSError) as exc:
+        raise TledgeError(f"{archive} is not a readable tar archive: {exc}") from None
+    with tar:
+        try:
+            members = tar.getmembers()
+        except (tarfile.TarError, EOFError, OSError) as exc:
+            raise TledgeError(f"{archive} is damaged: {exc}") from None
+        for m in members:
+            reason = _unsafe_reason(m)
+            if reason:
+                raise TledgeError(f"{archive} holds {m.name!r}, {reason}: refusing to extract it (nothing was written)")
+        if dest.exists() and any(dest.iterdir()):
+            raise TledgeError(f"{dest} already exists and is not empty; remove it or extract elsewhere (--extract-to)")
+        dest.mkdir(parents=True, exist_ok=True)
+        root = dest.resolve()
+        for m in members:
+            target = (root / m.name).resolve()
+            if root != target and root not in target.parents:  # belt and braces: the checks above should make this impossible
+                raise TledgeError(f"{archive} member {m.name!r} would land outside {dest}")
+            if m.isdir():
+                target.mkdir(parents=True, exist_ok=True)
+                continue
+            source = tar.extractfile(m)
+            with atomic_path(target) as tmp, open(tmp, "wb") as out:
+                while True:
+                    block = source.read(1 << 20)
+                    if not block:
+                        break
+                    out.write(block)
+    return dest
+
+
+# --- what this device is -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Here:
+    """What decides whether an engine runs on this machine."""
+
+    tensorrt: Optional[str]  # None: TensorRT not installed
+    gpu: Optional[str]  # None: no NVIDIA GPU visible
+    compute_capability: Optional[str]
+    jetson: Optional[dict] = None
+
+
+def this_machine() -> Here:
+    from tledge.cuda import device_info
+
+    version = None
+    import importlib.util
+
+    if importlib.util.find_spec("tensorrt") is not None:
+        try:
+            import tensorrt
+
+            version = str(tensorrt.__version__)
+        except Exception:  # a broken install (e.g. missing libnvinfer) counts as no TensorRT, with its reason below
+            version = None
+    info = device_info() or {}
+    return Here(version, info.get("gpu"), info.get("compute_capability"), info.get("jetson"))
+
+
+def _same_version(a: str, b: str) -> bool:
+    """TensorRT engines are tied to major.minor.patch (the build number after it does not matter)."""
+    return a.split(".")[:3] == b.split(".")[:3]
+
+
+def engine_mismatch(record: dict, here: Here) -> Optional[str]:
+    """Why this machine cannot run the engine ``record`` describes (None when it can)."""
+    from tledge.trt.plan import TrtVersion
+
+    built = record.get("tensorrt")
+    if here.tensorrt is None:
+        return "TensorRT is not installed here"
+    if here.gpu is None:
+        return "no NVIDIA GPU is visible here"
+    reasons = []
+    if record.get("version_compatible"):
+        b, h = TrtVersion.parse(built), TrtVersion.parse(here.tensorrt)
+        if not (h.major == b.major and h >= b):
+            reasons.append(f"it is version-compatible from TensorRT {built} within {b.major}.x, this device has {here.tensorrt}")
+    elif not _same_version(built, here.tensorrt):
+        reasons.append(f"it was built with TensorRT {built}, this device has {here.tensorrt}")
+    if record.get("hardware_compatibility"):
+        if here.jetson is not None or float(here.compute_capability) < 8.0:
+            reasons.append(f"it is hardware-compatible for Ampere and newer datacenter GPUs, this is {here.gpu} (compute capability {here.compute_capability})")
+    elif record.get("gpu") != here.gpu or record.get("compute_capability") != here.compute_capability:
+        reasons.append(f"it was built for {record.get('gpu')} (compute capability {record.get('compute_capability')}), "
+                       f"this is {here.gpu} ({here.compute_capability})")
+    else:
+        built_on = (record.get("jetson") or {}).get("model")
+        this = (here.jetson or {}).get("model")
+        if built_on and this and built_on != this:
+            reasons.append(f"it was built on a {built_on}, this is a {this} (same GPU architecture, other SM count and memory)")
+    return "; ".join(reasons) or None
+
+
+def rebuild_command(bundle: Path, record: dict) -> str:
+    p = record.get("profile") or {}
+    batch = ",".join(str(p[k][0]) for k in ("min", "opt", "max")) if all(k in p for k in ("min", "opt", "max")) else None
+    parts = [f"tledge engine {bundle}", f"--precision {record.get('precision', 'int8')}"]
+    if batch:
+        parts.append(f"--batch {batch}")
+    if record.get("int8_path") == "implicit":
+        parts.append("--int8-path implicit")
+    if record.get("dla_core") is not None:
+        parts.append(f"--dla {record['dla_core']}")
+    return " ".join(parts)
+
+
+def verify(path: Path, check_device: bool = True, engines: Optional[List[str]] = None, here: Optional[Here] = None,
+           extract_to: Optional[Path] = None) -> dict:
+    """Check a bundle (a folder or an archive of one): every file against its sha256 and size, and, with
+    ``check_device``, whether this machine can run its engines. Returns the report; raises a
+    :class:`TledgeError` listing every problem and what to do about it.
+
+    ``engines`` names engines that must run here; without it, at least one engine must (a bundle may carry
+    engines for several kinds of device). ``here`` stands for this machine (default: detected).
+    """
+    path = Path(path)
+    extracted = None
+    if is_archive(path):
+        name = path.name
+        for suffix in ARCHIVE_SUFFIXES:
+            if name.endswith(suffix):
+                name = name[: -len(suffix)]
+                break
+        extracted = safe_extract(path, Path(extract_to) if extract_to else path.parent / name)
+        folder = extracted
+    elif path.is_dir():
+        folder = path
+    else:
+        raise TledgeError(f"{path} is neither a bundle folder nor an archive ({', '.join(ARCHIVE_SUFFIXES)})")
+    if not (folder / "manifest.json").is_file():
+        raise TledgeError(f"{folder} has no manifest.json: it is not a tledge bundle (make one with `tledge bundle BUILD_FOLDER`)")
+    manifest = read_json(folder / "manifest.json")
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMATS["manifest"]:
+        raise TledgeError(f"{folder}/manifest.json is format {manifest.get('format') if isinstance(manifest, dict) else '?'}, "
+                          f"this tledge reads {FORMATS['manifest']}: re-run `tledge bundle` with this version")
+
+    problems, files = [], []
+    for a in manifest.get("artifacts", []):
+        rel = a.get("path", "")
+        p = PurePosixPath(rel)
+        if not rel or p.is_absolute() or ".." in p.parts:
+            problems.append(f"manifest.json names {rel!r}, outside the bundle")
+            continue
+        f = folder / rel
+        if not f.is_file():
+            problems.append(f"{rel} is missing")
+        elif f.is_symlink():
+            problems.append(f"{rel} is a link; a bundle holds plain files")
+        elif f.stat().st_size != a.get("bytes") or sha256_file(f) != a.get("sha256"):
+            problems.append(f"{rel} does not match its sha256 in manifest.json (altered or damaged): copy the bundle again")
+        else:
+            files.append(rel)
+
+    report = {"bundle": str(folder), "extracted_from": str(path) if extracted else None, "files_checked": len(files),
+              "engines": [], "device": None}
+    engine_entries = [a for a in manifest.get("artifacts", []) if "engine" in a]
+    if check_device and engine_entries:
+        here = here or this_machine()
+        report["device"] = {"tensorrt": here.tensorrt, "gpu": here.gpu, "compute_capability": here.compute_capability, "jetson": here.jetson}
+        wanted = set(engines or [])
+        unknown = wanted - {a["path"] for a in engine_entries}
+        if unknown:
+            problems.append(f"the bundle has no engine {', '.join(sorted(unknown))} (it has {', '.join(a['path'] for a in engine_entries)})")
+        runnable = []
+        for a in engine_entries:
+            why = engine_mismatch(a["engine"], here)
+            report["engines"].append({"path": a["path"], "runs_here": why is None, **({"why_not": why} if why else {})})
+            if why is None:
+                runnable.append(a["path"])
+            elif a["path"] in wanted:
+                problems.append(f"{a['path']} cannot run here: {why}. Rebuild it on this device: {rebuild_command(folder, a['engine'])}")
+        if not wanted and not runnable:
+            first = engine_entries[0]
+            reasons = "; ".join(f"{e['path']}: {e['why_not']}" for e in report["engines"])
+            hint = (" (pass --hashes-only to check only the files on a machine that will not run them)"
+                    if here.tensorrt is None or here.gpu is None else f". Rebuild on this device: {rebuild_command(folder, first['engine'])}")
+            problems.append(f"no engine in the bundle can run here: {reasons}{hint}")
+    if problems:
+        raise TledgeError(f"bundle {folder} failed verification: " + " | ".join(problems))
+    report["ok"] = True
+    return report
