@@ -52,10 +52,11 @@ def load_build(build: Path, data: Path) -> Int8Build:
     import onnx
 
     from tledge.quant.statistics import STATS_FILE, CalibrationStats
-    from tledge.data.images import Preprocess, load_array, splits_for
-    from tledge.quant.quantize import _ArrayReader
-    from tledge.runners.backends import OrtRunner
-    from tledge.validate import onnx_metadata
+    from tledge.data.images import Preprocess, load_array
+    from tledge.data.splits import splits_for
+    from tledge.quant.quantize import ArrayReader
+    from tledge.runners.ort_runner import OrtRunner
+    from tledge.export.onnx_io import onnx_metadata
 
     model = build / "model.fp32.onnx"
     fp32 = onnx.load(str(model))
@@ -68,7 +69,7 @@ def load_build(build: Path, data: Path) -> Int8Build:
         x, y = load_array(getattr(splits, name), pre)
         parts[name] = Split(x, y, runner.run_batches(x))
     return Int8Build(model, fp32, parts["val"], parts["test"], CalibrationStats.load(build / STATS_FILE),
-                     _ArrayReader(meta["input"], parts["val"].x[:16], 16))
+                     ArrayReader(meta["input"], parts["val"].x[:16], 16))
 
 
 def portable_cpu_recipe(fp32):

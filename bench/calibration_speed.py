@@ -19,8 +19,9 @@ from pathlib import Path
 from tledge.quant.statistics import METHODS, calibrate
 from tledge.quant.calibration import sample_calibration_set
 from tledge.cpu_isa import this_cpu
-from tledge.data.images import Preprocess, Sample, load_array, load_splits
-from tledge.export.onnx_export import read_metadata
+from tledge.data.images import Preprocess, Sample, load_array
+from tledge.data.splits import load_splits
+from tledge.export.onnx_io import read_metadata
 from tledge.machine import machine_info
 
 
@@ -32,15 +33,15 @@ def ort_ranges(model: Path, input_name: str, x, method: str) -> None:
     """ONNX Runtime's calibrator for one method (2048 bins for the histogram methods), streamed in chunks of 32."""
     from onnxruntime.quantization import CalibrationMethod, create_calibrator
 
-    from tledge.quant.quantize import _ArrayReader, _quiet_onnxruntime
+    from tledge.quant.quantize import ArrayReader, quiet_onnxruntime
 
     ort_method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy, "percentile": CalibrationMethod.Percentile}[method]
     extra = {"symmetric": True, **({"num_bins": 2048, "num_quantized_bins": 256} if method == "entropy" else {}),
              **({"num_bins": 2048, "percentile": 99.999} if method == "percentile" else {})}
-    with tempfile.TemporaryDirectory() as tmp, _quiet_onnxruntime():
+    with tempfile.TemporaryDirectory() as tmp, quiet_onnxruntime():
         calibrator = create_calibrator(str(model), None, augmented_model_path=str(Path(tmp) / "a.onnx"), calibrate_method=ort_method, extra_options=extra)
         for start in range(0, len(x), 32):
-            calibrator.collect_data(_ArrayReader(input_name, x[start : start + 32], 8))
+            calibrator.collect_data(ArrayReader(input_name, x[start : start + 32], 8))
         calibrator.compute_data()
         del calibrator
 

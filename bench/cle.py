@@ -106,12 +106,13 @@ def main() -> None:
     import onnx
 
     from tledge.quant.statistics import calibrate
-    from tledge.data.images import Preprocess, load_array, load_splits
+    from tledge.data.images import Preprocess, load_array
+    from tledge.data.splits import load_splits
     from tledge.quant.drift_budget import drift_figures
-    from tledge.export.onnx_export import read_metadata
+    from tledge.export.onnx_io import read_metadata
     from tledge.machine import machine_info
     from tledge.quant.quantize import TensorRTQDQ
-    from tledge.runners.backends import OrtRunner
+    from tledge.runners.ort_runner import OrtRunner
     from tledge.quant.sensitivity import simulate
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

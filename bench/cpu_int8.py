@@ -22,13 +22,14 @@ from pathlib import Path
 
 import numpy as np
 
-from tledge.bench.benchmark import interleaved_p50
+from tledge.runners.timing import interleaved_p50
 from tledge.cpu_isa import this_cpu
-from tledge.data.images import Preprocess, load_array, load_splits
-from tledge.export.onnx_export import read_metadata
+from tledge.data.images import Preprocess, load_array
+from tledge.data.splits import load_splits
+from tledge.export.onnx_io import read_metadata
 from tledge.machine import machine_info
-from tledge.quant.quantize import QuantizeConfig, _ArrayReader, _quiet_onnxruntime, quantize
-from tledge.runners.backends import OrtRunner
+from tledge.quant.quantize import QuantizeConfig, ArrayReader, quiet_onnxruntime, quantize
+from tledge.runners.ort_runner import OrtRunner
 
 
 def evaluate(path: Path, x: np.ndarray, simulate: bool) -> np.ndarray:
@@ -44,8 +45,8 @@ def ort_reduce_range(fp32: Path, dst: Path, input_name: str, calib: np.ndarray) 
     """ONNX Runtime's documented remedy for CPUs without VNNI: U8S8 with 7-bit weights everywhere."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-    with _quiet_onnxruntime():
-        quantize_static(str(fp32), str(dst), _ArrayReader(input_name, calib, 16), quant_format=QuantFormat.QDQ, per_channel=True,
+    with quiet_onnxruntime():
+        quantize_static(str(fp32), str(dst), ArrayReader(input_name, calib, 16), quant_format=QuantFormat.QDQ, per_channel=True,
                         reduce_range=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         calibrate_method=CalibrationMethod.MinMax)
 

@@ -46,7 +46,7 @@ def node_macs(model_path: Path, fp32) -> dict[str, int]:
 
 
 def main() -> None:
-    from tledge.quant.drift_budget import _p50_interleaved, drift_figures
+    from tledge.quant.drift_budget import onnx_p50_interleaved, drift_figures
     from tledge.machine import machine_info
     from tledge.quant.sensitivity import rank_layers, simulate
 
@@ -72,7 +72,7 @@ def main() -> None:
                 proto = b.make(recipe, path, keep_float=keep)
                 fv = drift_figures(simulate(proto, b.val.x), b.val.reference, b.val.y)
                 ft = drift_figures(simulate(proto, b.test.x), b.test.reference, b.test.y)
-                p50 = _p50_interleaved({"fp32": b.model, "int8": path}, b.val.x[:1], rounds=5, per_round=20)
+                p50 = onnx_p50_interleaved({"fp32": b.model, "int8": path}, b.val.x[:1], rounds=5, per_round=20)
                 print(f"{name:14s} k={k:2d} MACs in float {sum(macs.get(n, 0) for n in keep) / total:6.1%} val agr {fv['agreement']:.4f} "
                       f"exp {fv['expected_agreement']:.4f} drop {fv['top1_drop_pp']:+.2f} | test agr {ft['agreement']:.4f} drop {ft['top1_drop_pp']:+.2f} "
                       f"| speed-up 1t {p50['fp32'] / p50['int8']:.2f}x", flush=True)

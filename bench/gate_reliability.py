@@ -22,15 +22,16 @@ from pathlib import Path
 
 import numpy as np
 
-from tledge.export.onnx_export import read_metadata
-from tledge.bench.gate import GateConfig, _timed_blocks, gate, paired_ratio_interval, slower_variant
+from tledge.export.onnx_io import read_metadata
+from tledge.bench.gate import GateConfig, gate, paired_ratio_interval, slower_variant
+from tledge.runners.timing import timed_blocks
 from tledge.machine import machine_info
-from tledge.runners.backends import OrtRunner
+from tledge.runners.ort_runner import OrtRunner
 
 
 def measured_ratio(base: Path, cand: Path, x: np.ndarray, blocks: int, threads: int | None) -> dict:
     runners = {"base": OrtRunner(base, threads=threads, spinning=False), "cand": OrtRunner(cand, threads=threads, spinning=False)}
-    timed, _ = _timed_blocks(runners, x, blocks, 0, 10)
+    timed, _ = timed_blocks(runners, x, blocks, 0, 10)
     return paired_ratio_interval(timed["base"], timed["cand"])
 
 

@@ -34,14 +34,15 @@ from pathlib import Path
 
 import numpy as np
 
-from tledge.bench.benchmark import interleaved_p50
+from tledge.runners.timing import interleaved_p50
 from tledge.quant.statistics import STATS_FILE
 from tledge.cpu_isa import this_cpu
-from tledge.data.images import Preprocess, load_array, load_splits
-from tledge.export.onnx_export import read_metadata
+from tledge.data.images import Preprocess, load_array
+from tledge.data.splits import load_splits
+from tledge.export.onnx_io import read_metadata
 from tledge.machine import machine_info
-from tledge.quant.quantize import QuantizeConfig, _ArrayReader, _quiet_onnxruntime, quantize
-from tledge.runners.backends import OrtRunner
+from tledge.quant.quantize import QuantizeConfig, ArrayReader, quiet_onnxruntime, quantize
+from tledge.runners.ort_runner import OrtRunner
 
 
 def logits(path: Path, x: np.ndarray, simulate: bool) -> np.ndarray:
@@ -87,8 +88,8 @@ def main() -> None:
     from onnxruntime.quantization import QuantFormat, quantize_static
 
     if not only or "ort-defaults" in only:
-        with _quiet_onnxruntime():
-            quantize_static(str(fp32), str(work / "ort-defaults.onnx"), _ArrayReader(meta["input"], calib_x, 16), quant_format=QuantFormat.QDQ)
+        with quiet_onnxruntime():
+            quantize_static(str(fp32), str(work / "ort-defaults.onnx"), ArrayReader(meta["input"], calib_x, 16), quant_format=QuantFormat.QDQ)
         variants["ort-defaults"] = {"files": {"cpu": work / "ort-defaults.onnx"}, "seconds": time.perf_counter() - t0, "kept": {"cpu": 0}}
     runs = [(f"tledge-{m}", dict(method=m, fallback_layers=0, bias_correction=False)) for m in args.methods.split(",")]
     runs += [(f"tledge-{m}+bc", dict(method=m, fallback_layers=0, bias_correction=True)) for m in filter(None, args.bc_methods.split(","))]

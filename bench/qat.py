@@ -18,11 +18,12 @@ from pathlib import Path
 
 import numpy as np
 
-from tledge.data.images import Preprocess, load_array, load_splits
-from tledge.export.onnx_export import read_metadata
+from tledge.data.images import Preprocess, load_array
+from tledge.data.splits import load_splits
+from tledge.export.onnx_io import read_metadata
 from tledge.machine import machine_info
 from tledge.quant.quantize import TARGETS, QuantizeConfig, quantize
-from tledge.runners.backends import OrtRunner
+from tledge.runners.ort_runner import OrtRunner
 
 
 def drift(path: Path, x, y, ref) -> dict:

@@ -138,7 +138,7 @@ def cached_vs_backbone(splits, image_size: int, batch_size: int, epochs: int) ->
 
 
 def main() -> None:
-    from tledge.data.images import load_splits
+    from tledge.data.splits import load_splits
     from tledge.data.datasets import digits_dataset
     from tledge.train.finetune import FinetuneConfig
     from tledge.machine import machine_info

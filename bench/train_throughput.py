@@ -27,14 +27,14 @@ def _sync(device):
 def main() -> None:
     import torch
 
-    from tledge.data.images import load_splits
+    from tledge.data.splits import load_splits
     from tledge.data.datasets import digits_dataset
     from tledge.train.finetune import resolve_preprocess
     from tledge.models import create_model
     from tledge.train.augment import preset
     from tledge.train.distributed import World, resolve_device
     from tledge.train.loader import ImageSet, make_loader
-    from tledge.train.loop import _to, amp_dtype
+    from tledge.train.loop import to_device, amp_dtype
     from tledge.train.strategies import param_groups, set_train_mode
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -106,7 +106,7 @@ def main() -> None:
 
         set_train_mode(model, 0, False)
         x0, y0 = next(iter(loader))
-        x0, y0 = _to(x0, device, cl), y0.to(device)
+        x0, y0 = to_device(x0, device, cl), y0.to(device)
         for _ in range(5):
             step(x0, y0)
         _sync(device)
@@ -119,11 +119,11 @@ def main() -> None:
         it = batches(loader, sampler, n)
         for _ in range(5):
             x, y = next(it)
-            step(_to(x, device, cl), y.to(device, non_blocking=True))
+            step(to_device(x, device, cl), y.to(device, non_blocking=True))
         _sync(device)
         t, seen = time.perf_counter(), 0
         for x, y in it:
-            step(_to(x, device, cl), y.to(device, non_blocking=True))
+            step(to_device(x, device, cl), y.to(device, non_blocking=True))
             seen += len(y)
         _sync(device)
         both_ips = seen / (time.perf_counter() - t)

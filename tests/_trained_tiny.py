@@ -19,7 +19,8 @@ _CACHE: dict[str, Path] = {}
 def train_tiny_checkpoint(data: Path, path: Path, steps: int = 15, seed: int = 0) -> Path:
     import torch
 
-    from tledge.data.images import load_array, load_splits
+    from tledge.data.images import load_array
+    from tledge.data.splits import load_splits
     from tledge.models import create_model, save_checkpoint
 
     splits = load_splits(data)

@@ -18,7 +18,7 @@ from tledge.artifacts import ARTIFACTS, sha256_file
 from tledge.bench.benchmark import BenchConfig, bench
 from tledge.release.bundle import bundle
 from tledge.errors import TledgeError
-from tledge.export.onnx_export import read_metadata, set_metadata
+from tledge.export.onnx_io import read_metadata, set_metadata
 from tledge.report.summary import write_report
 
 SVG = "{http://www.w3.org/2000/svg}"
@@ -93,7 +93,8 @@ def test_bench_records_the_machine(measured):
 
 
 def test_bench_accuracy_matches_an_independent_computation(measured, trained, tiny_dataset):
-    from tledge.data.images import Preprocess, load_array, load_splits
+    from tledge.data.images import Preprocess, load_array
+    from tledge.data.splits import load_splits
 
     _, record = measured
     pre = Preprocess.from_dict(read_metadata(trained / "model.fp32.onnx")["preprocess"])

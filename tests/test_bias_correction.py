@@ -10,8 +10,8 @@ from onnx import TensorProto, helper, numpy_helper
 from tledge.quant.bias_correction import correct_bias
 from tledge.quant.statistics import calibrate
 from tledge.cpu_isa import CPU_TARGETS
-from tledge.quant.quantize import CpuInt8, TensorRTQDQ, _ArrayReader
-from tledge.runners.backends import OrtRunner
+from tledge.quant.quantize import CpuInt8, TensorRTQDQ, ArrayReader
+from tledge.runners.ort_runner import OrtRunner
 
 
 def conv_model(path, groups: int):
@@ -52,7 +52,7 @@ def test_corrected_layers_have_the_fp32_mean_per_channel(tmp_path, groups, recip
     x = (np.random.default_rng(1).uniform(0, 2, (32, 8, 12, 12))).astype(np.float32)  # inputs with a positive mean
     stats, _ = calibrate(tmp_path / "m.onnx", x, {"test": 1})
     recipe.prepare(fp32)
-    recipe.quantize(tmp_path / "m.onnx", tmp_path / "q.onnx", _ArrayReader("input", x[:8], 8), stats.ranges("minmax", recipe.symmetric_activations), ())
+    recipe.quantize(tmp_path / "m.onnx", tmp_path / "q.onnx", ArrayReader("input", x[:8], 8), stats.ranges("minmax", recipe.symmetric_activations), ())
     quantized = onnx.load(str(tmp_path / "q.onnx"))
     reference = conv_output_mean(fp32, x)
     before = np.abs(conv_output_mean(quantized, x) - reference)
@@ -70,7 +70,7 @@ def test_layers_kept_in_float_are_not_corrected(tmp_path):
     x = np.random.default_rng(2).uniform(0, 2, (8, 8, 12, 12)).astype(np.float32)
     stats, _ = calibrate(tmp_path / "m.onnx", x, {"test": 1})
     recipe = TensorRTQDQ()
-    recipe.quantize(tmp_path / "m.onnx", tmp_path / "q.onnx", _ArrayReader("input", x, 8), stats.ranges("minmax", True), ("conv",))
+    recipe.quantize(tmp_path / "m.onnx", tmp_path / "q.onnx", ArrayReader("input", x, 8), stats.ranges("minmax", True), ("conv",))
     quantized = onnx.load(str(tmp_path / "q.onnx"))
     assert correct_bias(quantized, fp32, stats.channel_mean)["layers"] == 0
 

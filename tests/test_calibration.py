@@ -10,7 +10,7 @@ import pytest
 
 from conftest import make_image_folder
 from tledge.quant.calibration import CALIBRATION_FORMAT, load_calibration_set, sample_calibration_set
-from tledge.data.images import load_splits
+from tledge.data.splits import load_splits
 from tledge.errors import TledgeError
 
 CLASSES = ["a", "b", "c"]

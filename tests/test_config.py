@@ -9,7 +9,8 @@ from typer.testing import CliRunner
 
 from tledge.pipeline.build import BuildConfig
 from tledge.cli import app
-from tledge.pipeline.config import default, read_section
+from tledge.defaults import default
+from tledge.pipeline.config import read_section
 from tledge.errors import TledgeError
 from tledge.bench.gate import GateConfig
 from tledge.quant.quantize import QuantizeConfig

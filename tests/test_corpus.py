@@ -194,7 +194,7 @@ def _nan_checkpoint(payload: dict) -> None:
 
 
 def _set_meta(proto, **changes) -> None:
-    from tledge.export.onnx_export import read_metadata, set_metadata
+    from tledge.export.onnx_io import read_metadata, set_metadata
 
     set_metadata(proto, {**read_metadata(proto), **changes})
 
@@ -221,7 +221,7 @@ def _bundled_ok(ctx: Ctx) -> None:
 
 
 def _exported_ok(ctx: Ctx) -> None:
-    from tledge.validate import onnx_metadata
+    from tledge.export.onnx_io import onnx_metadata
 
     out = ctx.p("ünï cödé/my model.onnx")
     assert onnx_metadata(out)["classes"] == ["circle", "square", "stripes"]
@@ -482,7 +482,7 @@ def _nan_in_folder(ctx: Ctx, folder: Path) -> Path:
 
 def _resize_meta(proto, size: int) -> None:
     """Metadata that says another input size than the graph takes (a file edited or mixed up)."""
-    from tledge.export.onnx_export import read_metadata
+    from tledge.export.onnx_io import read_metadata
 
     _set_meta(proto, preprocess={**read_metadata(proto)["preprocess"], "size": size, "resize": size})
 

@@ -10,7 +10,8 @@ import pytest
 from PIL import Image
 
 from conftest import TINY_CLASSES, make_image_folder
-from tledge.data.images import Preprocess, Sample, iter_batches, load_array, load_image, load_splits
+from tledge.data.images import Preprocess, Sample, iter_batches, load_array, load_image
+from tledge.data.splits import load_splits
 from tledge.errors import TledgeError
 
 

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from tledge.quant.calibration import load_calibration_set, sample_calibration_set
-from tledge.data.images import load_splits
+from tledge.data.splits import load_splits
 from tledge.data.datasets import DIGITS_SPLITS, digits_dataset
 
 REPO = Path(__file__).resolve().parent.parent

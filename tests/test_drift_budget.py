@@ -13,7 +13,7 @@ from onnx import numpy_helper
 from _trained_tiny import trained_pipeline
 from tledge.quant.quantize import QuantizeConfig, quantize
 from tledge.report.summary import _quantized_model_lines
-from tledge.runners.backends import OrtRunner
+from tledge.runners.ort_runner import OrtRunner
 from tledge.quant.sensitivity import bypass_quantization, quantized_layers, rank_layers, simulate
 
 FP32 = "model.fp32.onnx"
@@ -25,7 +25,8 @@ def trained(tiny_dataset, tmp_path_factory):
 
 
 def _val(data):
-    from tledge.data.images import load_array, load_splits
+    from tledge.data.images import load_array
+    from tledge.data.splits import load_splits
     from tledge.models import get_spec
 
     return load_array(load_splits(data).val, get_spec("test_efficientnet_lite").preprocess)
@@ -140,7 +141,7 @@ def test_fallback_keeps_the_sensitive_layer_in_float_and_meets_the_budget(target
 def _latency_by_float_layers(dear: str, fp32_ms: float = 3.0):
     """A stand-in for the clock only (the tiny model is too small for INT8 to beat FP32 on a CPU): batch p50 in ms
     of FP32 ``fp32_ms``, of an INT8 model 1 plus 0.02 per float layer, plus 0.5 when ``dear`` is one of them."""
-    from tledge.export.onnx_export import read_metadata
+    from tledge.export.onnx_io import read_metadata
 
     def p50(paths, x, rounds, per_round, threads=1):
         out = {}
@@ -159,7 +160,7 @@ def test_the_cpu_fallback_is_priced_by_latency(planted_is_dear, sensitive, loose
     import tledge.quant.drift_budget as drift_budget
 
     path, planted = sensitive
-    monkeypatch.setattr(drift_budget, "_p50_interleaved", _latency_by_float_layers(planted if planted_is_dear else "none"))
+    monkeypatch.setattr(drift_budget, "onnx_p50_interleaved", _latency_by_float_layers(planted if planted_is_dear else "none"))
     record = quantize(QuantizeConfig(model=path, data=tiny_dataset, out_dir=tmp_path, num_images=24, targets=("cpu",), **loose))
     info = record["models"]["cpu"]
     priced = info["fallback"]["priced"]
@@ -180,7 +181,7 @@ def test_a_cpu_model_slower_than_fp32_is_said(sensitive, loose, tiny_dataset, tm
     import tledge.quant.drift_budget as drift_budget
 
     path, planted = sensitive
-    monkeypatch.setattr(drift_budget, "_p50_interleaved", _latency_by_float_layers("none", fp32_ms=0.5))
+    monkeypatch.setattr(drift_budget, "onnx_p50_interleaved", _latency_by_float_layers("none", fp32_ms=0.5))
     record = quantize(QuantizeConfig(model=path, data=tiny_dataset, out_dir=tmp_path, num_images=24, targets=("cpu",), **loose))
     info = record["models"]["cpu"]
     assert "priced" not in info["fallback"], "no latency price where INT8 is slower than FP32 to begin with"
@@ -248,7 +249,7 @@ def test_the_budget_is_judged_on_a_bounded_spread_of_validation_images(trained, 
     record = quantize(QuantizeConfig(model=trained / FP32, data=tiny_dataset, out_dir=tmp_path, num_images=24,
                                      targets=("tensorrt",), fallback_layers=0, budget_images=5))
     assert record["models"]["tensorrt"]["drift"]["images"] == 5
-    from tledge.data.images import load_splits
+    from tledge.data.splits import load_splits
     from tledge.quant.drift_budget import DriftBudget
 
     budget = DriftBudget(QuantizeConfig(model=trained / FP32, data=tiny_dataset, out_dir=tmp_path, budget_images=5), load_splits(tiny_dataset), None)
@@ -257,7 +258,7 @@ def test_the_budget_is_judged_on_a_bounded_spread_of_validation_images(trained, 
 
 def test_auto_method_picks_the_candidate_closest_to_fp32(trained, tiny_dataset, tmp_path):
     from tledge.quant.drift_budget import score
-    from tledge.export.onnx_export import read_metadata
+    from tledge.export.onnx_io import read_metadata
     from tledge.quant.quantize import AUTO_CANDIDATES
 
     record = quantize(QuantizeConfig(model=trained / FP32, data=tiny_dataset, out_dir=tmp_path, num_images=24,

@@ -9,7 +9,7 @@ import json
 import onnx
 import pytest
 
-from tledge.trt.engine import build_engine
+from tledge.release.engines import build_engine
 from tledge.errors import TledgeError
 from tledge.trt.plan import Device, EngineConfig, TrtVersion, check_opset, make_plan
 
@@ -236,9 +236,10 @@ def test_real_tensorrt_builds_and_runs_the_engine(release, tmp_path, tiny_datase
     import numpy as np
 
     from tledge.cuda import device_info
-    from tledge.data.images import Preprocess, load_array, splits_for
-    from tledge.export.onnx_export import read_metadata
-    from tledge.runners.backends import OrtRunner
+    from tledge.data.images import Preprocess, load_array
+    from tledge.data.splits import splits_for
+    from tledge.export.onnx_io import read_metadata
+    from tledge.runners.ort_runner import OrtRunner
     from tledge.trt.runner import TrtRunner
 
     if device_info() is None:

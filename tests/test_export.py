@@ -14,7 +14,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from _trained_tiny import trained_pipeline
 from tledge.errors import TledgeError
-from tledge.export.onnx_export import ExportConfig, export_onnx, fold_constants, fold_pads_into_convs, read_metadata
+from tledge.export.onnx_export import ExportConfig, export_onnx, fold_constants, fold_pads_into_convs
+from tledge.export.onnx_io import read_metadata
 
 CLASSES = ["circle", "square", "stripes"]
 
@@ -30,7 +31,8 @@ def _session(model_or_path) -> ort.InferenceSession:
 
 
 def _test_images(data, pre, n=None):
-    from tledge.data.images import load_array, load_splits
+    from tledge.data.images import load_array
+    from tledge.data.splits import load_splits
 
     splits = load_splits(data)
     x, _ = load_array(splits.test[:n] if n else splits.test, pre)

@@ -130,7 +130,7 @@ def test_a_stored_baseline_from_other_images_or_classes_is_refused(tiny_pipeline
 @pytest.mark.parametrize("name", ["model.fp32.onnx", "model.int8.cpu.onnx", "model.int8.qdq.onnx"])
 def test_the_slower_variant_repeats_the_share_of_work_asked_and_computes_the_same(tiny_pipeline, tmp_path, name):
     from tledge.bench.gate import _node_macs
-    from tledge.runners.backends import OrtRunner
+    from tledge.runners.ort_runner import OrtRunner
 
     src = tiny_pipeline / name
     x = np.random.default_rng(0).normal(0, 1, (2, 3, 32, 32)).astype(np.float32)

@@ -19,7 +19,8 @@ import pytest
 
 from conftest import make_image_folder
 from tledge.artifacts import sha256_file
-from tledge.validate import LEFTOVER_PATTERNS, check_artifact
+from tledge.validate import LEFTOVER_PATTERNS
+from tledge.release.check import check_artifact
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tledge.errors import TledgeError
-from tledge.export.onnx_export import read_metadata
+from tledge.export.onnx_io import read_metadata
 from tledge.quant.qat import _QuantAware, _fake_quant_weight, _input_amax
 from tledge.quant.quantize import QAT_CHECKPOINT, QuantizeConfig, check_tensorrt_qdq, quantize
 

@@ -15,7 +15,7 @@ from _trained_tiny import trained_pipeline
 from tledge.artifacts import sha256_file
 from tledge.quant.quantize import AUTO_CANDIDATES
 from tledge.errors import TledgeError
-from tledge.export.onnx_export import read_metadata
+from tledge.export.onnx_io import read_metadata
 from tledge.quant.quantize import QuantizeConfig, check_int16_saturation, check_tensorrt_qdq, quantize
 
 QDQ, CPU, FP32 = "model.int8.qdq.onnx", "model.int8.cpu.onnx", "model.fp32.onnx"
@@ -64,7 +64,8 @@ def _run(path, x, simulate=False):
 
 
 def _eval_images(data, n_splits=("test", "val")):
-    from tledge.data.images import load_array, load_splits
+    from tledge.data.images import load_array
+    from tledge.data.splits import load_splits
     from tledge.models import get_spec
 
     splits = load_splits(data)

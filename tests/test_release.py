@@ -11,9 +11,10 @@ import tarfile
 
 import pytest
 
-from tledge.trt.engine import build_engine
+from tledge.release.engines import build_engine
 from tledge.errors import TledgeError
-from tledge.release.verify import Here, safe_extract, verify, write_archive
+from tledge.trt.compat import Here
+from tledge.release.verify import safe_extract, verify, write_archive
 from tledge.trt.plan import Device, EngineConfig
 
 from _fake_tensorrt import make_trt
@@ -147,7 +148,7 @@ def test_verify_cli_one_line_errors_and_report(with_engine):
 def test_bench_reads_an_engines_record_as_its_model_metadata(with_engine):
     # bench scores an engine like the ONNX it came from: classes, preprocessing and split come from engine.json.
     from tledge.bench.benchmark import variant_metadata
-    from tledge.export.onnx_export import read_metadata
+    from tledge.export.onnx_io import read_metadata
 
     folder, engine = with_engine
     meta, onnx_meta = variant_metadata(folder / engine), read_metadata(folder / "model.int8.qdq.onnx")
@@ -170,7 +171,7 @@ def test_gate_and_bench_take_an_engine_and_say_when_it_cannot_run_here(with_engi
 def test_another_jetson_module_of_the_same_gpu_is_refused(with_engine):
     # every Orin says "Orin", compute capability 8.7; the module name tells an AGX Orin from an Orin Nano
     from tledge.cuda import jetson_release
-    from tledge.release.verify import engine_mismatch
+    from tledge.trt.compat import engine_mismatch
 
     assert jetson_release("# R35 (release), REVISION: 4.1, GCID: 33958178, BOARD: t186ref", "NVIDIA Jetson AGX Orin")["jetpack"] == "5.1.2"
     record = {"tensorrt": "10.3.0", "gpu": "Orin", "compute_capability": "8.7", "jetson": {"l4t": "36.4.0", "model": "NVIDIA Jetson AGX Orin Developer Kit"}}

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from tledge.cli import app
 from tledge.errors import TledgeError
-from tledge.runners.backends import BACKENDS, Variant, backend_unavailable, make_runner
+from tledge.bench.backends import BACKENDS, Variant, backend_unavailable, make_runner
 
 
 def test_every_backend_says_whether_it_can_run_here():
@@ -37,7 +37,7 @@ def test_every_backend_says_whether_it_can_run_here():
 
 
 def test_onnxruntime_and_torch_runners_agree_and_describe_themselves(tiny_pipeline):
-    from tledge.export.onnx_export import read_metadata
+    from tledge.export.onnx_io import read_metadata
 
     shape = read_metadata(tiny_pipeline / "model.fp32.onnx")["preprocess"]
     x = np.random.default_rng(0).normal(0, 1, (2, 3, shape["size"], shape["size"])).astype(np.float32)

@@ -157,7 +157,7 @@ def test_pair_safe_weights_compute_exactly_where_full_ones_saturate():
 def saturating_fp32(tmp_path_factory):
     """An FP32 model whose second convolution has large same-sign neighbouring weights and reads ReLU6 outputs
     that reach 6 (uint8 255): the worst case for int16 pairs."""
-    from tledge.export.onnx_export import set_metadata
+    from tledge.export.onnx_io import set_metadata
     from tledge.models import get_spec
 
     rng = np.random.default_rng(3)
@@ -215,7 +215,8 @@ def test_vnni_target_keeps_full_weights_and_is_refused_nowhere_but_judged_outsid
 
 
 def _images(data):
-    from tledge.data.images import load_array, load_splits
+    from tledge.data.images import load_array
+    from tledge.data.splits import load_splits
     from tledge.models import get_spec
 
     return load_array(load_splits(data).train, get_spec("test_efficientnet_lite").preprocess)[0]

@@ -9,9 +9,9 @@ import pytest
 
 from conftest import make_image_folder
 from tledge.artifacts import sha256_file
-from tledge.data.images import SPLITS_FILE, load_splits, read_splits, splits_for
+from tledge.data.splits import SPLITS_FILE, load_splits, read_splits, splits_for
 from tledge.errors import TledgeError
-from tledge.export.onnx_export import read_metadata
+from tledge.export.onnx_io import read_metadata
 
 
 def test_finetune_writes_the_split_and_the_models_name_it(tiny_pipeline, tiny_dataset):
@@ -28,7 +28,7 @@ def test_finetune_writes_the_split_and_the_models_name_it(tiny_pipeline, tiny_da
 
 def test_later_stages_use_the_recorded_split_not_their_own_seed(tmp_path):
     """One folder per class, fine-tuned with seed 1: a stage given no seed must still score on seed 1's test images."""
-    from tledge.data.images import write_splits
+    from tledge.data.splits import write_splits
 
     data = make_image_folder(tmp_path / "data", {"": 20})
     seeded = load_splits(data, seed=1)

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from conftest import TINY_CLASSES, make_image_folder
-from tledge.data.images import load_image, load_splits
+from tledge.data.images import load_image
+from tledge.data.splits import load_splits
 from tledge.errors import TledgeError
 from tledge.train.finetune import FinetuneConfig, finetune
 from tledge.models import create_model, get_spec, load_checkpoint

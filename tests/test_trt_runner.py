@@ -10,9 +10,9 @@ import ctypes
 import numpy as np
 import pytest
 
-from tledge.trt.engine import build_engine
+from tledge.release.engines import build_engine
 from tledge.errors import TledgeError
-from tledge.release.verify import Here
+from tledge.trt.compat import Here
 from tledge.trt.plan import Device, EngineConfig
 from tledge.trt.runner import TrtRunner
 
@@ -125,7 +125,7 @@ def test_bench_and_gate_measure_an_engine_in_the_same_report_format(release, tmp
 
     from tledge.bench.benchmark import BenchConfig, bench
     from tledge.report.summary import write_report
-    from tledge.runners.backends import Variant, backend_unavailable
+    from tledge.bench.backends import Variant, backend_unavailable
 
     trt = make_trt("10.3.0")
     trt.__spec__ = importlib.machinery.ModuleSpec("tensorrt", None)

@@ -120,26 +120,6 @@ def remove_partials(folder: Path) -> list[str]:
 # --- images -----------------------------------------------------------------------------------------------------
 
 
-def scan_images(paths: Iterable[Path], shown: int = 3) -> int:
-    """Open every image's header (cheap: no pixels are decoded): unreadable, empty, zero-sized or oversized files are
-    one error that names them, before any training. Returns the number checked. Truncated pixel data is only seen
-    when decoded (:func:`tledge.data.images.load_image` reports it, still before any file is written)."""
-    from tledge.data.images import open_image
-
-    problems, count = [], 0
-    for path in paths:
-        count += 1
-        try:
-            with open_image(path):
-                pass
-        except TledgeError as exc:
-            problems.append(str(exc))
-    if problems:
-        more = f" (and {len(problems) - shown} more)" if len(problems) > shown else ""
-        raise TledgeError(f"{len(problems)} of {count} images cannot be used: {'; '.join(problems[:shown])}{more}")
-    return count
-
-
 # --- checkpoints and numbers -------------------------------------------------------------------------------------
 
 
@@ -164,55 +144,6 @@ def finite_array(x, what: str) -> None:
 # --- ONNX models --------------------------------------------------------------------------------------------------
 
 
-def onnx_metadata(path: str | os.PathLike, proto=None) -> dict:
-    """The tledge metadata of an ONNX file, checked against the graph: well-formed, its input named and shaped as
-    the preprocessing says (batch, 3, size, size), its output one logit per class."""
-    from tledge.data.images import Preprocess
-    from tledge.export.onnx_export import load_onnx, read_metadata
-
-    path = Path(path)
-    proto = proto if proto is not None else load_onnx(path, load_external_data=False)
-    meta = read_metadata(proto)
-    if not isinstance(meta, dict) or not all(k in meta for k in ("classes", "preprocess", "input", "output")):
-        raise TledgeError(f"{path}: its tledge metadata is incomplete (needs classes, preprocess, input, output); export it again")
-    try:
-        pre = Preprocess.from_dict(meta["preprocess"])
-    except (TypeError, AttributeError) as exc:
-        raise TledgeError(f"{path}: its tledge metadata has a malformed preprocess entry ({exc})") from None
-    if not isinstance(meta["classes"], list) or len(meta["classes"]) < 2:
-        raise TledgeError(f"{path}: its tledge metadata lists no classes")
-    graph = proto.graph
-    inputs = {i.name: i for i in graph.input}
-    outputs = {o.name: o for o in graph.output}
-    if meta["input"] not in inputs or meta["output"] not in outputs:
-        raise TledgeError(f"{path}: the graph has no input {meta['input']!r} or no output {meta['output']!r} as its metadata says "
-                          f"(inputs {sorted(inputs)}, outputs {sorted(outputs)})")
-
-    def dims(value_info):
-        return [d.dim_value if d.HasField("dim_value") else None for d in value_info.type.tensor_type.shape.dim]
-
-    shape, want = dims(inputs[meta["input"]]), [None, *pre.input_shape]
-    if len(shape) != 4 or any(s is not None and w is not None and s != w for s, w in zip(shape[1:], want[1:])):
-        raise TledgeError(f"{path}: the graph's input {meta['input']!r} has shape {['batch' if s is None else s for s in shape]}, "
-                          f"its metadata says {['batch', *pre.input_shape]}; the file was edited or mixed up. Export it again")
-    out_shape = dims(outputs[meta["output"]])
-    if out_shape and out_shape[-1] is not None and out_shape[-1] != len(meta["classes"]):
-        raise TledgeError(f"{path}: the graph gives {out_shape[-1]} logits, its metadata lists {len(meta['classes'])} classes")
-    return meta
-
-
-def finite_onnx_weights(proto, path: str | os.PathLike) -> None:
-    """Every float initializer of an ONNX graph is finite (a NaN weight makes every output NaN)."""
-    import numpy as np
-    from onnx import TensorProto, numpy_helper
-
-    floats = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16)
-    for init in proto.graph.initializer:
-        if init.data_type in floats and init.data_location != TensorProto.EXTERNAL:
-            if not bool(np.isfinite(numpy_helper.to_array(init).astype(np.float32)).all()):
-                raise TledgeError(f"{path} holds non-finite weights (NaN or inf) in {init.name}; it cannot be used. Export it from a sound checkpoint")
-
-
 # --- artifacts before signing ----------------------------------------------------------------------------------
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -227,53 +158,3 @@ def digests(folder: Path, names: Iterable[str]) -> dict[str, str]:
     from tledge.artifacts import sha256_file
 
     return {name: sha256_file(Path(folder) / name) for name in names if (Path(folder) / name).is_file()}
-
-
-def check_artifact(path: Path) -> None:
-    """What a file must pass before a manifest vouches for it: it parses as what its name says, an ONNX model's
-    metadata agrees with its graph, a checkpoint holds finite weights. A corrupted file is an error, never signed."""
-    path = Path(path)
-    suffix = path.suffix.lower()
-    if path.stat().st_size == 0:
-        raise TledgeError(f"{path} is empty; re-run the stage that writes it")
-    if suffix == ".onnx":
-        from tledge.export.onnx_export import load_onnx
-
-        import onnx
-
-        proto = load_onnx(path)
-        onnx_metadata(path, proto)
-        finite_onnx_weights(proto, path)
-        try:
-            onnx.checker.check_model(proto)
-        except Exception as exc:  # onnx raises ValidationError and friends
-            raise TledgeError(f"{path} fails the ONNX checker ({type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]})") from None
-    elif suffix == ".json":
-        from tledge.artifacts import read_json
-
-        read_json(path)
-    elif suffix == ".pt":
-        try:
-            from tledge.models import _torch_load
-        except ImportError:
-            # The device install has no torch: there a checkpoint is only carried along (verify checked its sha256
-            # against the build machine's manifest); it must still be the zip archive torch.save writes.
-            import zipfile
-
-            if not zipfile.is_zipfile(path):
-                raise TledgeError(f"{path} is not a PyTorch checkpoint (not a zip archive); copy the bundle again") from None
-            return
-        payload = _torch_load(path)
-        state = payload.get("state_dict", payload) if isinstance(payload, dict) else None
-        if not isinstance(state, dict):
-            raise TledgeError(f"{path} does not hold a state dict")
-        finite_state(state, str(path))
-    elif suffix == ".npz":
-        import numpy as np
-
-        try:
-            with np.load(path, allow_pickle=False) as archive:
-                for name in archive.files:
-                    archive[name]
-        except Exception as exc:  # zipfile.BadZipFile, ValueError, EOFError, ...
-            raise TledgeError(f"{path} is not a readable .npz archive ({type(exc).__name__}: {exc})") from None

@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 
 from tledge.errors import TledgeError
+from tledge.data.images import scan_images
+from tledge.runners.timing import percentiles, time_calls
 
 
 @dataclass(frozen=True)
@@ -73,7 +75,7 @@ class BenchConfig:
         return d
 
     def all_variants(self) -> list:
-        from tledge.runners.backends import Variant
+        from tledge.bench.backends import Variant
 
         return [Variant(name, path, default_backend(path), {"threads": self.threads}) for name, path in self.models.items()] + list(self.variants)
 
@@ -103,7 +105,7 @@ def variant_metadata(path: Path) -> dict | None:
         if record is None:
             raise TledgeError(f"{path} has no record in engine.json beside it; build engines with `tledge engine`")
         return record["model"]
-    from tledge.validate import onnx_metadata
+    from tledge.export.onnx_io import onnx_metadata
 
     return onnx_metadata(path)
 
@@ -227,40 +229,6 @@ def _rss_mb() -> float:
         return 0.0
 
 
-def percentiles(samples_ms: list[float]) -> dict:
-    a = np.asarray(samples_ms)
-    return {
-        "p50": round(float(np.percentile(a, 50)), 4),
-        "p90": round(float(np.percentile(a, 90)), 4),
-        "p99": round(float(np.percentile(a, 99)), 4),
-        "mean": round(float(a.mean()), 4),
-        "stdev": round(float(a.std(ddof=1)) if len(a) > 1 else 0.0, 4),
-        "min": round(float(a.min()), 4),
-        "samples": len(a),
-    }
-
-
-def interleaved_p50(runners: dict, x: np.ndarray, rounds: int, per_round: int, warmup: int) -> dict[str, float]:
-    """p50 latency in ms of each runner on ``x``, after ``warmup`` calls each, timed in interleaved rounds so that
-    every runner sees the same machine conditions."""
-    for runner in runners.values():
-        _time_calls(runner, x, warmup)
-    times = {name: [] for name in runners}
-    for _ in range(rounds):
-        for name, runner in runners.items():
-            times[name] += _time_calls(runner, x, per_round)
-    return {name: float(np.median(t)) for name, t in times.items()}
-
-
-def _time_calls(runner, x: np.ndarray, n: int) -> list[float]:
-    times = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        runner(x)
-        times.append((time.perf_counter() - t0) * 1000.0)
-    return times
-
-
 def bench(cfg: BenchConfig) -> dict:
     """Measure every model in ``cfg.models``; writes ``bench.json`` into ``cfg.out_dir`` and returns its record.
 
@@ -270,10 +238,12 @@ def bench(cfg: BenchConfig) -> dict:
     from tqdm import tqdm
 
     from tledge.artifacts import write_json
-    from tledge.data.images import Preprocess, iter_batches, load_array, splits_for
+    from tledge.data.images import Preprocess, iter_batches, load_array
+    from tledge.data.splits import splits_for
     from tledge.cpu_isa import this_cpu
     from tledge.machine import machine_info
-    from tledge.runners.backends import OrtRunner, backend_unavailable, make_runner
+    from tledge.runners.ort_runner import OrtRunner
+    from tledge.bench.backends import backend_unavailable, make_runner
 
     from tledge import validate
 
@@ -303,7 +273,7 @@ def bench(cfg: BenchConfig) -> dict:
     if splits.classes != ref_meta["classes"]:
         raise TledgeError(f"{cfg.data} has classes {splits.classes}, the models were trained on {ref_meta['classes']}")
     samples = splits.evaluation[: cfg.max_images] if cfg.max_images else splits.evaluation
-    validate.scan_images(s.path for s in samples)
+    scan_images(s.path for s in samples)
 
     # Latency always times the backend as deployed (ONNX Runtime fuses Q/DQ into int8 kernels); accuracy uses
     # the method fit for the model.
@@ -344,16 +314,16 @@ def bench(cfg: BenchConfig) -> dict:
     latency = {name: [] for name in runners}
     through = {name: {b: [] for b in batches} for name in runners}
     for runner in runners.values():
-        _time_calls(runner, single, cfg.warmup)
+        time_calls(runner, single, cfg.warmup)
         for b in batches:
-            _time_calls(runner, lat_x[:b], max(1, cfg.warmup // 2))
+            time_calls(runner, lat_x[:b], max(1, cfg.warmup // 2))
     per_round = max(1, cfg.iterations // cfg.rounds)
     wide_per_round = max(1, per_round // 4)
     for _ in tqdm(range(cfg.rounds), desc="bench: latency", unit="round", leave=False):
         for name, runner in runners.items():
-            latency[name] += _time_calls(runner, single, per_round)
+            latency[name] += time_calls(runner, single, per_round)
             for b in batches:
-                through[name][b] += _time_calls(runner, lat_x[:b], wide_per_round)
+                through[name][b] += time_calls(runner, lat_x[:b], wide_per_round)
 
     classes = ref_meta["classes"]
     ref_top1 = acc[reference].correct / acc[reference].count

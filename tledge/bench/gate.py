@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from tledge.errors import TledgeError
+from tledge.runners.timing import timed_blocks
 
 GATE_FORMAT = 1
 EXIT_FAILED = 3
@@ -144,44 +145,14 @@ def accuracy_checks(candidate_top1: float, baseline_top1: float, agreement: floa
 
 # ---- running the models ----
 
-BLOCK_MS = 50.0  # automatic calls per block fill about this much time
-
-
-def _timed_blocks(runners: dict, x: np.ndarray, blocks: int, calls: int, warmup: int) -> tuple[dict[str, list[float]], int]:
-    """Per block, the median ms of each model over ``calls`` rounds in which every model runs once, the order
-    alternating round by round (A B, B A, ...): a change of machine speed longer than one call hits both alike.
-
-    ``calls=0`` picks the count from the warm-up: enough rounds to fill about ``BLOCK_MS`` per model.
-    """
-    names = list(runners)
-    slowest = 0.0
-    for runner in runners.values():
-        for _ in range(max(warmup, 1)):
-            t0 = time.perf_counter()
-            runner(x)
-            elapsed = (time.perf_counter() - t0) * 1000
-        slowest = max(slowest, elapsed)
-    if calls <= 0:
-        calls = int(min(50, max(3, BLOCK_MS // max(slowest, 1e-3))))
-    out: dict[str, list[float]] = {n: [] for n in names}
-    for _ in range(blocks):
-        times: dict[str, list[float]] = {n: [] for n in names}
-        for i in range(calls):
-            for name in (names if i % 2 == 0 else names[::-1]):
-                t0 = time.perf_counter()
-                runners[name](x)
-                times[name].append((time.perf_counter() - t0) * 1000)
-        for name in names:
-            out[name].append(float(np.median(times[name])))
-    return out, calls
-
 
 def _runner(path: Path, threads: int | None, simulate_int8: bool = False):
     """An ONNX model in ONNX Runtime, or a TensorRT engine (``.engine``, built by `tledge engine`) on this GPU.
 
     ONNX Runtime's thread spinning is off: workers that spin after a run would steal the cores from the other
     model's next call."""
-    from tledge.runners.backends import OrtRunner, Variant, make_runner
+    from tledge.runners.ort_runner import OrtRunner
+    from tledge.bench.backends import Variant, make_runner
 
     if path.suffix in (".engine", ".plan"):
         return make_runner(Variant(path.name, path, "tensorrt"))
@@ -214,7 +185,8 @@ def gate(cfg: GateConfig) -> dict:
     >>> verdict["passed"]  # doctest: +SKIP
     """
     from tledge.bench.benchmark import variant_metadata
-    from tledge.data.images import Preprocess, load_array, splits_for
+    from tledge.data.images import Preprocess, load_array
+    from tledge.data.splits import splits_for
     from tledge.machine import machine_info
 
     from tledge import validate
@@ -264,12 +236,12 @@ def gate(cfg: GateConfig) -> dict:
     machine = machine_info()
     notes = []
     if stored is None:
-        timed, calls = _timed_blocks({"baseline": _runner(cfg.baseline, cfg.threads), "candidate": cand_runner},
+        timed, calls = timed_blocks({"baseline": _runner(cfg.baseline, cfg.threads), "candidate": cand_runner},
                                      lat_x, cfg.blocks, cfg.calls_per_block, cfg.warmup)
         interval = paired_ratio_interval(timed["baseline"], timed["candidate"], cfg.confidence, cfg.resamples, cfg.seed)
         cand_samples = timed["candidate"]
     else:
-        timed, calls = _timed_blocks({"candidate": cand_runner}, lat_x, cfg.blocks, cfg.calls_per_block, cfg.warmup)
+        timed, calls = timed_blocks({"candidate": cand_runner}, lat_x, cfg.blocks, cfg.calls_per_block, cfg.warmup)
         cand_samples = timed["candidate"]
         interval = unpaired_ratio_interval(stored["candidate"]["latency_samples_ms"], cand_samples, cfg.confidence, cfg.resamples, cfg.seed)
         if stored["machine"]["cpu"] != machine["cpu"] or stored["machine"]["usable_cpus"] != machine["usable_cpus"]:
@@ -449,4 +421,3 @@ def _node_macs(model, inferred=None) -> dict[str, int]:
         # Conv: every output element sums (input channels / groups) x kernel products; Gemm at batch 1: in x out
         macs[node.name] = int(np.prod(shapes[node.output[0]][1:]) * np.prod(w[1:]) if node.op_type == "Conv" else np.prod(w))
     return macs
-

@@ -18,7 +18,7 @@ from tledge.bench.benchmark import BenchConfig
 from tledge.pipeline.build import BuildConfig
 from tledge.export.onnx_export import ExportConfig
 from tledge.train.finetune import FinetuneConfig
-from tledge.pipeline.config import default as D
+from tledge.defaults import default as D
 from tledge.pipeline.config import merge
 from tledge.errors import TledgeError
 from tledge.bench.gate import GateConfig
@@ -256,7 +256,7 @@ def quantize(
 def _parse_variants(specs: list[str], threads: int | None) -> list:
     """``PATH``, ``NAME=PATH`` or either with ``@BACKEND``: the variants to measure, in order."""
     from tledge.bench.benchmark import default_backend
-    from tledge.runners.backends import Variant
+    from tledge.bench.backends import Variant
 
     variants, names = [], set()
     for spec in specs:
@@ -415,7 +415,7 @@ def engine_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print the engine's record as JSON."),
 ):
     """Build a TensorRT engine from a bundle with this device's TensorRT; record and sign it in the bundle."""
-    from tledge.trt.engine import build_engine
+    from tledge.release.engines import build_engine
     from tledge.trt.plan import EngineConfig
 
     cfg = EngineConfig(bundle, precision=precision, int8_path=int8_path, batch=_parse_batch(batch), dla_core=dla,
@@ -425,7 +425,7 @@ def engine_cmd(
     _print_warnings(record["notes"])
     timing = None
     if time_iterations > 0:
-        from tledge.trt.engine import time_engine
+        from tledge.trt.runner import time_engine
 
         timing = time_engine(bundle / record["path"], time_iterations)
     if as_json:

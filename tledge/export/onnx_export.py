@@ -6,7 +6,6 @@ preprocessing), so the later stages and the device need nothing but the file.
 
 from __future__ import annotations
 
-import json
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -16,10 +15,10 @@ import numpy as np
 
 from tledge import __version__
 from tledge.errors import TledgeError
+from tledge.export.onnx_io import set_metadata
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
-METADATA_KEY = "tledge"
 
 
 @dataclass(frozen=True)
@@ -57,44 +56,6 @@ class ExportConfig:
 
     def to_dict(self) -> dict:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
-
-
-def load_onnx(path: str | Path, load_external_data: bool = True):
-    """``onnx.load`` with user errors for a missing or unreadable file instead of protobuf tracebacks."""
-    import onnx
-
-    path = Path(path)
-    if not path.is_file():
-        raise TledgeError(f"ONNX model {path} {'is a folder, not a file' if path.is_dir() else 'does not exist'}")
-    try:
-        model = onnx.load(str(path), load_external_data=load_external_data)
-    except Exception as exc:  # protobuf DecodeError, missing external data, ...
-        raise TledgeError(f"{path} is not a readable ONNX model ({type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else 'no details'})") from None
-    # protobuf parses an empty (or zeroed) file as an empty message: no graph is not "no metadata", it is no model
-    if not model.ir_version or not model.graph.node or not model.graph.input:
-        size = path.stat().st_size
-        raise TledgeError(f"{path} is not a valid ONNX file ({'empty' if size == 0 else f'{size} bytes holding no graph'})")
-    return model
-
-
-def read_metadata(model_or_path) -> dict:
-    """The tledge description stored in an ONNX model (a path or a loaded ModelProto)."""
-    model = load_onnx(model_or_path, load_external_data=False) if isinstance(model_or_path, (str, Path)) else model_or_path
-    for prop in model.metadata_props:
-        if prop.key == METADATA_KEY:
-            try:
-                return json.loads(prop.value)
-            except json.JSONDecodeError:
-                raise TledgeError(f"{model_or_path if isinstance(model_or_path, (str, Path)) else 'the model'} has corrupt tledge metadata (not JSON); export it again") from None
-    raise TledgeError(f"{model_or_path if isinstance(model_or_path, (str, Path)) else 'the model'} has no tledge metadata; export it with `tledge export`")
-
-
-def set_metadata(model, meta: dict) -> None:
-    for prop in list(model.metadata_props):
-        if prop.key == METADATA_KEY:
-            model.metadata_props.remove(prop)
-    entry = model.metadata_props.add()
-    entry.key, entry.value = METADATA_KEY, json.dumps(meta, sort_keys=True)
 
 
 def _constant_values(graph) -> dict:
@@ -207,7 +168,8 @@ def _parity_inputs(cfg: ExportConfig, pre, classes, splits_sha256: str | None) -
     if cfg.data is None:
         rng = np.random.default_rng(cfg.seed)
         return rng.standard_normal((cfg.parity_images, *pre.input_shape), dtype=np.float32), "random normal"
-    from tledge.data.images import load_array, splits_for
+    from tledge.data.images import load_array
+    from tledge.data.splits import splits_for
 
     splits = splits_for(cfg.data, cfg.checkpoint.parent, cfg.seed, splits_sha256)
     if splits.classes != list(classes):
@@ -228,7 +190,8 @@ def export_onnx(cfg: ExportConfig) -> dict:
 
     from tledge.artifacts import atomic_path, write_json
     from tledge.models import load_checkpoint
-    from tledge.runners.backends import OrtRunner, TorchRunner
+    from tledge.runners.ort_runner import OrtRunner
+    from tledge.runners.torch_runner import TorchRunner
 
     from tledge import validate
 

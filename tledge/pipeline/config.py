@@ -35,16 +35,6 @@ def sections() -> dict[str, type]:
             "bench": BenchConfig, "gate": GateConfig}
 
 
-def default(cls: type, name: str):
-    """The default of field ``name`` of dataclass ``cls`` (so the CLI states the library's defaults, not copies)."""
-    f = cls.__dataclass_fields__[name]
-    if f.default is not dataclasses.MISSING:
-        return f.default
-    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-        return f.default_factory()  # type: ignore[misc]
-    raise KeyError(f"{cls.__name__}.{name} has no default")
-
-
 def read_section(path: Path | None, section: str) -> dict:
     """The settings of ``section`` in the TOML file at ``path`` ({} without a file), checked against the fields."""
     if path is None:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tledge.artifacts import read_json, sha256_file
-from tledge.data.images import Splits
+from tledge.data.splits import Splits
 from tledge.errors import TledgeError
 
 CALIBRATION_FORMAT = "tledge.calibration/1"

@@ -84,7 +84,7 @@ class DriftBudget:
     def _load(self):
         if self._x is None:
             from tledge.data.images import load_array
-            from tledge.runners.backends import OrtRunner
+            from tledge.runners.ort_runner import OrtRunner
 
             self._x, self._y = load_array(self.samples, self.preprocess)
             self._reference = OrtRunner(self.cfg.model).run_batches(self._x)
@@ -158,7 +158,7 @@ class DriftBudget:
         return chosen, keep, drift, fallback
 
     def _speedup(self, path: Path) -> float:
-        p50 = _p50_interleaved({"fp32": self.cfg.model, "int8": path}, self.images()[:1], rounds=5, per_round=20)
+        p50 = onnx_p50_interleaved({"fp32": self.cfg.model, "int8": path}, self.images()[:1], rounds=5, per_round=20)
         return round(p50["fp32"] / p50["int8"], 3)
 
     def _earns_its_cost(self, d: dict, best: dict) -> bool:
@@ -182,12 +182,12 @@ class DriftBudget:
             path = work / f"{target}-priced-{i}.onnx"
             make(keep + (r["node"],), path)
             paths = {"fp32": self.cfg.model, "current": current, "candidate": path}
-            p50 = _p50_interleaved(paths, x[:1], rounds=7, per_round=30)
+            p50 = onnx_p50_interleaved(paths, x[:1], rounds=7, per_round=30)
             slowdown, speedup = p50["candidate"] / p50["current"], p50["fp32"] / p50["candidate"]
             if abs(slowdown / limit - 1) < 0.1:
                 # Near the price, time it again in new sessions: the same file timed in two sessions of one run
                 # differed by 9% (bench/RESULTS.md), and the decision should not follow one session's placement.
-                again = _p50_interleaved(paths, x[:1], rounds=7, per_round=30)
+                again = onnx_p50_interleaved(paths, x[:1], rounds=7, per_round=30)
                 slowdown = (slowdown + again["candidate"] / again["current"]) / 2
                 speedup = (speedup + again["fp32"] / again["candidate"]) / 2
             step = {"node": r["node"], "slowdown": round(slowdown, 3), "speedup_vs_fp32": round(speedup, 3)}
@@ -239,11 +239,11 @@ def score(d: dict) -> float:
     return d.get("expected_agreement", d["agreement"]) - d["top1_drop_pp"] / 100
 
 
-def _p50_interleaved(paths: dict[str, Path], x: np.ndarray, rounds: int, per_round: int, threads: int | None = 1) -> dict[str, float]:
+def onnx_p50_interleaved(paths: dict[str, Path], x: np.ndarray, rounds: int, per_round: int, threads: int | None = 1) -> dict[str, float]:
     """Batch p50 latency in ms of each model, after 10 warm-up calls (a new ONNX Runtime session runs its first calls
     up to twice as slow). ``threads=None``: every core, each session's pool told not to spin once a run ends."""
-    from tledge.bench.benchmark import interleaved_p50
-    from tledge.runners.backends import OrtRunner
+    from tledge.runners.timing import interleaved_p50
+    from tledge.runners.ort_runner import OrtRunner
 
     # One thread decides: two sessions' spinning thread pools would steal the two cores from each other and make the
     # ratio swing by +-40% between repeats; single-threaded it repeats within a few percent.
@@ -256,8 +256,8 @@ def _latency_cost(fp32: Path, before: Path, after: Path, x: np.ndarray) -> dict:
     """Batch-1 p50 latency of the CPU model before and after the fallback, and both against FP32, at one thread and
     on every core, in interleaved rounds."""
     paths = {"fp32": fp32, "without_fallback": before, "with_fallback": after}
-    one = _p50_interleaved(paths, x, rounds=5, per_round=20)
-    every = _p50_interleaved(paths, x, rounds=5, per_round=20, threads=None)
+    one = onnx_p50_interleaved(paths, x, rounds=5, per_round=20)
+    every = onnx_p50_interleaved(paths, x, rounds=5, per_round=20, threads=None)
     return {"batch": 1, "p50_ms": {k: one[k] for k in ("without_fallback", "with_fallback")},
             "slowdown": round(one["with_fallback"] / one["without_fallback"], 3),
             "speedup_vs_fp32": {"one_thread": round(one["fp32"] / one["with_fallback"], 3),

@@ -33,6 +33,8 @@ from tledge.errors import TledgeError, require
 from tledge.quant.calibration_cache import version_code
 from tledge.quant.engine_cost import estimate_float_cost
 from tledge.quant.weight_rounding import restore_float_layers
+from tledge.export.onnx_io import finite_onnx_weights, onnx_metadata
+from tledge.data.images import scan_images
 
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile", "mse", "auto")
 # What "auto" chooses between, per model, by validation drift (entropy lost to these on every set in bench/RESULTS.md;
@@ -119,7 +121,7 @@ class QuantizeConfig:
         return {k: (str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
 
 
-class _ArrayReader:
+class ArrayReader:
     """ONNX Runtime CalibrationDataReader over a preloaded array, in batches."""
 
     def __init__(self, input_name: str, x: np.ndarray, batch_size: int):
@@ -136,14 +138,14 @@ class _ArrayReader:
         self.pos = 0
 
 
-def _quantize_static(src: Path, dst: Path, reader: _ArrayReader, overrides: dict, keep_float: tuple[str, ...], **kwargs) -> None:
+def _quantize_static(src: Path, dst: Path, reader: ArrayReader, overrides: dict, keep_float: tuple[str, ...], **kwargs) -> None:
     """ONNX Runtime's quantizer with every range given (``TensorQuantOverrides``): its own calibration pass only has
     to see the graph run, so one batch is enough (a test checks that the scales are ours)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, quantize_static
 
     kwargs["extra_options"] = {**kwargs.get("extra_options", {}), "TensorQuantOverrides": overrides}
     reader.rewind()
-    with _quiet_onnxruntime():
+    with quiet_onnxruntime():
         try:
             quantize_static(str(src), str(dst), reader, quant_format=QuantFormat.QDQ, per_channel=True,
                             calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=list(keep_float), **kwargs)
@@ -172,7 +174,7 @@ class Recipe(abc.ABC):
         return {}
 
     @abc.abstractmethod
-    def quantize(self, src: Path, dst: Path, reader: _ArrayReader, ranges: dict, keep_float: tuple[str, ...]) -> None:
+    def quantize(self, src: Path, dst: Path, reader: ArrayReader, ranges: dict, keep_float: tuple[str, ...]) -> None:
         """Write the INT8 model for ``src`` to ``dst`` with these activation ranges and float layers."""
 
     def finish(self, proto, fp32_proto, keep_float: tuple[str, ...]) -> tuple[object, dict]:
@@ -345,7 +347,7 @@ def make_recipes(cfg: "QuantizeConfig") -> list[Recipe]:
 
 
 @contextlib.contextmanager
-def _quiet_onnxruntime():
+def quiet_onnxruntime():
     """Mute ONNX Runtime's advice to pre-process (our exported graph is already folded), its C++ warnings and prints."""
     import onnxruntime
 
@@ -478,7 +480,7 @@ def check_int16_saturation(model) -> list[str]:
 
 def compare_fused_with_simulation(path: Path, x: np.ndarray, batch: int = 32) -> dict:
     """This CPU's fused int8 kernels against the simulated arithmetic of the same Q/DQ model, on images ``x``."""
-    from tledge.runners.backends import OrtRunner
+    from tledge.runners.ort_runner import OrtRunner
 
     return fused_vs_simulated_figures(OrtRunner(path).run_batches(x, batch), OrtRunner(path, simulate_int8=True).run_batches(x, batch))
 
@@ -598,9 +600,10 @@ def quantize(cfg: QuantizeConfig) -> dict:
     from tledge.quant.bias_correction import correct_bias
     from tledge.quant.statistics import STATS_FILE, calibrate, calibration_key
     from tledge.quant.calibration import calibration_warnings, load_calibration_set, sample_calibration_set
-    from tledge.data.images import Preprocess, Sample, load_array, splits_for
+    from tledge.data.images import Preprocess, Sample, load_array
+    from tledge.data.splits import splits_for
     from tledge.quant.drift_budget import TRIED_KEYS, DriftBudget, describe_drift, score
-    from tledge.export.onnx_export import load_onnx, set_metadata
+    from tledge.export.onnx_io import load_onnx, set_metadata
 
     from tledge import validate
 
@@ -609,8 +612,8 @@ def quantize(cfg: QuantizeConfig) -> dict:
         raise TledgeError(f"ONNX model {cfg.model} {'is a folder, not a file' if cfg.model.is_dir() else 'does not exist'}; run `tledge export` first")
     validate.output_dir(cfg.out_dir, "--out-dir")
     fp32_proto = load_onnx(cfg.model)
-    meta = validate.onnx_metadata(cfg.model, fp32_proto)
-    validate.finite_onnx_weights(fp32_proto, cfg.model)  # NaN weights would calibrate NaN ranges
+    meta = onnx_metadata(cfg.model, fp32_proto)
+    finite_onnx_weights(fp32_proto, cfg.model)  # NaN weights would calibrate NaN ranges
     if meta.get("precision", "fp32") != "fp32":
         raise TledgeError(f"{cfg.model} is already quantized ({meta['precision']}); quantize the FP32 model from `tledge export`")
     pre = Preprocess.from_dict(meta["preprocess"])
@@ -627,7 +630,7 @@ def quantize(cfg: QuantizeConfig) -> dict:
         calib = load_calibration_set(cfg.calibration, splits.root, meta["classes"], pre.input_shape)
     else:
         calib = sample_calibration_set(splits, cfg.num_images, cfg.seed)
-    validate.scan_images([*calib.paths, *(s.path for s in splits.val)])  # what calibration and the drift budget read
+    scan_images([*calib.paths, *(s.path for s in splits.val)])  # what calibration and the drift budget read
     x, _ = load_array([Sample(p, 0) for p in calib.paths], pre)  # labels are not used by calibration
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
     validate.start_rewrite(cfg.out_dir, "quantize")
@@ -639,7 +642,7 @@ def quantize(cfg: QuantizeConfig) -> dict:
     base = _Source(cfg.model, fp32_proto, stats, qat=None)
     rounded = None  # the TensorRT model's source when weight rounding is on: made once, below
     qat_source: list[_Source] = []  # made at most once, by the first model that needs it
-    one_batch = _ArrayReader(meta["input"], x[: cfg.batch_size], cfg.batch_size)
+    one_batch = ArrayReader(meta["input"], x[: cfg.batch_size], cfg.batch_size)
     outputs = {}
     try:
         for recipe in make_recipes(cfg):

@@ -115,7 +115,7 @@ def bypass_quantization(model, fp32_model, node_names) -> object:
 
 def simulate(model, x: np.ndarray, batch: int = 32) -> np.ndarray:
     """Logits of an in-memory Q/DQ model with Q/DQ run as float ops (see :class:`tledge.runners.backends.OrtRunner`)."""
-    from tledge.runners.backends import OrtRunner
+    from tledge.runners.ort_runner import OrtRunner
 
     return OrtRunner(model, simulate_int8=True).run_batches(x, batch)
 

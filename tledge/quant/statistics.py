@@ -165,7 +165,7 @@ def _collect(model: Path, x: np.ndarray) -> CalibrationStats:
 
     import onnx
 
-    from tledge.runners.backends import OrtRunner
+    from tledge.runners.ort_runner import OrtRunner
 
     if len(x) == 0:
         raise TledgeError("calibration needs at least one image")

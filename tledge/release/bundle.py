@@ -6,6 +6,7 @@ from pathlib import Path
 
 from tledge.artifacts import ARTIFACTS, FORMATS, STAGE_RECORDS, describe_file, read_json, write_json
 from tledge.errors import TledgeError
+from tledge.release.check import check_artifact
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = FORMATS["manifest"]
@@ -15,7 +16,7 @@ def _cpu_target_entry(path: Path, out_dir: Path) -> dict:
     """Which CPUs the CPU INT8 model is right on (from the file's own metadata) and where that was checked."""
     from tledge.artifacts import read_json
     from tledge.cpu_isa import CPU_TARGETS
-    from tledge.export.onnx_export import read_metadata
+    from tledge.export.onnx_io import read_metadata
 
     name = read_metadata(path).get("cpu_target")
     target = CPU_TARGETS.get(name)
@@ -96,7 +97,7 @@ def bundle(out_dir: str | Path) -> dict:
     Input spec, preprocessing and labels come from the FP32 ONNX model's tledge metadata.
     """
     from tledge.data.images import Preprocess
-    from tledge.export.onnx_export import read_metadata
+    from tledge.export.onnx_io import read_metadata
     from tledge.machine import machine_info
 
     from tledge import validate
@@ -123,7 +124,7 @@ def bundle(out_dir: str | Path) -> dict:
     for name in sorted(declared):
         path = out_dir / name
         # A manifest vouches only for files that pass their own checks and are what their stage wrote.
-        validate.check_artifact(path)
+        check_artifact(path)
         entry = describe_file(path, out_dir)
         if name in recorded and recorded[name] != entry["sha256"]:
             raise TledgeError(f"{path} changed after the {declared[name]} stage wrote it (its sha256 differs from the stage record's); "

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from tledge.data.images import _PIL_FILTERS, Preprocess, to_input
+from tledge.data.images import PIL_FILTERS, Preprocess, to_input
 from tledge.errors import TledgeError
 
 
@@ -74,7 +74,7 @@ def augmented_input(img: np.ndarray, pre: Preprocess, aug: Augment, rng: np.rand
     if box is None:  # fall back to the largest centered square
         side = min(h, w)
         box = ((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side)
-    pil = Image.fromarray(img).resize((pre.size, pre.size), _PIL_FILTERS[pre.interpolation], box=box)
+    pil = Image.fromarray(img).resize((pre.size, pre.size), PIL_FILTERS[pre.interpolation], box=box)
     x = np.asarray(pil, dtype=np.float32) / 255.0
     if aug.hflip and rng.random() < 0.5:
         x = x[:, ::-1]

@@ -23,8 +23,10 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from tledge.data.images import SPLITS_FILE, Preprocess, Splits, load_splits, write_splits
+from tledge.data.splits import SPLITS_FILE, Splits, load_splits, write_splits
+from tledge.data.images import Preprocess
 from tledge.errors import TledgeError
+from tledge.data.images import scan_images
 
 CURVE_FRACTIONS = (0.1, 0.25, 0.5, 1.0)
 STRATEGY_CHOICES = ("auto", "linear", "staged", "full")
@@ -160,7 +162,7 @@ def _finetune(cfg: FinetuneConfig, splits: Splits | None, on_epoch, world, devic
     started = time.perf_counter()
     validate.output_dir(cfg.out)  # before minutes of training, not at the end
     splits = splits or load_splits(cfg.data, cfg.val_fraction, cfg.test_fraction, cfg.seed)
-    validate.scan_images(s.path for s in splits.train + splits.val + splits.test)
+    scan_images(s.path for s in splits.train + splits.val + splits.test)
     model, spec = create_model(cfg.model, cfg.weights, num_classes=len(splits.classes), seed=cfg.seed)
     pre = resolve_preprocess(spec.preprocess, cfg.image_size, cfg.resize)
     depth = len(model.blocks)

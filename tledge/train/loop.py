@@ -98,7 +98,7 @@ def class_weights(labels, num_classes: int):
     return torch.tensor(w, dtype=torch.float32)
 
 
-def _to(x, device, channels_last: bool):
+def to_device(x, device, channels_last: bool):
     import torch
 
     x = x.to(device, non_blocking=True)
@@ -190,7 +190,7 @@ def fit(
         for x, y in loader:
             if skip_single and len(y) < 2:
                 continue
-            x, y = _to(x, device, channels_last), y.to(device, non_blocking=True)
+            x, y = to_device(x, device, channels_last), y.to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
                 logits = model(x)
                 loss = loss_fn(logits.float(), y)

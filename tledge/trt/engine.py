@@ -28,7 +28,7 @@ def default_timing_cache_dir() -> Path:
     return cache_dir() / "trt-timing"
 
 
-def _logger(trt):
+def trt_logger(trt):
     """A TensorRT logger that keeps the errors (to name the failing layer) and passes warnings to stderr."""
 
     class Logger(trt.ILogger):
@@ -152,26 +152,16 @@ def _checked_file(bundle: Path, manifest: dict, name: str) -> Path:
     return path
 
 
-def build_engine(cfg: EngineConfig, trt=None, device: Optional[Device] = None) -> dict:
-    """Build the engine ``cfg`` asks for with this machine's TensorRT; returns its record (also in engine.json).
-
-    >>> build_engine(EngineConfig("release", precision="int8", batch=(1, 4, 8)))  # doctest: +SKIP
-    """
-    from tledge.release.bundle import MANIFEST, bundle as sign_bundle
-
+def build_in_bundle(cfg: EngineConfig, trt=None, device: Optional[Device] = None) -> dict:
+    """Build the engine ``cfg`` asks for into its bundle with this machine's TensorRT; returns its record (also in
+    engine.json). The caller verified the bundle first and signs it again after (:func:`tledge.release.build_engine`)."""
     trt = trt or require("tensorrt", TRT_INSTALL)
     started = time.perf_counter()
     bundle = cfg.bundle
-    if not (bundle / MANIFEST).is_file():
-        raise TledgeError(f"{bundle} has no manifest.json: run `tledge bundle {bundle}` on the build machine first")
-    from tledge.release.verify import verify
-
-    # Every file first: the build re-signs the bundle, which must never vouch for a file changed since it was signed.
-    verify(bundle, check_device=False)
-    manifest = read_json(bundle / MANIFEST)
+    manifest = read_json(bundle / "manifest.json")
     files = {a.get("path") for a in manifest.get("artifacts", [])}
     version = str(trt.__version__)
-    logger = _logger(trt)
+    logger = trt_logger(trt)
     builder = trt.Builder(logger)
     device = device or this_device(builder)
     plan = make_plan(cfg, version, device, manifest, files)
@@ -214,7 +204,7 @@ def build_engine(cfg: EngineConfig, trt=None, device: Optional[Device] = None) -
     engine_path = write_bytes(bundle / plan.engine, bytes(serialized))
     write_bytes(timing_path, bytes(config.get_timing_cache().serialize()))
 
-    from tledge.export.onnx_export import read_metadata
+    from tledge.export.onnx_io import read_metadata
     from tledge.machine import package_version
 
     meta = read_metadata(onnx_path)
@@ -247,7 +237,6 @@ def build_engine(cfg: EngineConfig, trt=None, device: Optional[Device] = None) -
         "versions": {"tensorrt": version, "tledge": package_version("tledge")},
     }
     _update_record(bundle, record)
-    sign_bundle(bundle)
     return record
 
 
@@ -266,27 +255,3 @@ def engine_record(engine_path: Path) -> Optional[dict]:
     if not path.is_file():
         return None
     return (read_json(path).get("engines") or {}).get(Path(engine_path).name)
-
-
-def time_engine(engine_path: Path, iterations: int = 200, warmup: int = 20) -> dict:
-    """Latency of an engine on this device at its profile's opt batch (zeros in, no images needed): the
-    container's quick check; ``tledge bench ENGINE --data`` measures accuracy and latency on real images."""
-    import numpy as np
-
-    from tledge.trt.runner import TrtRunner
-
-    runner = TrtRunner(engine_path)
-    try:
-        shape = tuple(runner.record["profile"]["opt"])
-        x = np.zeros(shape, np.float32)
-        for _ in range(warmup):
-            runner(x)
-        times = []
-        for _ in range(iterations):
-            t = time.perf_counter()
-            runner(x)
-            times.append((time.perf_counter() - t) * 1000)
-    finally:
-        runner.close()
-    p50, p90, p99 = (float(np.percentile(times, q)) for q in (50, 90, 99))
-    return {"batch": shape[0], "iterations": iterations, "p50_ms": p50, "p90_ms": p90, "p99_ms": p99}

@@ -14,6 +14,8 @@ import numpy as np
 
 from tledge.errors import TledgeError, require
 
+import time
+
 
 class TrtRunner:
     name = "tensorrt"
@@ -22,8 +24,8 @@ class TrtRunner:
         """``trt``, ``cuda`` (a :class:`tledge.cuda.Cudart`) and ``here`` (a :class:`tledge.release.verify.Here`) default
         to this machine's; tests pass stand-ins."""
         from tledge.cuda import Cudart
-        from tledge.trt.engine import TRT_INSTALL, _logger, engine_record
-        from tledge.release.verify import engine_mismatch, this_machine
+        from tledge.trt.engine import TRT_INSTALL, trt_logger, engine_record
+        from tledge.trt.compat import engine_mismatch, this_machine
 
         self.path = Path(path)
         self.record = engine_record(self.path)
@@ -35,7 +37,7 @@ class TrtRunner:
         if why:  # TensorRT's own message for this is a deserialization error that names neither version nor GPU
             raise TledgeError(f"{self.path.name} cannot run here: {why}; rebuild it on this device with `tledge engine`")
         self.trt = trt
-        self.logger = _logger(trt)
+        self.logger = trt_logger(trt)
         self.runtime = trt.Runtime(self.logger)
         if self.record.get("version_compatible"):
             self.runtime.engine_host_code_allowed = True  # a version-compatible engine carries its own runtime code
@@ -110,3 +112,27 @@ class TrtRunner:
         if getattr(self, "cuda", None) is not None:
             self.cuda.close()
         self.context = self.engine = self.runtime = None
+
+
+def time_engine(engine_path: Path, iterations: int = 200, warmup: int = 20) -> dict:
+    """Latency of an engine on this device at its profile's opt batch (zeros in, no images needed): the
+    container's quick check; ``tledge bench ENGINE --data`` measures accuracy and latency on real images."""
+    import numpy as np
+
+    from tledge.trt.runner import TrtRunner
+
+    runner = TrtRunner(engine_path)
+    try:
+        shape = tuple(runner.record["profile"]["opt"])
+        x = np.zeros(shape, np.float32)
+        for _ in range(warmup):
+            runner(x)
+        times = []
+        for _ in range(iterations):
+            t = time.perf_counter()
+            runner(x)
+            times.append((time.perf_counter() - t) * 1000)
+    finally:
+        runner.close()
+    p50, p90, p99 = (float(np.percentile(times, q)) for q in (50, 90, 99))
+    return {"batch": shape[0], "iterations": iterations, "p50_ms": p50, "p90_ms": p90, "p99_ms": p99}
