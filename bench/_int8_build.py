@@ -51,12 +51,12 @@ def make_int8(recipe, model: Path, fp32, stats, reader, path: Path, method: str 
 def load_build(build: Path, data: Path) -> Int8Build:
     import onnx
 
-    from tledge.quant.statistics import STATS_FILE, CalibrationStats
     from tledge.data.images import Preprocess, load_array
     from tledge.data.splits import splits_for
-    from tledge.quant.quantize import ArrayReader
-    from tledge.runners.ort_runner import OrtRunner
     from tledge.export.onnx_io import onnx_metadata
+    from tledge.quant.recipes import ArrayReader
+    from tledge.quant.statistics import STATS_FILE, CalibrationStats
+    from tledge.runners.ort_runner import OrtRunner
 
     model = build / "model.fp32.onnx"
     fp32 = onnx.load(str(model))
@@ -74,7 +74,7 @@ def load_build(build: Path, data: Path) -> Int8Build:
 
 def portable_cpu_recipe(fp32):
     from tledge.cpu_isa import resolve_cpu_target
-    from tledge.quant.quantize import CpuInt8
+    from tledge.quant.recipes import CpuInt8
 
     recipe = CpuInt8(*resolve_cpu_target("portable"))
     recipe.prepare(fp32)

@@ -16,13 +16,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from tledge.quant.statistics import METHODS, calibrate
-from tledge.quant.calibration import sample_calibration_set
 from tledge.cpu_isa import this_cpu
 from tledge.data.images import Preprocess, Sample, load_array
 from tledge.data.splits import load_splits
 from tledge.export.onnx_io import read_metadata
 from tledge.machine import machine_info
+from tledge.quant.calibration import sample_calibration_set
+from tledge.quant.statistics import METHODS, calibrate
 
 
 def peak_rss_mb() -> float:
@@ -33,7 +33,7 @@ def ort_ranges(model: Path, input_name: str, x, method: str) -> None:
     """ONNX Runtime's calibrator for one method (2048 bins for the histogram methods), streamed in chunks of 32."""
     from onnxruntime.quantization import CalibrationMethod, create_calibrator
 
-    from tledge.quant.quantize import ArrayReader, quiet_onnxruntime
+    from tledge.quant.recipes import ArrayReader, quiet_onnxruntime
 
     ort_method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy, "percentile": CalibrationMethod.Percentile}[method]
     extra = {"symmetric": True, **({"num_bins": 2048, "num_quantized_bins": 256} if method == "entropy" else {}),

@@ -25,7 +25,6 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-
 from _int8_build import load_build, make_int8, portable_cpu_recipe
 
 
@@ -105,15 +104,15 @@ def equalize(model, maxima: dict, alpha: float, cap: float, headroom: float = 1.
 def main() -> None:
     import onnx
 
-    from tledge.quant.statistics import calibrate
     from tledge.data.images import Preprocess, load_array
     from tledge.data.splits import load_splits
-    from tledge.quant.drift_budget import drift_figures
     from tledge.export.onnx_io import read_metadata
     from tledge.machine import machine_info
-    from tledge.quant.quantize import TensorRTQDQ
-    from tledge.runners.ort_runner import OrtRunner
+    from tledge.quant.drift_budget import drift_figures
+    from tledge.quant.recipes import TensorRTQDQ
     from tledge.quant.sensitivity import simulate
+    from tledge.quant.statistics import calibrate
+    from tledge.runners.ort_runner import OrtRunner
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--build", type=Path, required=True)

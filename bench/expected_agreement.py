@@ -20,15 +20,13 @@ import time
 from pathlib import Path
 
 import numpy as np
-
-
 from _int8_build import load_build, portable_cpu_recipe
 
 
 def main() -> None:
-    from tledge.quant.drift_budget import expected_agreement
     from tledge.machine import machine_info
-    from tledge.quant.quantize import TensorRTQDQ
+    from tledge.quant.drift_budget import expected_agreement
+    from tledge.quant.recipes import TensorRTQDQ
     from tledge.quant.sensitivity import simulate
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

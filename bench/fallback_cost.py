@@ -17,7 +17,6 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-
 from _int8_build import load_build, portable_cpu_recipe
 
 
@@ -46,8 +45,8 @@ def node_macs(model_path: Path, fp32) -> dict[str, int]:
 
 
 def main() -> None:
-    from tledge.quant.drift_budget import onnx_p50_interleaved, drift_figures
     from tledge.machine import machine_info
+    from tledge.quant.drift_budget import drift_figures, onnx_p50_interleaved
     from tledge.quant.sensitivity import rank_layers, simulate
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

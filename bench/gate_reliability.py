@@ -22,11 +22,13 @@ from pathlib import Path
 
 import numpy as np
 
+from tledge.bench.gate import GateConfig, gate
+from tledge.bench.intervals import paired_ratio_interval
+from tledge.bench.slower_variant import slower_variant
 from tledge.export.onnx_io import read_metadata
-from tledge.bench.gate import GateConfig, gate, paired_ratio_interval, slower_variant
-from tledge.runners.timing import timed_blocks
 from tledge.machine import machine_info
 from tledge.runners.ort_runner import OrtRunner
+from tledge.runners.timing import timed_blocks
 
 
 def measured_ratio(base: Path, cand: Path, x: np.ndarray, blocks: int, threads: int | None) -> dict:

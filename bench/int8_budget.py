@@ -34,15 +34,16 @@ from pathlib import Path
 
 import numpy as np
 
-from tledge.runners.timing import interleaved_p50
-from tledge.quant.statistics import STATS_FILE
 from tledge.cpu_isa import this_cpu
 from tledge.data.images import Preprocess, load_array
 from tledge.data.splits import load_splits
 from tledge.export.onnx_io import read_metadata
 from tledge.machine import machine_info
-from tledge.quant.quantize import QuantizeConfig, ArrayReader, quiet_onnxruntime, quantize
+from tledge.quant.quantize import QuantizeConfig, quantize
+from tledge.quant.recipes import ArrayReader, quiet_onnxruntime
+from tledge.quant.statistics import STATS_FILE
 from tledge.runners.ort_runner import OrtRunner
+from tledge.runners.timing import interleaved_p50
 
 
 def logits(path: Path, x: np.ndarray, simulate: bool) -> np.ndarray:

@@ -36,13 +36,14 @@ from pathlib import Path
 
 import numpy as np
 
-# tledge: public names only, in this one block (the package layout is moving)
-from tledge.runners.timing import interleaved_p50
 from tledge.data.images import Preprocess, Sample, load_array
 from tledge.data.splits import read_splits
 from tledge.export.onnx_io import read_metadata
 from tledge.machine import machine_info, package_version
 from tledge.runners.ort_runner import OrtRunner
+
+# tledge: public names only, in this one block (the package layout is moving)
+from tledge.runners.timing import interleaved_p50
 
 WEIGHTED_OPS = {"Conv", "Gemm", "MatMul", "ConvTranspose"}
 INTEGER_OPS = {"QLinearConv", "QLinearMatMul", "QGemm", "ConvInteger", "MatMulInteger"}  # QOperator format

@@ -22,7 +22,8 @@ from tledge.data.images import Preprocess, load_array
 from tledge.data.splits import load_splits
 from tledge.export.onnx_io import read_metadata
 from tledge.machine import machine_info
-from tledge.quant.quantize import TARGETS, QuantizeConfig, quantize
+from tledge.quant.quantize import QuantizeConfig, quantize
+from tledge.quant.recipes import TARGETS
 from tledge.runners.ort_runner import OrtRunner
 
 

@@ -84,11 +84,11 @@ def cached_vs_backbone(splits, image_size: int, batch_size: int, epochs: int) ->
     backbone from each (augmented) batch; the cache's one-off cost is recorded with it."""
     import torch
 
-    from tledge.train.finetune import resolve_preprocess
     from tledge.models import create_model
     from tledge.train.augment import preset
+    from tledge.train.finetune import resolve_preprocess
     from tledge.train.loader import ImageSet
-    from tledge.train.strategies import cache_activations, param_groups, set_train_mode
+    from tledge.train.surgery import cache_activations, param_groups, set_train_mode
 
     model, spec = create_model("efficientnet_lite0", "pretrained", num_classes=len(splits.classes))
     pre = resolve_preprocess(spec.preprocess, image_size, None)
@@ -138,10 +138,10 @@ def cached_vs_backbone(splits, image_size: int, batch_size: int, epochs: int) ->
 
 
 def main() -> None:
-    from tledge.data.splits import load_splits
     from tledge.data.datasets import digits_dataset
-    from tledge.train.finetune import FinetuneConfig
+    from tledge.data.splits import load_splits
     from tledge.machine import machine_info
+    from tledge.train.finetune import FinetuneConfig
     from tledge.train.strategies import AUTO_LAST_STEP_SHARE, AUTO_LAST_STEP_WARMUP
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -27,15 +27,15 @@ def _sync(device):
 def main() -> None:
     import torch
 
-    from tledge.data.splits import load_splits
     from tledge.data.datasets import digits_dataset
-    from tledge.train.finetune import resolve_preprocess
+    from tledge.data.splits import load_splits
     from tledge.models import create_model
     from tledge.train.augment import preset
     from tledge.train.distributed import World, resolve_device
+    from tledge.train.finetune import resolve_preprocess
     from tledge.train.loader import ImageSet, make_loader
-    from tledge.train.loop import to_device, amp_dtype
-    from tledge.train.strategies import param_groups, set_train_mode
+    from tledge.train.loop import amp_dtype, to_device
+    from tledge.train.surgery import param_groups, set_train_mode
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default=None, help="ImageFolder root (default: the digits)")

@@ -86,8 +86,8 @@ def tiny_weights(tmp_path_factory) -> Path:
 def tiny_pipeline(tiny_dataset, tiny_weights, tmp_path_factory) -> Path:
     """finetune -> export -> quantize of the tiny registry model, run once for every test that needs artifacts."""
     from tledge.export.onnx_export import ExportConfig, export_onnx
-    from tledge.train.finetune import FinetuneConfig, finetune
     from tledge.quant.quantize import QuantizeConfig, quantize
+    from tledge.train.finetune import FinetuneConfig, finetune
 
     out = tmp_path_factory.mktemp("tiny_pipeline")
     finetune(FinetuneConfig(data=tiny_dataset, out=out, model="test_efficientnet_lite", weights=str(tiny_weights), strategy="staged", unfreeze=(2,), epochs=4, patience=2, batch_size=16, lr=1e-2))

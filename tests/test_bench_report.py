@@ -12,13 +12,13 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-
 from _trained_tiny import trained_pipeline
+
 from tledge.artifacts import ARTIFACTS, sha256_file
 from tledge.bench.benchmark import BenchConfig, bench
-from tledge.release.bundle import bundle
 from tledge.errors import TledgeError
 from tledge.export.onnx_io import read_metadata, set_metadata
+from tledge.release.bundle import bundle
 from tledge.report.summary import write_report
 
 SVG = "{http://www.w3.org/2000/svg}"

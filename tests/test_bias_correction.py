@@ -7,10 +7,10 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from tledge.quant.bias_correction import correct_bias
-from tledge.quant.statistics import calibrate
 from tledge.cpu_isa import CPU_TARGETS
-from tledge.quant.quantize import CpuInt8, TensorRTQDQ, ArrayReader
+from tledge.quant.bias_correction import correct_bias
+from tledge.quant.recipes import ArrayReader, CpuInt8, TensorRTQDQ
+from tledge.quant.statistics import calibrate
 from tledge.runners.ort_runner import OrtRunner
 
 
@@ -78,8 +78,8 @@ def test_layers_kept_in_float_are_not_corrected(tmp_path):
 def test_quantize_records_bias_correction(tiny_pipeline, tiny_dataset, tmp_path):
     import shutil
 
-    from tledge.quant.statistics import STATS_FILE
     from tledge.quant.quantize import QuantizeConfig, quantize
+    from tledge.quant.statistics import STATS_FILE
 
     shutil.copy(tiny_pipeline / STATS_FILE, tmp_path / STATS_FILE)
     record = quantize(QuantizeConfig(model=tiny_pipeline / "model.fp32.onnx", data=tiny_dataset, out_dir=tmp_path, bias_correction=True,

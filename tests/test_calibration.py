@@ -7,11 +7,11 @@ import json
 from pathlib import Path
 
 import pytest
-
 from conftest import make_image_folder
-from tledge.quant.calibration import CALIBRATION_FORMAT, load_calibration_set, sample_calibration_set
+
 from tledge.data.splits import load_splits
 from tledge.errors import TledgeError
+from tledge.quant.calibration import CALIBRATION_FORMAT, load_calibration_set, sample_calibration_set
 
 CLASSES = ["a", "b", "c"]
 SHAPE = (3, 32, 32)

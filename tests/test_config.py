@@ -7,12 +7,12 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from tledge.pipeline.build import BuildConfig
+from tledge.bench.gate import GateConfig
 from tledge.cli import app
 from tledge.defaults import default
-from tledge.pipeline.config import read_section
 from tledge.errors import TledgeError
-from tledge.bench.gate import GateConfig
+from tledge.pipeline.build import BuildConfig
+from tledge.pipeline.config import read_section
 from tledge.quant.quantize import QuantizeConfig
 
 

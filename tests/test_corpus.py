@@ -22,9 +22,9 @@ from typing import Callable
 
 import numpy as np
 import pytest
+from conftest import make_image_folder
 from typer.testing import CliRunner
 
-from conftest import make_image_folder
 from tledge.cli import app
 from tledge.errors import TledgeError
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import TINY_CLASSES, make_image_folder
 from PIL import Image
 
-from conftest import TINY_CLASSES, make_image_folder
 from tledge.data.images import Preprocess, Sample, iter_batches, load_array, load_image
 from tledge.data.splits import load_splits
 from tledge.errors import TledgeError

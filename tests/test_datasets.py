@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tledge.quant.calibration import load_calibration_set, sample_calibration_set
-from tledge.data.splits import load_splits
 from tledge.data.datasets import DIGITS_SPLITS, digits_dataset
+from tledge.data.splits import load_splits
+from tledge.quant.calibration import load_calibration_set, sample_calibration_set
 
 REPO = Path(__file__).resolve().parent.parent
 # package data, so a wheel install pins the same images (tledge.pipeline.build.PINNED_CALIBRATION_DIR)

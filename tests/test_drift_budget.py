@@ -8,13 +8,13 @@ import json
 import numpy as np
 import onnx
 import pytest
+from _trained_tiny import trained_pipeline
 from onnx import numpy_helper
 
-from _trained_tiny import trained_pipeline
 from tledge.quant.quantize import QuantizeConfig, quantize
-from tledge.report.summary import _quantized_model_lines
-from tledge.runners.ort_runner import OrtRunner
 from tledge.quant.sensitivity import bypass_quantization, quantized_layers, rank_layers, simulate
+from tledge.report.markdown import quantized_model_lines
+from tledge.runners.ort_runner import OrtRunner
 
 FP32 = "model.fp32.onnx"
 
@@ -173,7 +173,7 @@ def test_the_cpu_fallback_is_priced_by_latency(planted_is_dear, sensitive, loose
     else:
         assert first["kept"] == "float" and priced["met"] and info["kept_float"] == [planted] and len(priced["steps"]) == 1
         assert info["fallback"]["tried"] == info["fallback"]["tried"][:1], "no unpriced search once the priced one met the budget"
-    report = "\n".join(_quantized_model_lines("cpu", info))
+    report = "\n".join(quantized_model_lines("cpu", info))
     assert "Priced by latency" in report and (("too slow: `" + planted) in report) == planted_is_dear
 
 
@@ -257,8 +257,8 @@ def test_the_budget_is_judged_on_a_bounded_spread_of_validation_images(trained, 
 
 
 def test_auto_method_picks_the_candidate_closest_to_fp32(trained, tiny_dataset, tmp_path):
-    from tledge.quant.drift_budget import score
     from tledge.export.onnx_io import read_metadata
+    from tledge.quant.drift_budget import score
     from tledge.quant.quantize import AUTO_CANDIDATES
 
     record = quantize(QuantizeConfig(model=trained / FP32, data=tiny_dataset, out_dir=tmp_path, num_images=24,

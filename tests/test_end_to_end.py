@@ -8,7 +8,6 @@ import sys
 
 import pytest
 
-
 CLI = [sys.executable, "-m", "tledge.cli"]
 
 
@@ -58,8 +57,8 @@ def test_corrupt_onnx_is_one_line_error(command, tiny_dataset, tmp_path):
      ({"image_size": 4}, "--image-size must be at least 8"), ({"calibration": "/no/such/calibration.json"}, "does not exist")],
 )
 def test_build_settings_fail_before_any_work(kwargs, message, tmp_path):
-    from tledge.pipeline.build import BuildConfig
     from tledge.errors import TledgeError
+    from tledge.pipeline.build import BuildConfig
 
     with pytest.raises(TledgeError, match=message):
         BuildConfig(out=tmp_path / "out", **kwargs)

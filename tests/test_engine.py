@@ -8,13 +8,12 @@ import json
 
 import onnx
 import pytest
-
-from tledge.release.engines import build_engine
-from tledge.errors import TledgeError
-from tledge.trt.plan import Device, EngineConfig, TrtVersion, check_opset, make_plan
-
 from _bundles import resign
 from _fake_tensorrt import make_trt
+
+from tledge.errors import TledgeError
+from tledge.release.engines import build_engine
+from tledge.trt.plan import Device, EngineConfig, TrtVersion, check_opset, make_plan
 
 ORIN = Device("Orin", "8.7", {"l4t": "36.4.0", "jetpack": "6.1/6.2"}, dla_cores=2)
 ORIN_NANO = Device("Orin", "8.7", {"l4t": "36.4.0", "jetpack": "6.1/6.2"}, dla_cores=0)

@@ -10,9 +10,9 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from _trained_tiny import trained_pipeline
 from onnx import TensorProto, helper, numpy_helper
 
-from _trained_tiny import trained_pipeline
 from tledge.errors import TledgeError
 from tledge.export.onnx_export import ExportConfig, export_onnx, fold_constants, fold_pads_into_convs
 from tledge.export.onnx_io import read_metadata

@@ -8,13 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import TINY_CLASSES
+
 from tledge.data.images import Preprocess, load_array
 from tledge.data.splits import load_splits
 from tledge.errors import TledgeError
-from tledge.train.finetune import FinetuneConfig, finetune, resolve_preprocess
 from tledge.models import create_model, get_spec, load_checkpoint
+from tledge.train.finetune import FinetuneConfig, finetune, resolve_preprocess
 
 TINY = "test_efficientnet_lite"
 TINY_BLOCKS = 12

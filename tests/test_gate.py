@@ -11,10 +11,11 @@ import pytest
 from onnx import numpy_helper
 from typer.testing import CliRunner
 
+from tledge.bench.gate import EXIT_FAILED, GateConfig, gate
+from tledge.bench.intervals import accuracy_checks, latency_check, paired_ratio_interval, unpaired_ratio_interval
+from tledge.bench.slower_variant import slower_variant
 from tledge.cli import app
 from tledge.errors import TledgeError
-from tledge.bench.gate import (EXIT_FAILED, GateConfig, accuracy_checks, gate, latency_check, paired_ratio_interval,
-                         slower_variant, unpaired_ratio_interval)
 
 
 def noisy_blocks(n: int, ratio: float, noise: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -129,15 +130,15 @@ def test_a_stored_baseline_from_other_images_or_classes_is_refused(tiny_pipeline
 
 @pytest.mark.parametrize("name", ["model.fp32.onnx", "model.int8.cpu.onnx", "model.int8.qdq.onnx"])
 def test_the_slower_variant_repeats_the_share_of_work_asked_and_computes_the_same(tiny_pipeline, tmp_path, name):
-    from tledge.bench.gate import _node_macs
+    from tledge.bench.slower_variant import node_macs
     from tledge.runners.ort_runner import OrtRunner
 
     src = tiny_pipeline / name
     x = np.random.default_rng(0).normal(0, 1, (2, 3, 32, 32)).astype(np.float32)
-    base = sum(_node_macs(onnx.load(str(src))).values())
+    base = sum(node_macs(onnx.load(str(src))).values())
     for extra in (0.1, 0.5, 1.0, 2.3):
         slow = slower_variant(src, tmp_path / f"slow-{extra}.onnx", extra_work=extra)
-        added = sum(_node_macs(onnx.load(str(slow))).values()) / base - 1
+        added = sum(node_macs(onnx.load(str(slow))).values()) / base - 1
         # whole copies, then a prefix that stops at the first layer boundary past the share
         assert extra <= added < extra + 0.3, (extra, added)
         np.testing.assert_array_equal(OrtRunner(slow)(x), OrtRunner(src)(x))

@@ -16,11 +16,11 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import make_image_folder
+
 from tledge.artifacts import sha256_file
-from tledge.validate import LEFTOVER_PATTERNS
 from tledge.release.check import check_artifact
+from tledge.validate import LEFTOVER_PATTERNS
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 
@@ -64,8 +64,8 @@ def _manifest_is_true(out: Path) -> bool:
 def _bundle_signs_only_sound_files(out: Path) -> None:
     """`bundle` on what an interruption left: a clear error and no manifest, or a manifest of files that pass their
     checks (in process: the test already paid for the imports; the CLI's error path is the corpus's business)."""
-    from tledge.release.bundle import bundle
     from tledge.errors import TledgeError
+    from tledge.release.bundle import bundle
 
     try:
         manifest = bundle(out)

@@ -8,8 +8,10 @@ import torch
 
 from tledge.errors import TledgeError
 from tledge.export.onnx_io import read_metadata
-from tledge.quant.qat import _QuantAware, _fake_quant_weight, _input_amax
-from tledge.quant.quantize import QAT_CHECKPOINT, QuantizeConfig, check_tensorrt_qdq, quantize
+from tledge.quant.checks import check_tensorrt_qdq
+from tledge.quant.qat import _fake_quant_weight, _input_amax, _QuantAware
+from tledge.quant.quantize import QuantizeConfig, quantize
+from tledge.quant.sources import QAT_CHECKPOINT
 
 
 def test_fake_quantized_weights_are_the_int8_grid_per_channel_and_pass_gradients():
@@ -76,7 +78,7 @@ def test_qat_is_never_run_when_the_budget_is_met_and_bad_settings_fail_early(tin
 def test_qat_is_tried_when_post_training_needs_many_float_layers(tiny_pipeline, tiny_dataset, tmp_path):
     """Post-training meets the budget only with layers in float (more than ``qat_over_float_layers``, here 0): QAT is
     tried too, and its model ships only if it meets the budget with fewer float layers."""
-    from tledge.report.summary import _quantized_model_lines
+    from tledge.report.markdown import quantized_model_lines
 
     common = dict(model=tiny_pipeline / "model.fp32.onnx", data=tiny_dataset, calibration=tiny_pipeline / "calibration.json",
                   checkpoint=tiny_pipeline / "model.pt", targets=("tensorrt",), max_top1_drop_pp=100, bias_correction=False, weight_rounding=False)
@@ -93,7 +95,7 @@ def test_qat_is_tried_when_post_training_needs_many_float_layers(tiny_pipeline, 
     assert "over qat_over_float_layers (0)" in qat["why"]
     assert qat["chosen"] == (qat["drift"]["met"] and qat["float_layers"] < qat["post_training_float_layers"])
     assert len(trt["kept_float"]) == (qat["float_layers"] if qat["chosen"] else qat["post_training_float_layers"])
-    assert "Quantization-aware fine-tuning (post-training met the budget" in "\n".join(_quantized_model_lines("tensorrt", trt))
+    assert "Quantization-aware fine-tuning (post-training met the budget" in "\n".join(quantized_model_lines("tensorrt", trt))
 
 
 def test_qat_is_not_tried_when_post_training_needs_few_float_layers(tiny_pipeline, tiny_dataset, tmp_path):

@@ -9,14 +9,15 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from _trained_tiny import trained_pipeline
 from onnx import TensorProto, helper, numpy_helper
 
-from _trained_tiny import trained_pipeline
 from tledge.artifacts import sha256_file
-from tledge.quant.quantize import AUTO_CANDIDATES
 from tledge.errors import TledgeError
 from tledge.export.onnx_io import read_metadata
-from tledge.quant.quantize import QuantizeConfig, check_int16_saturation, check_tensorrt_qdq, quantize
+from tledge.quant.checks import check_tensorrt_qdq
+from tledge.quant.cpu_weights import check_int16_saturation
+from tledge.quant.quantize import AUTO_CANDIDATES, QuantizeConfig, quantize
 
 QDQ, CPU, FP32 = "model.int8.qdq.onnx", "model.int8.cpu.onnx", "model.fp32.onnx"
 
@@ -405,7 +406,7 @@ def test_checker_flags_a_missing_zero_point():
     import numpy as np
     from onnx import TensorProto, helper, numpy_helper
 
-    from tledge.quant.quantize import check_tensorrt_qdq
+    from tledge.quant.checks import check_tensorrt_qdq
 
     node = helper.make_node("QuantizeLinear", ["x", "s"], ["y"], name="q")
     graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],

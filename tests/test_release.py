@@ -10,14 +10,14 @@ import sys
 import tarfile
 
 import pytest
-
-from tledge.release.engines import build_engine
-from tledge.errors import TledgeError
-from tledge.trt.compat import Here
-from tledge.release.verify import safe_extract, verify, write_archive
-from tledge.trt.plan import Device, EngineConfig
-
 from _fake_tensorrt import make_trt
+
+from tledge.errors import TledgeError
+from tledge.release.archive import safe_extract, write_archive
+from tledge.release.engines import build_engine
+from tledge.release.verify import verify
+from tledge.trt.compat import Here
+from tledge.trt.plan import Device, EngineConfig
 
 ORIN = Device("Orin", "8.7", {"l4t": "36.4.0", "jetpack": "6.1/6.2"}, dla_cores=2)
 ORIN_HERE = Here("10.3.0.30", "Orin", "8.7", {"l4t": "36.4.0", "jetpack": "6.1/6.2"})

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from tledge.bench.backends import BACKENDS, Variant, backend_unavailable, make_runner
 from tledge.cli import app
 from tledge.errors import TledgeError
-from tledge.bench.backends import BACKENDS, Variant, backend_unavailable, make_runner
 
 
 def test_every_backend_says_whether_it_can_run_here():

@@ -19,10 +19,19 @@ from onnx import TensorProto, helper, numpy_helper
 from tledge import cpu_isa
 from tledge.cpu_isa import classify, resolve_cpu_target, this_cpu
 from tledge.errors import TledgeError
-from tledge.quant.quantize import (QuantizeConfig, check_int16_saturation, compare_fused_with_simulation,
-                             fused_matches_simulation, quantize)
-from tledge.quant.saturation import (INT8_MAX, PAIR_LIMIT, from_gemm_rows, gemm_rows, pair_safe_scales, quantize_pair_safe,
-                               saturating_channels, saturating_pairs)
+from tledge.quant.checks import compare_fused_with_simulation, fused_matches_simulation
+from tledge.quant.cpu_weights import check_int16_saturation
+from tledge.quant.quantize import QuantizeConfig, quantize
+from tledge.quant.saturation import (
+    INT8_MAX,
+    PAIR_LIMIT,
+    from_gemm_rows,
+    gemm_rows,
+    pair_safe_scales,
+    quantize_pair_safe,
+    saturating_channels,
+    saturating_pairs,
+)
 
 SATURATING_CPU = this_cpu()["class"] in (cpu_isa.X86_AVX2, cpu_isa.X86_AVX512)
 

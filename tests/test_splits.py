@@ -6,8 +6,8 @@ import json
 import shutil
 
 import pytest
-
 from conftest import make_image_folder
+
 from tledge.artifacts import sha256_file
 from tledge.data.splits import SPLITS_FILE, load_splits, read_splits, splits_for
 from tledge.errors import TledgeError

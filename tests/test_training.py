@@ -13,15 +13,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import TINY_CLASSES, make_image_folder
-from tledge.data.images import load_image
+
+from tledge.data.images import load_image, resized_uint8, to_input
 from tledge.data.splits import load_splits
 from tledge.errors import TledgeError
-from tledge.train.finetune import FinetuneConfig, finetune
 from tledge.models import create_model, get_spec, load_checkpoint
-from tledge.data.images import resized_uint8, to_input
 from tledge.train.augment import augmented_input, preset
+from tledge.train.finetune import FinetuneConfig, finetune
 from tledge.train.loop import class_weights, warmup_cosine
 from tledge.train.resume import RESUME_FILE
 from tledge.train.strategies import plan
@@ -180,9 +179,9 @@ def test_scratch_better_than_transfer_is_reported_loudly(tiny_dataset, tiny_weig
     b = record["baseline"]
     assert b["transfer_gain_pp"] < 0 and b["verdict"] == "NEGATIVE TRANSFER", b
     assert record["warnings"] == [b["message"]] and b["message"].startswith("NEGATIVE TRANSFER: training from scratch beat")
-    from tledge.report.summary import _transfer_lines, _transfer_summary
+    from tledge.report.markdown import transfer_lines, transfer_summary
 
-    md = "\n".join(_transfer_lines(_transfer_summary(record)))
+    md = "\n".join(transfer_lines(transfer_summary(record)))
     assert "> **NEGATIVE TRANSFER:**" in md and "Generalization gap" in md
 
 
@@ -233,9 +232,9 @@ def test_sample_efficiency_curve(linear_run):
     assert rows[-1]["scratch_val_accuracy"] == record["baseline"]["scratch_val_accuracy"]
     for r in rows:
         assert 0 <= r["scratch_val_accuracy"] <= 1 and r["transfer_gain_pp"] == _pp(r["transfer_val_accuracy"] - r["scratch_val_accuracy"])
-    from tledge.report.summary import _transfer_lines, _transfer_summary
+    from tledge.report.markdown import transfer_lines, transfer_summary
 
-    md = "\n".join(_transfer_lines(_transfer_summary(record)))
+    md = "\n".join(transfer_lines(transfer_summary(record)))
     assert "| 10% | 6 |" in md and "| 100% | 48 |" in md
 
 

@@ -11,8 +11,8 @@ import pytest
 from onnx import numpy_helper
 
 from tledge.errors import TledgeError
-from tledge.quant.quantize import QuantizeConfig, quantize
 from tledge.quant.calibration_cache import format_cache, parse_cache, retarget, scale_hex, version_code
+from tledge.quant.quantize import QuantizeConfig, quantize
 
 
 @pytest.mark.parametrize("version, code", [("8.5.2", 8502), ("8.6.1", 8601), ("8.6.2.3", 8602), ("10.0.1", 100001),

@@ -5,8 +5,8 @@ from __future__ import annotations
 import onnx
 import pytest
 
-from tledge.quant.quantize import QuantizeConfig, quantize
 from tledge.quant.engine_cost import describe_float_cost, estimate_float_cost
+from tledge.quant.quantize import QuantizeConfig, quantize
 
 QDQ, FP32 = "model.int8.qdq.onnx", "model.fp32.onnx"
 

@@ -9,14 +9,13 @@ import ctypes
 
 import numpy as np
 import pytest
+from _fake_tensorrt import make_trt
 
-from tledge.release.engines import build_engine
 from tledge.errors import TledgeError
+from tledge.release.engines import build_engine
 from tledge.trt.compat import Here
 from tledge.trt.plan import Device, EngineConfig
 from tledge.trt.runner import TrtRunner
-
-from _fake_tensorrt import make_trt
 
 H100 = Device("NVIDIA H100 80GB HBM3", "9.0")
 XAVIER = Device("Xavier", "7.2", {"l4t": "35.4.1", "jetpack": "5.1.2"}, dla_cores=2)
@@ -123,9 +122,9 @@ def test_bench_and_gate_measure_an_engine_in_the_same_report_format(release, tmp
     import json
     import sys
 
+    from tledge.bench.backends import Variant, backend_unavailable
     from tledge.bench.benchmark import BenchConfig, bench
     from tledge.report.summary import write_report
-    from tledge.bench.backends import Variant, backend_unavailable
 
     trt = make_trt("10.3.0")
     trt.__spec__ = importlib.machinery.ModuleSpec("tensorrt", None)

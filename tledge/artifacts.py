@@ -16,7 +16,6 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
-
 FORMATS = {"report": "tledge.report/1", "manifest": "tledge.manifest/2", "stage": "tledge.stage/1"}
 
 # name -> (stage that writes it, what it is)

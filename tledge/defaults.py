@@ -1,6 +1,7 @@
 """The default of a dataclass field, so that the CLI and the build state the stage configs' defaults instead of copies."""
 
 from __future__ import annotations
+
 import dataclasses
 
 

@@ -6,9 +6,11 @@ building anything, why a backend cannot run here (not installed, no GPU) so that
 instead of crashing. Each backend's heavy import happens when a runner is made, never when tledge is imported."""
 
 from __future__ import annotations
+
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
+
 from tledge.errors import TledgeError
 from tledge.runners.ort_runner import OrtRunner
 from tledge.runners.torch_runner import TorchRunner

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tledge.bench.intervals import accuracy_checks, latency_check, paired_ratio_interval, unpaired_ratio_interval
 from tledge.errors import TledgeError
 from tledge.runners.timing import timed_blocks
 
@@ -81,67 +82,6 @@ class GateConfig:
 
 # ---- the decision, on timing samples alone (tested with synthetic samples whose answer is known) ----
 
-def paired_ratio_interval(baseline_blocks, candidate_blocks, confidence: float = 0.95, resamples: int = 2000, seed: int = 0) -> dict:
-    """Candidate / baseline latency from paired blocks: the median of per-block ratios and its bootstrap interval."""
-    b, c = np.asarray(baseline_blocks, float), np.asarray(candidate_blocks, float)
-    if b.shape != c.shape or b.ndim != 1 or len(b) < 2 or np.any(b <= 0) or np.any(c <= 0):
-        raise TledgeError("paired timings need two equally long lists of positive block times")
-    logs = np.log(c / b)
-    rng = np.random.default_rng(seed)
-    boot = _trimmed_mean(logs[rng.integers(0, len(logs), (resamples, len(logs)))])
-    alpha = (1 - confidence) / 2
-    return {"ratio": float(np.exp(_trimmed_mean(logs[None])[0])), "low": float(np.exp(np.quantile(boot, alpha))),
-            "high": float(np.exp(np.quantile(boot, 1 - alpha))),
-            "method": f"paired blocks, bootstrap of the 20%-trimmed mean log ratio ({len(b)} pairs)"}
-
-
-def _trimmed_mean(rows: np.ndarray, cut: float = 0.1) -> np.ndarray:
-    """Mean of each row without its lowest and highest ``cut`` share: robust to a stalled block, and more
-    efficient than the median on the near-normal log ratios."""
-    rows = np.sort(rows, axis=-1)
-    k = int(rows.shape[-1] * cut)
-    return rows[..., k : rows.shape[-1] - k].mean(axis=-1)
-
-
-def unpaired_ratio_interval(baseline_samples, candidate_samples, confidence: float = 0.95, resamples: int = 2000, seed: int = 0) -> dict:
-    """Candidate / baseline latency from independent samples (a stored baseline): ratio of medians, bootstrapped."""
-    b, c = np.asarray(baseline_samples, float), np.asarray(candidate_samples, float)
-    if min(len(b), len(c)) < 2 or np.any(b <= 0) or np.any(c <= 0):
-        raise TledgeError("latency samples must hold at least two positive times each")
-    rng = np.random.default_rng(seed)
-    boot_b = np.median(b[rng.integers(0, len(b), (resamples, len(b)))], axis=1)
-    boot_c = np.median(c[rng.integers(0, len(c), (resamples, len(c)))], axis=1)
-    ratios = boot_c / boot_b
-    alpha = (1 - confidence) / 2
-    return {"ratio": float(np.median(c) / np.median(b)), "low": float(np.quantile(ratios, alpha)),
-            "high": float(np.quantile(ratios, 1 - alpha)), "method": f"stored baseline: ratio of medians, both bootstrapped ({len(b)} and {len(c)} samples)"}
-
-
-def latency_check(interval: dict, max_regression_pct: float) -> dict:
-    limit = 1 + max_regression_pct / 100
-    if interval["low"] > limit:
-        status, passed = "regression", False
-        why = f"the candidate is slower by {interval['low'] - 1:+.1%} to {interval['high'] - 1:+.1%}, beyond the {max_regression_pct:g}% allowed"
-    elif interval["high"] <= limit:
-        status, passed = "within", True
-        why = f"at most {interval['high'] - 1:+.1%} slower, within the {max_regression_pct:g}% allowed"
-    else:
-        status, passed = "inconclusive", True
-        why = (f"the interval {interval['low'] - 1:+.1%} .. {interval['high'] - 1:+.1%} straddles the {max_regression_pct:g}% allowed: "
-               "not a proven regression (more --blocks narrow it)")
-    return {"check": "latency", **interval, "limit": limit, "status": status, "passed": passed, "why": why}
-
-
-def accuracy_checks(candidate_top1: float, baseline_top1: float, agreement: float | None, max_drop_pp: float, min_agreement: float) -> list[dict]:
-    drop = (baseline_top1 - candidate_top1) * 100
-    checks = [{"check": "top1", "candidate": round(candidate_top1, 5), "baseline": round(baseline_top1, 5), "drop_pp": round(drop, 3),
-               "limit_pp": max_drop_pp, "passed": drop <= max_drop_pp + 1e-9,
-               "why": f"top-1 {candidate_top1:.4f} vs {baseline_top1:.4f} ({-drop:+.2f} pt; at most -{max_drop_pp:g} allowed)"}]
-    if agreement is not None:
-        checks.append({"check": "agreement", "value": round(agreement, 5), "limit": min_agreement, "passed": agreement >= min_agreement - 1e-9,
-                       "why": f"{agreement:.2%} of the predictions equal the baseline's (at least {min_agreement:.2%} required)"})
-    return checks
-
 
 # ---- running the models ----
 
@@ -151,8 +91,8 @@ def _runner(path: Path, threads: int | None, simulate_int8: bool = False):
 
     ONNX Runtime's thread spinning is off: workers that spin after a run would steal the cores from the other
     model's next call."""
-    from tledge.runners.ort_runner import OrtRunner
     from tledge.bench.backends import Variant, make_runner
+    from tledge.runners.ort_runner import OrtRunner
 
     if path.suffix in (".engine", ".plan"):
         return make_runner(Variant(path.name, path, "tensorrt"))
@@ -184,12 +124,11 @@ def gate(cfg: GateConfig) -> dict:
     >>> verdict = gate(GateConfig(candidate="new/model.int8.cpu.onnx", baseline="release/model.int8.cpu.onnx", data="my_images"))  # doctest: +SKIP
     >>> verdict["passed"]  # doctest: +SKIP
     """
+    from tledge import validate
     from tledge.bench.benchmark import variant_metadata
     from tledge.data.images import Preprocess, load_array
     from tledge.data.splits import splits_for
     from tledge.machine import machine_info
-
-    from tledge import validate
 
     started = time.perf_counter()
     for p in (cfg.candidate, cfg.baseline):
@@ -303,121 +242,3 @@ def format_markdown(verdict: dict) -> str:
     for note in verdict["notes"]:
         lines += ["", f"Note: {note}"]
     return "\n".join(lines) + "\n"
-
-
-def slower_variant(src: Path, dst: Path, extra_work: float) -> Path:
-    """A copy of ``src`` that computes the same logits with ``extra_work`` more of its own work (0.1: 10% more).
-
-    The extra work is the model itself: copies of its first layers (whole copies for ``extra_work >= 1``, then a
-    prefix holding that share of the multiply-accumulates of its Conv and Gemm layers), run on the input scaled
-    by 1.001 so that ONNX Runtime's common-subexpression elimination cannot merge them with the originals, their
-    result multiplied by zero and added to the logits. The same kind of kernels run more, so the slowdown is
-    close to the share of work added, which a made-up extra branch is not (one extra convolution cost 13% at
-    batch 1 whatever its size). For checking that a gate catches a slowdown of known size
-    (bench/gate_reliability.py).
-    """
-    import onnx
-    from onnx import helper, numpy_helper
-
-    if extra_work <= 0:
-        raise TledgeError(f"extra work must be positive, got {extra_work}")
-    model = onnx.load(str(src))
-    g = model.graph
-    inferred = onnx.shape_inference.infer_shapes(model)
-    macs = _node_macs(model, inferred)
-    ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in (*inferred.graph.value_info, *inferred.graph.output)}
-    total = sum(macs.values())
-    if total == 0:
-        raise TledgeError(f"{src} has no Conv or Gemm layer to repeat")
-    source_nodes = list(g.node)
-    producers = {o: n for n in source_nodes for o in n.output}
-    weights = {i.name for i in g.initializer}
-    quantized = any(n.op_type == "QuantizeLinear" for n in source_nodes)
-    out = g.output[0].name
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 17)
-    g.initializer.extend([numpy_helper.from_array(np.zeros((1,), np.float32), "slow_zero"),
-                          numpy_helper.from_array(np.array([1], np.int64), "slow_axes")])
-
-    def is_end(node) -> bool:  # a float tensor where copying may stop without breaking the copied layers' fusion
-        if not quantized:
-            return node.op_type in ("Conv", "Gemm")
-        # in a Q/DQ model, after an activation's DequantizeLinear: a Conv without its QuantizeLinear would run in float
-        q = producers.get(node.input[0]) if node.op_type == "DequantizeLinear" else None
-        return q is not None and q.op_type == "QuantizeLinear" and q.input[0] not in weights
-
-    added, copy, remaining, last = [], 0, extra_work, "slow_logits"
-    while remaining > 1e-9:
-        share = min(remaining, 1.0)
-        prefix, done, end = f"slow{copy}/", 0, out
-        for node in source_nodes:
-            done += macs.get(node.name, 0)
-            if done >= share * total and is_end(node):
-                end = node.output[0]
-                break
-        needed, todo = set(), [end]  # the nodes the end tensor depends on, and nothing else
-        while todo:
-            node = producers.get(todo.pop())
-            if node is not None and id(node) not in needed:
-                needed.add(id(node))
-                todo.extend(node.input)
-        scale = numpy_helper.from_array(np.array(1 + 1e-3 * (copy + 1), np.float32), prefix + "scale")
-        g.initializer.append(scale)
-        renamed = {g.input[0].name: prefix + "input"}
-        added.append(helper.make_node("Mul", [g.input[0].name, scale.name], [prefix + "input"], name=prefix + "scale_input"))
-        for node in source_nodes:
-            if id(node) in needed:
-                clone = onnx.NodeProto()
-                clone.CopyFrom(node)
-                clone.name = prefix + node.name
-                clone.input[:] = [renamed.get(i, i) for i in node.input]
-                for k, o in enumerate(node.output):
-                    renamed[o] = clone.output[k] = prefix + o
-                added.append(clone)
-        end_rank = ranks.get(end, 4)
-        axes = list(range(1, end_rank))
-        end = renamed[end]
-        if opset < 18:  # ReduceMean takes its axes as an attribute before opset 18, as an input since
-            reduce = helper.make_node("ReduceMean", [end], [prefix + "mean"], keepdims=0, axes=axes, name=prefix + "mean")
-        else:
-            g.initializer.append(numpy_helper.from_array(np.array(axes, np.int64), prefix + "axes"))
-            reduce = helper.make_node("ReduceMean", [end, prefix + "axes"], [prefix + "mean"], keepdims=0, name=prefix + "mean")
-        nxt = out if remaining - share <= 1e-9 else f"slow{copy}/sum"
-        added += [
-            reduce,
-            helper.make_node("Unsqueeze", [prefix + "mean", "slow_axes"], [prefix + "column"], name=prefix + "unsqueeze"),
-            helper.make_node("Mul", [prefix + "column", "slow_zero"], [prefix + "nothing"], name=prefix + "times_zero"),
-            helper.make_node("Add", [last, prefix + "nothing"], [nxt], name=prefix + "add"),
-        ]
-        last, remaining, copy = nxt, remaining - share, copy + 1
-    producer = next(n for n in source_nodes if out in n.output)  # the original logits now feed the zero-sum chain
-    producer.output[list(producer.output).index(out)] = "slow_logits"
-    g.node.extend(added)
-    onnx.checker.check_model(model)
-    onnx.save(model, str(dst))
-    return Path(dst)
-
-
-def _node_macs(model, inferred=None) -> dict[str, int]:
-    """Multiply-accumulates per Conv and Gemm node at batch 1, from ONNX shape inference (``inferred``: the
-    model with shapes inferred already)."""
-    import onnx
-
-    inferred = inferred if inferred is not None else onnx.shape_inference.infer_shapes(model)
-    shapes = {v.name: [d.dim_value or 1 for d in v.type.tensor_type.shape.dim]
-              for v in (*inferred.graph.value_info, *inferred.graph.output, *inferred.graph.input)}
-    weights = {i.name: tuple(i.dims) for i in model.graph.initializer}
-    producers = {o: n for n in model.graph.node for o in n.output}
-
-    def weight_shape(name):  # through the Q/DQ nodes in front of a quantized weight
-        while name not in weights and name in producers and producers[name].op_type in ("QuantizeLinear", "DequantizeLinear"):
-            name = producers[name].input[0]
-        return weights.get(name)
-
-    macs = {}
-    for node in model.graph.node:
-        w = weight_shape(node.input[1]) if node.op_type in ("Conv", "Gemm") else None
-        if w is None or node.output[0] not in shapes:
-            continue
-        # Conv: every output element sums (input channels / groups) x kernel products; Gemm at batch 1: in x out
-        macs[node.name] = int(np.prod(shapes[node.output[0]][1:]) * np.prod(w[1:]) if node.op_type == "Conv" else np.prod(w))
-    return macs

@@ -1,5 +1,6 @@
 """The command line: a thin typer layer over the stage functions (``tledge --help``)."""
 
-from tledge.cli.commands import app, main
+from tledge.cli import device, pipeline  # noqa: F401  (each registers its commands on the app)
+from tledge.cli.app import app, main
 
 __all__ = ["app", "main"]

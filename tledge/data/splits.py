@@ -2,13 +2,14 @@
 (written once by the fine-tune, read back file by file with sha256 by every later stage)."""
 
 from __future__ import annotations
+
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
+
 from tledge.data.images import IMAGE_EXTENSIONS, Sample
 from tledge.errors import TledgeError
-
 
 VAL_FOLDER_NAMES = ("val", "validation", "valid")
 

@@ -188,12 +188,11 @@ def export_onnx(cfg: ExportConfig) -> dict:
     import onnx
     import torch
 
+    from tledge import validate
     from tledge.artifacts import atomic_path, write_json
     from tledge.models import load_checkpoint
     from tledge.runners.ort_runner import OrtRunner
     from tledge.runners.torch_runner import TorchRunner
-
-    from tledge import validate
 
     started = time.perf_counter()
     validate.output_file(cfg.out)

@@ -2,12 +2,12 @@
 and the checks a model must pass before any stage uses it."""
 
 from __future__ import annotations
+
 import json
-from pathlib import Path
-from tledge.errors import TledgeError
-
 import os
+from pathlib import Path
 
+from tledge.errors import TledgeError
 
 
 def load_onnx(path: str | Path, load_external_data: bool = True):

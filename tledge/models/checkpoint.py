@@ -2,13 +2,15 @@
 tensors and JSON-like metadata that load with ``torch.load(weights_only=True)``."""
 
 from __future__ import annotations
+
 from pathlib import Path
+
 import torch
 from torch import nn
+
 from tledge.data.images import Preprocess
 from tledge.errors import TledgeError
 from tledge.models.registry import get_spec
-
 
 CHECKPOINT_FORMAT = "tledge.checkpoint/1"
 

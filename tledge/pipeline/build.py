@@ -10,13 +10,13 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from tledge import validate
 from tledge.bench.benchmark import BenchConfig
+from tledge.data.images import scan_images
 from tledge.defaults import default as D
 from tledge.errors import TledgeError
-from tledge.train.finetune import FinetuneConfig
 from tledge.quant.quantize import QuantizeConfig
-from tledge import validate
-from tledge.data.images import scan_images
+from tledge.train.finetune import FinetuneConfig
 
 # The offline default: real handwritten digits at 128x128 (no crop: the 8x8 scans fill the frame).
 DEFAULT_IMAGE_SIZE = 128
@@ -115,11 +115,11 @@ def _check_inputs(cfg: BuildConfig) -> tuple[Path, int | None, int | None, Path 
 
     Returns what the stages are given: ``(data, image_size, resize, calibration, default_data)``.
     """
-    from tledge.quant.calibration import load_calibration_set
-    from tledge.data.splits import load_splits
     from tledge.data.datasets import digits_dataset
-    from tledge.train.finetune import resolve_preprocess
+    from tledge.data.splits import load_splits
     from tledge.models import get_spec
+    from tledge.quant.calibration import load_calibration_set
+    from tledge.train.finetune import resolve_preprocess
 
     validate.output_dir(cfg.out)
     spec = get_spec(cfg.model)  # an unknown model name fails now, not after the dataset is read
@@ -149,11 +149,12 @@ def build(cfg: BuildConfig) -> dict:
     >>> build(BuildConfig(out="release", data="my_images", model="mobilenet_v3_large"))  # doctest: +SKIP
     """
     from tledge.bench.benchmark import bench
-    from tledge.release.bundle import bundle
     from tledge.export.onnx_export import ExportConfig, export_onnx
-    from tledge.train.finetune import finetune
-    from tledge.quant.quantize import TARGETS, quantize
+    from tledge.quant.quantize import quantize
+    from tledge.quant.recipes import TARGETS
+    from tledge.release.bundle import bundle
     from tledge.report.summary import write_report
+    from tledge.train.finetune import finetune
 
     started = time.perf_counter()
     out = cfg.out

@@ -25,11 +25,11 @@ from tledge.errors import TledgeError
 def sections() -> dict[str, type]:
     """The config dataclass of each command that reads a section."""
     from tledge.bench.benchmark import BenchConfig
-    from tledge.pipeline.build import BuildConfig
-    from tledge.export.onnx_export import ExportConfig
-    from tledge.train.finetune import FinetuneConfig
     from tledge.bench.gate import GateConfig
+    from tledge.export.onnx_export import ExportConfig
+    from tledge.pipeline.build import BuildConfig
     from tledge.quant.quantize import QuantizeConfig
+    from tledge.train.finetune import FinetuneConfig
 
     return {"build": BuildConfig, "finetune": FinetuneConfig, "export": ExportConfig, "quantize": QuantizeConfig,
             "bench": BenchConfig, "gate": GateConfig}

@@ -94,8 +94,9 @@ class DriftBudget:
         return self._load()[0]
 
     def evaluate(self, path: Path) -> dict:
-        from tledge.quant.sensitivity import simulate
         import onnx
+
+        from tledge.quant.sensitivity import simulate
 
         x, y, reference = self._load()
         figures = drift_figures(simulate(onnx.load(str(path)), x), reference, y)
@@ -242,8 +243,8 @@ def score(d: dict) -> float:
 def onnx_p50_interleaved(paths: dict[str, Path], x: np.ndarray, rounds: int, per_round: int, threads: int | None = 1) -> dict[str, float]:
     """Batch p50 latency in ms of each model, after 10 warm-up calls (a new ONNX Runtime session runs its first calls
     up to twice as slow). ``threads=None``: every core, each session's pool told not to spin once a run ends."""
-    from tledge.runners.timing import interleaved_p50
     from tledge.runners.ort_runner import OrtRunner
+    from tledge.runners.timing import interleaved_p50
 
     # One thread decides: two sessions' spinning thread pools would steal the two cores from each other and make the
     # ratio swing by +-40% between repeats; single-threaded it repeats within a few percent.

@@ -96,11 +96,10 @@ def bundle(out_dir: str | Path) -> dict:
     A declared artifact that is missing is an error; a file no record declares (a leftover) is never signed.
     Input spec, preprocessing and labels come from the FP32 ONNX model's tledge metadata.
     """
+    from tledge import validate
     from tledge.data.images import Preprocess
     from tledge.export.onnx_io import read_metadata
     from tledge.machine import machine_info
-
-    from tledge import validate
 
     out_dir = Path(out_dir)
     if not out_dir.is_dir():

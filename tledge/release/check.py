@@ -1,7 +1,9 @@
 """What a file must pass before a manifest vouches for it (``tledge bundle`` asks it of every file it signs)."""
 
 from __future__ import annotations
+
 from pathlib import Path
+
 from tledge.errors import TledgeError
 from tledge.export.onnx_io import finite_onnx_weights, onnx_metadata
 from tledge.validate import finite_state
@@ -15,9 +17,9 @@ def check_artifact(path: Path) -> None:
     if path.stat().st_size == 0:
         raise TledgeError(f"{path} is empty; re-run the stage that writes it")
     if suffix == ".onnx":
-        from tledge.export.onnx_io import load_onnx
-
         import onnx
+
+        from tledge.export.onnx_io import load_onnx
 
         proto = load_onnx(path)
         onnx_metadata(path, proto)

@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Optional
 
 from tledge.errors import TledgeError
-from tledge.release.bundle import MANIFEST, bundle as sign_bundle
+from tledge.release.bundle import MANIFEST
+from tledge.release.bundle import bundle as sign_bundle
 from tledge.release.verify import verify
 from tledge.trt.engine import build_in_bundle
 from tledge.trt.plan import Device, EngineConfig

@@ -2,9 +2,10 @@
 which every runner sees the same machine conditions."""
 
 from __future__ import annotations
-import time
-import numpy as np
 
+import time
+
+import numpy as np
 
 
 def percentiles(samples_ms: list[float]) -> dict:

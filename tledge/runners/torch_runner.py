@@ -2,6 +2,7 @@
 every exported and quantized model is compared with."""
 
 from __future__ import annotations
+
 import numpy as np
 
 

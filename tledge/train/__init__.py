@@ -8,5 +8,10 @@
 * :mod:`.resume`: an atomic per-epoch training state, loaded with ``weights_only=True``;
 * :mod:`.strategies`: linear, staged, full, auto and the from-scratch baseline, all on :func:`fit`.
 
-``tledge.train.finetune`` holds the stage (config in, ``model.pt`` + ``finetune.json`` out) and the diagnostics.
+Stage 1, :mod:`.finetune`: config in, ``model.pt`` + ``finetune.json`` out; :mod:`.diagnostics` says whether transfer
+helped; :mod:`.surgery` picks the part of a backbone that trains.
 """
+
+from tledge.train.finetune import FinetuneConfig, finetune
+
+__all__ = ["FinetuneConfig", "finetune"]

@@ -23,12 +23,11 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from tledge.data.images import Preprocess, scan_images
 from tledge.data.splits import SPLITS_FILE, Splits, load_splits, write_splits
-from tledge.data.images import Preprocess
 from tledge.errors import TledgeError
-from tledge.data.images import scan_images
+from tledge.train.diagnostics import fit_diagnostics, sample_efficiency_curve, transfer_baseline
 
-CURVE_FRACTIONS = (0.1, 0.25, 0.5, 1.0)
 STRATEGY_CHOICES = ("auto", "linear", "staged", "full")
 AUGMENT_CHOICES = ("none", "light", "strong")
 BALANCE_CHOICES = ("loss", "none")
@@ -148,6 +147,7 @@ def finetune(cfg: FinetuneConfig, splits: Splits | None = None, on_epoch=None) -
 def _finetune(cfg: FinetuneConfig, splits: Splits | None, on_epoch, world, device) -> dict:
     import torch
 
+    from tledge import validate
     from tledge.artifacts import write_json
     from tledge.models import create_model, save_checkpoint
     from tledge.train import strategies as S
@@ -156,8 +156,6 @@ def _finetune(cfg: FinetuneConfig, splits: Splits | None, on_epoch, world, devic
     from tledge.train.loader import ImageSet
     from tledge.train.loop import LoopSettings, amp_dtype
     from tledge.train.resume import RESUME_FILE, Progress
-
-    from tledge import validate
 
     started = time.perf_counter()
     validate.output_dir(cfg.out)  # before minutes of training, not at the end
@@ -199,15 +197,15 @@ def _finetune(cfg: FinetuneConfig, splits: Splits | None, on_epoch, world, devic
     if (cfg.scratch or cfg.curve) and not from_scratch:
         scratch_model, _ = create_model(cfg.model, "none", num_classes=len(splits.classes), seed=cfg.seed)
         sc = S.scratch(ctx, scratch_model, train_set, val_set, scratch_epochs)
-        baseline = _baseline(best, sc, runs, scratch_epochs, cfg.epochs)
+        baseline = transfer_baseline(best, sc, runs, scratch_epochs, cfg.epochs)
         log(world, f"transfer gain over scratch: {baseline['transfer_gain_pp']:+.1f} pt ({baseline['verdict']})")
         if baseline["transfer_gain_pp"] <= 0:
             warnings.append(baseline["message"])
         del scratch_model
 
     model.eval()
-    diagnostics = _diagnostics(model, outcome, train_set, val_set, splits, pre, cfg, device)
-    curve = _curve(cfg, ctx, splits, train_set, val_set, best, baseline, scratch_epochs, outcome) if cfg.curve and baseline else None
+    diagnostics = fit_diagnostics(model, outcome, train_set, val_set, splits, pre, cfg, device)
+    curve = sample_efficiency_curve(cfg, ctx, splits, train_set, val_set, best, baseline, scratch_epochs, outcome) if cfg.curve and baseline else None
     final = {"val_accuracy": best.val_accuracy, "val_loss": best.val_loss, **diagnostics.pop("test", {})}
     model.to("cpu")
 
@@ -256,117 +254,3 @@ def _finetune(cfg: FinetuneConfig, splits: Splits | None, on_epoch, world, devic
         write_json(cfg.out / "finetune.json", record)
         progress.remove()
     return record
-
-
-def _baseline(best, scratch_run, runs, scratch_epochs: int, epochs: int) -> dict:
-    """Transfer gain = transfer's val top-1 - scratch's, and a verdict a reader cannot miss."""
-    gain = round((best.val_accuracy - scratch_run.val_accuracy) * 100, 2)
-    if gain > 0:
-        verdict, message = "positive transfer", f"transfer beat training from scratch by {gain:.1f} pt of val top-1"
-    elif gain == 0:
-        verdict = "NO TRANSFER GAIN"
-        message = f"NO TRANSFER GAIN: training from scratch reached the same val top-1 ({scratch_run.val_accuracy:.4f}) as transfer"
-    else:
-        verdict = "NEGATIVE TRANSFER"
-        message = (f"NEGATIVE TRANSFER: training from scratch beat the pretrained model by {-gain:.1f} pt of val top-1 "
-                   f"({scratch_run.val_accuracy:.4f} vs {best.val_accuracy:.4f}); the pretrained features do not fit this data")
-    cheap = scratch_epochs < epochs
-    return {
-        "scratch": scratch_run.to_dict(),
-        "transfer_val_accuracy": round(best.val_accuracy, 5), "scratch_val_accuracy": round(scratch_run.val_accuracy, 5),
-        "transfer_gain_pp": gain, "verdict": verdict, "message": message,
-        "budget": {"scratch_epochs": scratch_epochs, "transfer_epochs_per_step": epochs, "transfer_epochs_run": sum(r.epochs_run for r in runs),
-                   "scratch_epochs_run": scratch_run.epochs_run, "transfer_seconds": round(sum(r.seconds for r in runs), 2),
-                   "scratch_seconds": scratch_run.seconds, "cheap": cheap},
-        "fairness": ("same loop, augmentation preset, batch size, schedule and base learning rate"
-                     + (f"; a cheap baseline ({scratch_epochs} epochs against up to {epochs} per transfer step): a positive gain is an upper bound, "
-                        "a gain <= 0 is conclusive" if cheap else "; the same epoch cap as one transfer step")),
-    }
-
-
-def _confusion(logits, labels, classes: list[str]) -> dict:
-    import numpy as np
-
-    pred = logits.argmax(1).numpy()
-    y = labels.numpy()
-    n = len(classes)
-    matrix = np.zeros((n, n), dtype=np.int64)
-    np.add.at(matrix, (y, pred), 1)
-    per_class = {c: round(float(matrix[i, i] / matrix[i].sum()), 5) if matrix[i].sum() else None for i, c in enumerate(classes)}
-    return {"accuracy": round(float((pred == y).mean()), 5) if len(y) else None, "per_class_accuracy": per_class,
-            "confusion_matrix": {"rows": "true class", "columns": "predicted class", "classes": classes, "counts": matrix.tolist()}}
-
-
-def _diagnostics(model, outcome, train_set, val_set, splits: Splits, pre, cfg: FinetuneConfig, device) -> dict:
-    """Eval-mode accuracy on train (plain views) and val, the generalization gap, per-class accuracy and
-    confusion matrices; learning curves are each run's ``history``."""
-    import torch
-
-    from tledge.train import strategies as S
-    from tledge.train.loader import ImageSet
-    from tledge.train.loop import predict
-
-    model.to(device).eval()
-    batch = cfg.batch_size * 2
-    if outcome.base is not None and outcome.start >= outcome.base:  # nothing below the cache trained
-        (tx, ty), (vx, vy) = outcome.cache_plain
-        forward = lambda x: model.forward_from(x, outcome.base)  # noqa: E731  the cache holds the eval views, frozen below base
-        train = predict(forward, S.tensor_batches(tx, ty, batch), device)
-        val = predict(forward, S.tensor_batches(vx, vy, batch), device)
-    else:
-        train = predict(model, S.image_batches(train_set, batch), device)
-        val = predict(model, S.image_batches(val_set, batch), device)
-    out = {"train": _confusion(*train, splits.classes), "val": _confusion(*val, splits.classes)}
-    out["generalization_gap_pp"] = round((out["train"]["accuracy"] - out["val"]["accuracy"]) * 100, 2)
-    out["learning_curves"] = "stages[*].history (and baseline.scratch.history): train loss and accuracy, val loss and accuracy, lr per epoch"
-    if splits.test:
-        test_set = ImageSet(splits.test, pre, None, cfg.seed)
-        logits, labels = predict(model, S.image_batches(test_set, batch), device)
-        out["test_split"] = _confusion(logits, labels, splits.classes)
-        loss = float(torch.nn.functional.cross_entropy(logits, labels)) if len(labels) else float("nan")
-        out["test"] = {"test_accuracy": out["test_split"]["accuracy"], "test_loss": loss}
-    return out
-
-
-def _curve(cfg: FinetuneConfig, ctx, splits: Splits, train_set, val_set, best, baseline: dict, scratch_epochs: int, outcome) -> dict:
-    """Validation top-1 of transfer (the same strategy) and of scratch at each share of the training labels."""
-    from tledge.models import create_model
-    from tledge.train import strategies as S
-    from tledge.train.distributed import log
-
-    rows = []
-    for fraction in CURVE_FRACTIONS:
-        if fraction == 1.0:
-            t_acc, s_acc, n = best.val_accuracy, baseline["scratch_val_accuracy"], len(splits.train)
-        else:
-            sub = train_set.subset(S.subset(splits.train, fraction, cfg.seed))
-            tag = f"curve-{round(fraction * 100)}"
-            m, _ = create_model(cfg.model, cfg.weights, num_classes=len(splits.classes), seed=cfg.seed)
-            t_acc = S.transfer(ctx, m, cfg.strategy, cfg.unfreeze, sub, val_set, track=f"{tag}/transfer").best.val_accuracy
-            m, _ = create_model(cfg.model, "none", num_classes=len(splits.classes), seed=cfg.seed)
-            s_acc = S.scratch(ctx, m, sub, val_set, scratch_epochs, track=f"{tag}/scratch").val_accuracy
-            n = len(sub)
-            del m
-        rows.append({"fraction": fraction, "train_images": n, "transfer_val_accuracy": round(t_acc, 5),
-                     "scratch_val_accuracy": round(s_acc, 5), "transfer_gain_pp": round((t_acc - s_acc) * 100, 2)})
-        log(ctx.world, f"curve {fraction:.0%}: transfer {t_acc:.4f}, scratch {s_acc:.4f}")
-    return {"fractions": list(CURVE_FRACTIONS), "strategy": cfg.strategy, "scratch_epochs": scratch_epochs, "rows": rows,
-            "split": "val", "subsets": "stratified, seeded, each share a subset of the next; at least one image per class"}
-
-
-def format_summary(record: dict) -> str:
-    """The record for a terminal: each run, the transfer verdict, the gap, the curve."""
-    lines = [f"strategy {record['strategy']['name']}: {record['strategy']['why']}"]
-    for s in record["stages"]:
-        lines.append(f"  {s['name']:<22} val top-1 {s['val_accuracy']:.4f}  epochs {s['epochs_run']:>3}  {s['seconds']:>7.1f} s  {'kept' if s['accepted'] else 'rejected'}")
-    b = record.get("baseline")
-    if b:
-        lines.append(f"  {'from-scratch baseline':<22} val top-1 {b['scratch_val_accuracy']:.4f}  epochs {b['scratch']['epochs_run']:>3}  {b['scratch']['seconds']:>7.1f} s")
-        lines.append(f"transfer gain {b['transfer_gain_pp']:+.1f} pt: {b['verdict']}" + (" (cheap baseline)" if b["budget"]["cheap"] else ""))
-    d = record["diagnostics"]
-    lines.append(f"generalization gap (train - val top-1, eval mode): {d['generalization_gap_pp']:+.1f} pt")
-    if record.get("curve"):
-        lines.append("fraction  images  transfer  scratch  gain (pt)")
-        for r in record["curve"]["rows"]:
-            lines.append(f"{r['fraction']:>8.0%}  {r['train_images']:>6}  {r['transfer_val_accuracy']:>8.4f}  {r['scratch_val_accuracy']:>7.4f}  {r['transfer_gain_pp']:>+9.1f}")
-    return "\n".join(lines)

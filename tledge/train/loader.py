@@ -13,8 +13,7 @@ from typing import Sequence
 
 import numpy as np
 
-from tledge.data.images import Preprocess, Sample
-from tledge.data.images import resized_uint8, to_input
+from tledge.data.images import Preprocess, Sample, resized_uint8, to_input
 from tledge.train.augment import Augment, augmented_input
 
 # Decoded images are kept in memory up to this many bytes (uint8 HWC at the resize size); above it they are

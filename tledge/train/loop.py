@@ -152,9 +152,9 @@ def fit(
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
     model = net
     if world.distributed:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
         import inspect
+
+        from torch.nn.parallel import DistributedDataParallel as DDP
 
         # Buffers (BatchNorm statistics) are not synchronized every forward: frozen ones are equal on every rank,
         # and from scratch they are recomputed identically on each rank before validation. torch >= 2.14 renamed

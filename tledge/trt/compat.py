@@ -2,6 +2,7 @@
 capability (and JetPack, DLA core), and says little when it is handed another's. Checked before deserializing."""
 
 from __future__ import annotations
+
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional

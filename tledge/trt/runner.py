@@ -8,13 +8,12 @@ needed on the device. Buffers grow to the largest batch seen and are reused.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
 
 from tledge.errors import TledgeError, require
-
-import time
 
 
 class TrtRunner:
@@ -24,8 +23,8 @@ class TrtRunner:
         """``trt``, ``cuda`` (a :class:`tledge.cuda.Cudart`) and ``here`` (a :class:`tledge.release.verify.Here`) default
         to this machine's; tests pass stand-ins."""
         from tledge.cuda import Cudart
-        from tledge.trt.engine import TRT_INSTALL, trt_logger, engine_record
         from tledge.trt.compat import engine_mismatch, this_machine
+        from tledge.trt.engine import TRT_INSTALL, engine_record, trt_logger
 
         self.path = Path(path)
         self.record = engine_record(self.path)
