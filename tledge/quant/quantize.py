@@ -29,7 +29,7 @@ from tledge.export.onnx_io import finite_onnx_weights, onnx_metadata
 from tledge.quant.calibration_cache import version_code
 from tledge.quant.engine_cost import estimate_float_cost
 from tledge.quant.recipes import TARGETS, ArrayReader, make_recipes
-from tledge.quant.sources import QAT_CHECKPOINT, Source, rounded_source
+from tledge.quant.sources import QAT_CHECKPOINT, Source, make_qat_source, make_rounded_source
 from tledge.quant.weight_rounding import restore_float_layers
 
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile", "mse", "auto")
@@ -196,7 +196,7 @@ def quantize(cfg: QuantizeConfig) -> dict:
             recipe_base = base
             if recipe.target == "tensorrt" and cfg.weight_rounding:
                 if rounded is None:
-                    rounded = rounded_source(cfg, fp32_proto, x, tempfile.mkdtemp(prefix=".tledge-rounding-", dir=cfg.out_dir))
+                    rounded = make_rounded_source(cfg, fp32_proto, x, tempfile.mkdtemp(prefix=".tledge-rounding-", dir=cfg.out_dir))
                 recipe_base = rounded
                 info["weight_rounding"] = rounded.rounding
 
@@ -242,7 +242,7 @@ def quantize(cfg: QuantizeConfig) -> dict:
                 wants_qat = not info["drift"]["met"] or (cfg.qat_over_float_layers is not None and added > cfg.qat_over_float_layers)
                 if wants_qat and cfg.checkpoint is not None and cfg.qat_epochs > 0:
                     if not qat_source:
-                        qat_source.append(qat_source(cfg, splits, x, Path(tempfile.mkdtemp(prefix=".tledge-qat-", dir=cfg.out_dir))))
+                        qat_source.append(make_qat_source(cfg, splits, x, Path(tempfile.mkdtemp(prefix=".tledge-qat-", dir=cfg.out_dir))))
                     qat = qat_source[0]
                     (Path(work) / "qat").mkdir()
                     q_chosen, q_keep, q_drift, q_fallback = budget.meet(

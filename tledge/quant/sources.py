@@ -28,7 +28,7 @@ class Source:
     rounding: dict | None = None  # what weight rounding did, for a source whose weights it chose
 
 
-def qat_source(cfg: "QuantizeConfig", splits, calibration_x: np.ndarray, work: Path) -> Source:
+def make_qat_source(cfg: "QuantizeConfig", splits, calibration_x: np.ndarray, work: Path) -> Source:
     """Fine-tune the checkpoint quantization-aware, export it and calibrate it (in ``work``)."""
     import onnx
 
@@ -44,7 +44,7 @@ def qat_source(cfg: "QuantizeConfig", splits, calibration_x: np.ndarray, work: P
     return Source(onnx_path, onnx.load(str(onnx_path)), stats, qat=record, checkpoint=checkpoint)
 
 
-def rounded_source(cfg: "QuantizeConfig", fp32_proto, calibration_x: np.ndarray, work: str) -> Source:
+def make_rounded_source(cfg: "QuantizeConfig", fp32_proto, calibration_x: np.ndarray, work: str) -> Source:
     """The FP32 model with weights on the int8 levels its layers' output error chose, calibrated (in ``work``)."""
     import onnx
 

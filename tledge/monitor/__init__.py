@@ -1,0 +1,52 @@
+"""Input drift monitoring after deployment: does the model still see what it was validated on?
+
+:func:`build_reference` condenses the validation split (input statistics, embeddings, logits) into a few KB of
+JSON that ships with the bundle; on the device, :func:`compare` measures new images (or a service's prediction
+log) against it and returns a verdict record. numpy only: the caller runs the model and passes the arrays.
+"""
+
+from .drift import (
+    DEFAULT_THRESHOLDS,
+    DRIFT_FORMAT,
+    EXIT_DRIFT,
+    EXIT_OK,
+    MIN_IMAGES,
+    SIGNAL_NAMES,
+    compare,
+    operator_overrides,
+    population_stability_index,
+    read_prediction_log,
+    verdict_exit_code,
+)
+from .reference import (
+    REFERENCE_FORMAT,
+    build_reference,
+    check_reference,
+    image_stats,
+    load_reference,
+    projection_matrix,
+    save_reference,
+    signals,
+)
+
+__all__ = [
+    "DEFAULT_THRESHOLDS",
+    "DRIFT_FORMAT",
+    "EXIT_DRIFT",
+    "EXIT_OK",
+    "MIN_IMAGES",
+    "REFERENCE_FORMAT",
+    "SIGNAL_NAMES",
+    "build_reference",
+    "check_reference",
+    "compare",
+    "image_stats",
+    "load_reference",
+    "operator_overrides",
+    "population_stability_index",
+    "projection_matrix",
+    "read_prediction_log",
+    "save_reference",
+    "signals",
+    "verdict_exit_code",
+]
