@@ -48,6 +48,10 @@ class BenchConfig:
     max_images: int | None = None  # cap the accuracy set (None: the whole split)
     seed: int = 0
     variants: tuple = ()  # tledge.runners.backends.Variant, after the models
+    # Failure behaviour: wrong answers at least this confident are listed; target_accuracy asks for the confidence
+    # threshold below which a device should abstain to reach it (recorded per variant).
+    high_confidence: float = 0.9
+    target_accuracy: float | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "models", {k: Path(v) for k, v in self.models.items()})
@@ -68,6 +72,8 @@ class BenchConfig:
         V.number("--threads", self.threads, minimum=1, optional=True)
         V.number("--seed", self.seed, minimum=0)  # numpy refuses negative seeds, deep inside a stage
         V.number("--max-images", self.max_images, minimum=1, optional=True)
+        V.number("--high-confidence", self.high_confidence, above=0, maximum=1)
+        V.number("--target-accuracy", self.target_accuracy, above=0, maximum=1, optional=True)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -184,12 +190,16 @@ def bench(cfg: BenchConfig) -> dict:
     acc = {name: Accumulator() for name in runners}
     simulated = {name: Accumulator() for name in simulators}
     fused_vs_simulated = {name: ([], []) for name in simulators if precisions[name] == "int8-cpu"}  # fused, simulated logits
+    logit_parts = {name: [] for name in runners}  # every variant's accuracy logits, for its failure behaviour
+    label_parts = []
     batches = math.ceil(len(samples) / 32)
     for x, y in tqdm(iter_batches(samples, pre, 32), total=batches, desc="bench: accuracy", unit="batch", leave=False):
         ref_logits = accuracy_runners[reference](x)
         outputs = {name: ref_logits if name == reference else runner(x) for name, runner in accuracy_runners.items()}
+        label_parts.append(y)
         for name, logits in outputs.items():
             accumulate(acc[name], logits, ref_logits, y)
+            logit_parts[name].append(logits)
         for name, simulator in simulators.items():
             sim_logits = outputs[name] if accuracy_runners[name] is simulator else simulator(x)
             accumulate(simulated[name], sim_logits, ref_logits, y)
@@ -250,6 +260,10 @@ def bench(cfg: BenchConfig) -> dict:
             "throughput": {"batch": batches[0], "images_per_s": round(batches[0] / (wide_ms / 1000.0), 2), "median_batch_ms": round(wide_ms, 4),
                            "by_batch": {str(b): {"images_per_s": round(b / (ms / 1000.0), 2), "median_batch_ms": round(ms, 4)} for b, ms in by_batch.items()}},
         }
+    failures = failure_behaviour(cfg, {n: np.concatenate(parts) for n, parts in logit_parts.items()}, np.concatenate(label_parts),
+                                 [_shown_path(s.path, cfg.data) for s in samples], classes, reference)
+    for name, failure in failures.items():
+        variants_out[name]["failure"] = failure
     ref_p50 = variants_out[reference]["latency_ms"]["p50"]
     for v in variants_out.values():
         v["speedup_vs_reference_p50"] = round(ref_p50 / v["latency_ms"]["p50"], 3)
@@ -273,3 +287,29 @@ def bench(cfg: BenchConfig) -> dict:
     validate.start_rewrite(cfg.out_dir, "bench")
     write_json(cfg.out_dir / "bench.json", record)
     return record
+
+
+LISTED_HIGH_CONFIDENCE_ERRORS = 50  # per variant in bench.json; the count is always exact
+
+
+def _shown_path(path: Path, root: Path) -> str:
+    try:
+        return str(Path(path).relative_to(root))
+    except ValueError:
+        return str(path)
+
+
+def failure_behaviour(cfg: BenchConfig, logits: dict, labels: np.ndarray, files: list[str], classes: list[str], reference: str) -> dict:
+    """Per variant: calibration (ECE), the high-confidence errors, the accuracy-coverage curve and, with a target
+    accuracy, the confidence below which to abstain; for an INT8 variant also how much quantization moved its ECE."""
+    from tledge.bench.reliability import failure_summary
+
+    out = {}
+    for name, z in logits.items():
+        record = failure_summary(z, labels, files, classes, threshold=cfg.high_confidence, target_accuracy=cfg.target_accuracy)
+        record["high_confidence_errors"] = record["high_confidence_errors"][:LISTED_HIGH_CONFIDENCE_ERRORS]
+        out[name] = record
+    for name, record in out.items():
+        if name != reference:
+            record["ece_change_vs_reference"] = round(record["ece"] - out[reference]["ece"], 5)
+    return out

@@ -161,6 +161,28 @@ def render_html(summary: dict) -> str:
                 out.append(f'<p class="small"><b>{_e(name)}</b>: confusion cells that moved most: '
                            + ", ".join(f"{_e(s['true'])} &rarr; {_e(s['predicted'])} {s['change']:+d}" for s in shift) + "</p>")
 
+    failures = {n: v["failure"] for n, v in variants.items() if "failure" in v}
+    if failures:
+        from tledge.bench.reliability import reliability_svg
+
+        out += ["<h2>Failure behaviour</h2>",
+                '<p class="small">Expected calibration error, wrong answers at high confidence, and the confidence below '
+                'which to abstain for the target accuracy (if one was set).</p>',
+                "<table><tr><th>variant</th><th>ECE</th><th>high-confidence errors</th><th>AURC</th><th>abstain below</th><th>coverage</th></tr>"]
+        for name, f in failures.items():
+            target = f["selective_prediction"].get("target") or {}
+            below = f"{target['threshold']:.3f}" if target.get("threshold") is not None else ("not reachable" if target else "")
+            coverage = f"{target['coverage']:.3f}" if target.get("coverage") is not None else ""
+            out.append(f"<tr><td>{_e(name)}</td><td>{f['ece']:.4f}</td><td>{f['high_confidence_error_count']}</td>"
+                       f"<td>{f['selective_prediction']['aurc']:.4f}</td><td>{below}</td><td>{coverage}</td></tr>")
+        out.append("</table>")
+        out += [reliability_svg(f, n) for n, f in failures.items()]
+        for name, f in failures.items():
+            if f["high_confidence_errors"]:
+                out.append(f'<p class="small"><b>{_e(name)}</b>, most confident mistakes: ' + ", ".join(
+                    f"{_e(e['file'])} ({_e(e['label'])} &rarr; {_e(e['predicted'])}, {e['confidence']:.3f})"
+                    for e in f["high_confidence_errors"][:10]) + "</p>")
+
     q = summary.get("quantize")
     if q:
         out += ["<h2>INT8 within the drift budget</h2>", "<table><tr><th>model</th><th>method</th><th>validation drop (pt)</th><th>agreement</th><th>expected agreement</th>"

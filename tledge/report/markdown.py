@@ -139,6 +139,7 @@ def render_markdown(summary: dict, extra: dict | None) -> str:
         "![drift from the reference](accuracy.svg)",
         "",
     ]
+    lines += failure_lines(summary)
     if "finetune" in summary:
         ft = summary["finetune"]
         ds = ft["dataset"]
@@ -233,4 +234,32 @@ def quantized_model_lines(target: str, info: dict) -> list[str]:
         v = info["validation"]
         lines.append(f"  Checked on {v['cpu']} ({v['cpu_class']}, {'inside' if v['inside_target'] else 'outside'} the target): "
                      f"fused kernels agree with the simulation on {v['top1_agreement']:.4f} of {v['images']} validation images.")
+    return lines
+
+
+def failure_lines(summary: dict) -> list[str]:
+    """How each variant fails: calibration, confident mistakes, and what abstaining buys."""
+    rows = [(name, v["failure"]) for name, v in summary["variants"].items() if "failure" in v]
+    if not rows:
+        return []
+    threshold = rows[0][1]["high_confidence_threshold"]
+    lines = ["## Failure behaviour", "",
+             f"On the {summary['evaluation']['split']} split: expected calibration error (ECE, 15 confidence bins), wrong answers "
+             f"with confidence >= {threshold:g}, and the area under the risk-coverage curve (lower: abstaining on the least "
+             "confident images removes more errors).", "",
+             "| variant | ECE | ECE change vs " + summary["reference"] + " | high-confidence errors | AURC | abstain below | coverage there |",
+             "|---|---|---|---|---|---|---|"]
+    for name, f in rows:
+        target = f["selective_prediction"].get("target") or {}
+        below = (f"{target['threshold']:.3f} (for {target['target_accuracy']:g})" if target.get("threshold") is not None
+                 else "target not reachable" if target else "no target set")
+        coverage = f"{target['coverage']:.3f}" if target.get("coverage") is not None else ""
+        change = f"{f['ece_change_vs_reference']:+.4f}" if "ece_change_vs_reference" in f else ""
+        lines.append(f"| {name} | {f['ece']:.4f} | {change} | {f['high_confidence_error_count']} | "
+                     f"{f['selective_prediction']['aurc']:.4f} | {below} | {coverage} |")
+    listed = [(name, e) for name, f in rows for e in f["high_confidence_errors"][:5]]
+    if listed:
+        lines += ["", "The most confident mistakes (up to 5 per variant; all of them in `bench.json`):", ""]
+        lines += [f"- **{name}**: `{e['file']}` is {e['label']}, predicted {e['predicted']} at {e['confidence']:.3f}" for name, e in listed]
+    lines += ["", "![reliability](reliability.svg)", ""]
     return lines

@@ -21,7 +21,8 @@ def _summary(records: dict) -> dict:
     summary = {
         "format": FORMATS["report"],
         "stage": "report",
-        "artifacts": ["report.json", "report.md", "report.html", "latency.svg", "accuracy.svg"],
+        "artifacts": ["report.json", "report.md", "report.html", "latency.svg", "accuracy.svg"]
+                     + (["reliability.svg"] if any("failure" in v for v in bench["variants"].values()) else []),
         "reference": bench["reference"],
         "evaluation": bench["evaluation"],
         "input_shape": bench["input_shape"],
@@ -40,7 +41,7 @@ def _summary(records: dict) -> dict:
                 "speedup_vs_reference_p50": v["speedup_vs_reference_p50"],
                 "accuracy_method": v.get("accuracy_method"),
                 **{k: v[k] for k in ("simulated", "fused_vs_simulated", "cpu_target", "warnings", "drift", "top5",
-                                      "kl_divergence_from_reference", "memory_mb_at_load", "backend") if k in v},
+                                      "kl_divergence_from_reference", "memory_mb_at_load", "backend", "failure") if k in v},
             }
             for name, v in bench["variants"].items()
         },
@@ -82,7 +83,24 @@ def write_report(out_dir: str | Path, extra: dict | None = None) -> dict:
         f"predictions that differ from {summary['reference']} on {summary['evaluation']['split']} (lower is better)",
         [(k, (1 - v["agreement_with_reference"]) * 100, f"{(1 - v['agreement_with_reference']) * 100:.1f} % (top-1 {v['top1'] * 100:.1f} %)") for k, v in variants.items()],
     ))
+    failures = {k: v["failure"] for k, v in variants.items() if "failure" in v}
+    if failures:
+        write_text(out_dir / "reliability.svg", reliability_chart(failures))
     write_text(out_dir / "report.md", render_markdown(summary, extra))
     write_text(out_dir / "report.html", render_html(summary))
     write_json(out_dir / "report.json", summary)
     return summary
+
+
+def reliability_chart(failures: dict) -> str:
+    """One reliability diagram per variant, side by side in one SVG."""
+    from tledge.bench.reliability import reliability_svg
+
+    parts, x, height = [], 0, 0
+    for name, failure in failures.items():
+        svg = reliability_svg(failure, name)
+        width = int(float(svg.split('width="', 1)[1].split('"', 1)[0]))
+        height = max(height, int(float(svg.split('height="', 1)[1].split('"', 1)[0])))
+        parts.append(svg.replace("<svg ", f'<svg x="{x}" ', 1))
+        x += width
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{x}" height="{height}">' + "".join(parts) + "</svg>\n")
