@@ -8,7 +8,6 @@ import xml.etree.ElementTree as ET
 import numpy as np
 import pytest
 
-from tledge.errors import TledgeError
 from tledge.bench.reliability import (
     expected_calibration_error,
     failure_summary,
@@ -18,6 +17,7 @@ from tledge.bench.reliability import (
     selective_prediction,
     softmax,
 )
+from tledge.errors import TledgeError
 
 SVG = "{http://www.w3.org/2000/svg}"
 

@@ -12,7 +12,6 @@ import pytest
 from PIL import Image, ImageEnhance
 
 from tledge.data import Sample
-from tledge.errors import TledgeError
 from tledge.data.hygiene import (
     NEAR_LISTED,
     check_splits,
@@ -21,6 +20,7 @@ from tledge.data.hygiene import (
     perceptual_hash,
     require_clean,
 )
+from tledge.errors import TledgeError
 
 CLASSES = ["cat", "dog"]
 KINDS = ("circle", "square", "triangle", "cross", "ring", "hbar", "vbar", "ell")

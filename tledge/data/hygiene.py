@@ -19,9 +19,9 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from .artifacts import sha256_file
-from .data import open_image, to_rgb
-from .errors import TledgeError
+from tledge.artifacts import sha256_file
+from tledge.data.images import open_image, to_rgb
+from tledge.errors import TledgeError
 
 HASH_BITS = 64
 HASH_GRID = 32  # images are reduced to HASH_GRID x HASH_GRID gray before the DCT

@@ -5,7 +5,7 @@ JSON that ships with the bundle; on the device, :func:`compare` measures new ima
 log) against it and returns a verdict record. numpy only: the caller runs the model and passes the arrays.
 """
 
-from .drift import (
+from tledge.monitor.drift import (
     DEFAULT_THRESHOLDS,
     DRIFT_FORMAT,
     EXIT_DRIFT,
@@ -18,7 +18,7 @@ from .drift import (
     read_prediction_log,
     verdict_exit_code,
 )
-from .reference import (
+from tledge.monitor.reference import (
     REFERENCE_FORMAT,
     build_reference,
     check_reference,

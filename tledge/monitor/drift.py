@@ -23,8 +23,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from tledge.errors import TledgeError
-
-from .reference import bin_counts, check_reference, signals as per_image_signals
+from tledge.monitor.reference import bin_counts, check_reference
+from tledge.monitor.reference import signals as per_image_signals
 
 DRIFT_FORMAT = "tledge.monitor-drift/1"
 # PSI below 0.1: no meaningful change; 0.1 to 0.25: "watch" (a change worth a look, no verdict); 0.25 and up:
