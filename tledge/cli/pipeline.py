@@ -60,6 +60,7 @@ def build(
     qat_epochs: int = typer.Option(D(BuildConfig, "qat_epochs"), help="When post-training INT8 misses the drift budget, or meets it only with more than --qat-over-float-layers layers in float, epochs of quantization-aware fine-tuning to try (0: never)."),
     qat_over_float_layers: Optional[int] = typer.Option(None, help="Try QAT also when post-training needs more float layers than this to meet the budget (default: only when it misses); the QAT model then ships if it meets the budget with fewer."),
     bench_iterations: int = typer.Option(D(BuildConfig, "bench_iterations"), help="Timed runs per variant."),
+    target_accuracy: Optional[float] = typer.Option(None, help="Find each variant's confidence threshold that reaches this test accuracy on the images it accepts (a device abstains below it); recorded in bench.json and the report."),
     threads: Optional[int] = typer.Option(None, help="CPU threads for ONNX Runtime (default: all)."),
     seed: int = typer.Option(D(BuildConfig, "seed"), help="Seed for splits, sampling and training."),
     as_json: bool = typer.Option(False, "--json", help="Print the report summary as JSON instead of a table."),
@@ -75,7 +76,7 @@ def build(
         epochs=epochs, patience=patience, calibration=calibration,
         num_calib=num_calib, calib_method=calib_method, cpu_target=cpu_target, trt_version=trt_version,
         max_top1_drop_pp=max_top1_drop, min_agreement=min_agreement, fallback_layers=fallback_layers, fallback_max_slowdown=fallback_max_slowdown, bias_correction=bias_correction,
-        qat_epochs=qat_epochs, qat_over_float_layers=qat_over_float_layers, bench_iterations=bench_iterations, threads=threads, seed=seed,
+        qat_epochs=qat_epochs, qat_over_float_layers=qat_over_float_layers, bench_iterations=bench_iterations, target_accuracy=target_accuracy, threads=threads, seed=seed,
     )
     typed = typed_flags(ctx, {k: {"max_top1_drop_pp": "max_top1_drop"}.get(k, k) for k in given})
     summary = run_build(BuildConfig(**merge(config, "build", given, typed)))

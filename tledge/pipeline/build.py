@@ -64,6 +64,7 @@ class BuildConfig:
     qat_epochs: int = D(QuantizeConfig, "qat_epochs")
     qat_over_float_layers: int | None = D(QuantizeConfig, "qat_over_float_layers")
     bench_iterations: int = D(BenchConfig, "iterations")
+    target_accuracy: float | None = D(BenchConfig, "target_accuracy")  # the confidence to abstain below, per variant
     threads: int | None = D(BenchConfig, "threads")
     seed: int = 0
 
@@ -99,7 +100,8 @@ class BuildConfig:
         )
 
     def bench_config(self, models: dict, data: Path) -> BenchConfig:
-        return BenchConfig(models=models, data=data, out_dir=self.out, iterations=self.bench_iterations, threads=self.threads, seed=self.seed)
+        return BenchConfig(models=models, data=data, out_dir=self.out, iterations=self.bench_iterations, threads=self.threads, seed=self.seed,
+                           target_accuracy=self.target_accuracy)
 
     def to_dict(self) -> dict:
         return {k: (str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}

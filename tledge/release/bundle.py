@@ -148,9 +148,25 @@ def bundle(out_dir: str | Path) -> dict:
         "classes": meta["classes"],
         "artifacts": artifacts,
         "not_signed": leftovers,
+        **_abstain_entry(out_dir),
         # The versions that made the models: re-signing the same build on a device (after `tledge engine`) keeps them.
         "versions": previous or machine_info()["versions"],
         **({"signed_on": {"versions": machine_info()["versions"]}} if previous else {}),
     }
     write_json(out_dir / MANIFEST, manifest)
     return manifest
+
+
+def _abstain_entry(out_dir: Path) -> dict:
+    """Per model file, the top-1 confidence below which a device should abstain to reach bench's target accuracy
+    (measured on the test split; absent when no target was set)."""
+    path = out_dir / "bench.json"
+    if not path.is_file():
+        return {}
+    thresholds = {}
+    for v in (read_json(path).get("variants") or {}).values():
+        target = (v.get("failure") or {}).get("selective_prediction", {}).get("target")
+        if target and target.get("threshold") is not None:
+            thresholds[v["path"]] = {"min_confidence": target["threshold"], "target_accuracy": target["target_accuracy"],
+                                     "coverage": target["coverage"], "measured_on": "test split (bench.json)"}
+    return {"abstain_below": thresholds} if thresholds else {}
