@@ -63,6 +63,7 @@ def build(
     target_accuracy: Optional[float] = typer.Option(None, help="Find each variant's confidence threshold that reaches this test accuracy on the images it accepts (a device abstains below it); recorded in bench.json and the report."),
     threads: Optional[int] = typer.Option(None, help="CPU threads for ONNX Runtime (default: all)."),
     seed: int = typer.Option(D(BuildConfig, "seed"), help="Seed for splits, sampling and training."),
+    allow_duplicates: bool = typer.Option(False, "--allow-duplicates", help="Keep going when byte-identical images sit in more than one split (otherwise an error: the model would be scored on images it trained on)."),
     as_json: bool = typer.Option(False, "--json", help="Print the report summary as JSON instead of a table."),
     config: Optional[Path] = typer.Option(None, "--config", help="A tledge.toml whose [build] sets any of this command's settings; flags typed here win."),
 ):
@@ -77,6 +78,7 @@ def build(
         num_calib=num_calib, calib_method=calib_method, cpu_target=cpu_target, trt_version=trt_version,
         max_top1_drop_pp=max_top1_drop, min_agreement=min_agreement, fallback_layers=fallback_layers, fallback_max_slowdown=fallback_max_slowdown, bias_correction=bias_correction,
         qat_epochs=qat_epochs, qat_over_float_layers=qat_over_float_layers, bench_iterations=bench_iterations, target_accuracy=target_accuracy, threads=threads, seed=seed,
+        allow_duplicates=allow_duplicates,
     )
     typed = typed_flags(ctx, {k: {"max_top1_drop_pp": "max_top1_drop"}.get(k, k) for k in given})
     summary = run_build(BuildConfig(**merge(config, "build", given, typed)))
@@ -121,6 +123,7 @@ def finetune(
     amp: str = typer.Option(D(FinetuneConfig, "amp"), help="Mixed precision on CUDA: auto (bf16, else fp16), bf16, fp16, off."),
     resume: bool = typer.Option(D(FinetuneConfig, "resume"), "--resume/--no-resume", help="Continue an interrupted run from OUT/finetune.resume.pt (same settings and data only)."),
     seed: int = typer.Option(D(FinetuneConfig, "seed"), help="Seed for splits and training."),
+    allow_duplicates: bool = typer.Option(False, "--allow-duplicates", help="Keep going when byte-identical images sit in more than one split (otherwise an error: the model would be scored on images it trained on)."),
     config: Optional[Path] = typer.Option(None, "--config", help="A tledge.toml whose [finetune] sets any of this command's settings; flags typed here win."),
 ):
     """Fine-tune a pretrained backbone with a strategy that must earn each thawed layer on validation; optionally prove transfer beat training from scratch."""
@@ -129,7 +132,8 @@ def finetune(
     given = dict(data=data, out=out, model=model, weights=weights, image_size=image_size, resize=resize,
                  unfreeze=_parse_unfreeze(unfreeze), epochs=epochs, patience=patience, lr=lr, lr_decay=lr_decay,
                  full_lr=full_lr, batch_size=batch_size, strategy=strategy, augment=augment, hflip=hflip, views=views, scratch=scratch,
-                 scratch_epochs=scratch_epochs, curve=curve, device=device, amp=amp, resume=resume, seed=seed)
+                 scratch_epochs=scratch_epochs, curve=curve, device=device, amp=amp, resume=resume, seed=seed,
+                 allow_duplicates=allow_duplicates)
     record = run(FinetuneConfig(**merge(config, "finetune", given, typed_flags(ctx, {k: k for k in given}))))
     if os.environ.get("RANK", "0") != "0":
         return  # under torchrun rank 0 speaks for all

@@ -378,3 +378,14 @@ def require_clean(record: dict, allow_duplicates: bool = False) -> None:
     more = f" (and {len(groups) - CLEAN_EXAMPLES} more)" if len(groups) > CLEAN_EXAMPLES else ""
     raise TledgeError(f"{len(groups)} image(s) appear in more than one split, so the model would be scored on images it "
                       f"trained on: {named}{more}. Remove the copies, or pass --allow-duplicates to keep them")
+
+
+def split_hygiene(splits, near_distance: int = 4) -> dict:
+    """:func:`check_splits` of a :class:`tledge.data.splits.Splits`, with paths relative to its root (as in
+    splits.json), so the record names files the same way on every machine."""
+    import json
+
+    rows = {name: [(s.path, s.label) for s in getattr(splits, name)] for name in ("train", "val", "test") if getattr(splits, name)}
+    record = check_splits(rows, splits.classes, near_distance)
+    root = str(Path(splits.root)).rstrip("/") + "/"
+    return json.loads(json.dumps(record).replace(json.dumps(root)[1:-1], ""))

@@ -67,6 +67,7 @@ class BuildConfig:
     target_accuracy: float | None = D(BenchConfig, "target_accuracy")  # the confidence to abstain below, per variant
     threads: int | None = D(BenchConfig, "threads")
     seed: int = 0
+    allow_duplicates: bool = D(FinetuneConfig, "allow_duplicates")
 
     def __post_init__(self):
         object.__setattr__(self, "out", Path(self.out))
@@ -88,7 +89,8 @@ class BuildConfig:
     def finetune_config(self, data: Path, image_size: int | None, resize: int | None) -> FinetuneConfig:
         return FinetuneConfig(data=data, out=self.out, model=self.model, weights=self.weights, image_size=image_size, resize=resize,
                               strategy=self.strategy, unfreeze=self.unfreeze, epochs=self.epochs, patience=self.patience,
-                              scratch=self.scratch and self.scratch_epochs > 0, scratch_epochs=self.scratch_epochs or None, seed=self.seed)
+                              scratch=self.scratch and self.scratch_epochs > 0, scratch_epochs=self.scratch_epochs or None, seed=self.seed,
+                              allow_duplicates=self.allow_duplicates)
 
     def quantize_config(self, data: Path, calibration: Path | None) -> QuantizeConfig:
         return QuantizeConfig(

@@ -149,6 +149,7 @@ def render_markdown(summary: dict, extra: dict | None) -> str:
             f"`{ft['model']['arch']}` from {ft['model']['weights_source']}; {len(ds['classes'])} classes, "
             f"{ds['counts']['train']} train / {ds['counts']['val']} val / {ds['counts']['test']} test images.",
             "",
+            *hygiene_lines(ft.get("split_hygiene")),
             "| stage | trainable blocks | lr | epochs | best epoch | val top-1 | kept |",
             "|---|---|---|---|---|---|---|",
         ]
@@ -263,3 +264,14 @@ def failure_lines(summary: dict) -> list[str]:
         lines += [f"- **{name}**: `{e['file']}` is {e['label']}, predicted {e['predicted']} at {e['confidence']:.3f}" for name, e in listed]
     lines += ["", "![reliability](reliability.svg)", ""]
     return lines
+
+
+def hygiene_lines(h: dict | None) -> list[str]:
+    """Whether the held-out splits are really held out, and how balanced the classes are."""
+    if not h:
+        return []
+    ratio = h["class_balance"].get("train_imbalance_ratio")
+    return [f"Split hygiene: {len(h['exact_across_splits'])} image(s) byte-identical across splits, {h['exact_within_split']} copies "
+            f"within a split, {h['near_across_splits_total']} near-duplicate pair(s) across splits (perceptual hash within "
+            f"{h['near_distance']} bits; listed in finetune.json), {h['label_conflicts']} duplicate pair(s) with different labels; "
+            f"train classes {'imbalanced ' + format(ratio, '.1f') + ':1' if ratio else 'balance unknown'} (largest to smallest).", ""]

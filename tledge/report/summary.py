@@ -55,6 +55,9 @@ def _summary(records: dict) -> dict:
             "stages": [{k: s[k] for k in ("name", "trainable_blocks", "lr", "epochs_run", "best_epoch", "val_accuracy", "accepted", "seconds", "history") if k in s}
                        for s in ft["stages"]],
             "result": ft["result"],
+            **({"split_hygiene": {k: ft["split_hygiene"][k] for k in ("images", "exact_across_splits", "exact_within_split", "near_across_splits_total",
+                                                                     "label_conflicts", "class_balance", "near_distance")}}
+               if "split_hygiene" in ft else {}),
             **transfer_summary(ft),
         }
     if "export" in records:

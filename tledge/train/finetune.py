@@ -23,6 +23,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from tledge.data.hygiene import require_clean, split_hygiene
 from tledge.data.images import Preprocess, scan_images
 from tledge.data.splits import SPLITS_FILE, Splits, load_splits, write_splits
 from tledge.errors import TledgeError
@@ -72,6 +73,7 @@ class FinetuneConfig:
     val_fraction: float = 0.15
     test_fraction: float = 0.15
     seed: int = 0
+    allow_duplicates: bool = False  # byte-identical images in more than one split are an error unless allowed
 
     def __post_init__(self):
         object.__setattr__(self, "data", Path(self.data))
@@ -119,7 +121,7 @@ def resolve_preprocess(spec_pre: Preprocess, image_size: int | None, resize: int
 
 
 # Settings that change how a run computes but not what it should learn: a resume may change them.
-_RESUME_NEUTRAL = ("resume", "checkpoint_every_s", "workers", "curve", "scratch", "out")
+_RESUME_NEUTRAL = ("resume", "checkpoint_every_s", "workers", "curve", "scratch", "out", "allow_duplicates")
 
 
 def finetune(cfg: FinetuneConfig, splits: Splits | None = None, on_epoch=None) -> dict:
@@ -161,6 +163,9 @@ def _finetune(cfg: FinetuneConfig, splits: Splits | None, on_epoch, world, devic
     validate.output_dir(cfg.out)  # before minutes of training, not at the end
     splits = splits or load_splits(cfg.data, cfg.val_fraction, cfg.test_fraction, cfg.seed)
     scan_images(s.path for s in splits.train + splits.val + splits.test)
+    # Before any training: an image in two splits scores the model on what it learned (exact copies are an error).
+    hygiene = split_hygiene(splits)
+    require_clean(hygiene, cfg.allow_duplicates)
     model, spec = create_model(cfg.model, cfg.weights, num_classes=len(splits.classes), seed=cfg.seed)
     pre = resolve_preprocess(spec.preprocess, cfg.image_size, cfg.resize)
     depth = len(model.blocks)
@@ -183,7 +188,7 @@ def _finetune(cfg: FinetuneConfig, splits: Splits | None, on_epoch, world, devic
                     balance=cfg.balance, progress=progress, on_epoch=on_epoch)
     torch.manual_seed(cfg.seed)
 
-    warnings: list[str] = []
+    warnings: list[str] = list(hygiene["warnings"])
     scratch_epochs = cfg.scratch_epochs or cfg.epochs
     if from_scratch:
         run = S.scratch(ctx, model, train_set, val_set, cfg.epochs, track="model")
@@ -229,6 +234,7 @@ def _finetune(cfg: FinetuneConfig, splits: Splits | None, on_epoch, world, devic
                   "blocks": depth, "trainable_blocks": best.trainable_blocks, "parameters": sum(p.numel() for p in model.parameters())},
         "preprocess": pre.to_dict(),
         "dataset": splits.summary(),
+        "split_hygiene": hygiene,
         "strategy": {"name": "from-scratch" if from_scratch else cfg.strategy, "plan": [r.name for r in runs], "winner": best.name, "why": outcome.why,
                      "cost": {"seconds": round(sum(r.seconds for r in runs), 2), "epochs": sum(r.epochs_run for r in runs),
                               "cache_seconds": outcome.cache_seconds}},
