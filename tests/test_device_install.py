@@ -24,9 +24,18 @@ import pytest
 from _bundles import copy_build
 
 ROOT = Path(__file__).resolve().parent.parent
-DEVICE_MODULES = ["cli", "engine", "trt_plan", "trt_runner", "cuda", "release", "bundle", "bench", "runners", "data",
-                  "export", "machine", "trt_cache", "artifacts", "errors", "report", "report_html", "gate", "cpu_isa",
-                  "config", "build", "finetune", "quantize", "datasets"]  # the last four: imported by cli for its defaults
+# Every module the device commands import (cli imports the pipeline's and stages' configs for its defaults).
+DEVICE_MODULES = ["artifacts", "cpu_isa", "cuda", "defaults", "errors", "machine", "validate",
+                  "bench", "bench.accuracy", "bench.backends", "bench.benchmark", "bench.gate", "bench.intervals", "bench.reliability",
+                  "bench.slower_variant", "cli", "cli.app", "cli.device", "cli.pipeline",
+                  "data", "data.datasets", "data.hygiene", "data.images", "data.splits", "export", "export.onnx_export", "export.onnx_io",
+                  "monitor", "monitor.drift", "monitor.reference", "pipeline", "pipeline.build", "pipeline.config",
+                  "quant", "quant.calibration_cache", "quant.checks", "quant.cpu_weights", "quant.drift_budget", "quant.engine_cost",
+                  "quant.quantize", "quant.recipes", "quant.sources", "quant.weight_rounding",
+                  "release", "release.archive", "release.bundle", "release.check", "release.engines", "release.verify",
+                  "report", "report.html", "report.markdown", "report.summary", "runners", "runners.ort_runner", "runners.timing",
+                  "runners.torch_runner", "train", "train.diagnostics", "train.finetune", "trt", "trt.compat", "trt.engine", "trt.plan",
+                  "trt.runner"]
 TRAINING_ONLY = ("torch", "torchvision", "sklearn")
 # Python 3.9+ methods and operators that parse on 3.8 but fail when run there.
 NEWER_ATTRIBUTES = {"removeprefix", "removesuffix", "is_relative_to", "bit_count", "readlink", "with_stem"}
@@ -37,8 +46,9 @@ JETPACK5_BUILD = """
 import sys
 sys.path.insert(0, {tests!r})
 from _fake_tensorrt import make_trt
-from tledge.trt.engine import build_engine
-from tledge.release.verify import Here, verify
+from tledge.release.engines import build_engine
+from tledge.release.verify import verify
+from tledge.trt.compat import Here
 from tledge.trt.plan import Device, EngineConfig
 jetson = {{"l4t": "35.4.1", "jetpack": "5.1.2", "model": "Jetson AGX Xavier"}}
 record = build_engine(EngineConfig({folder!r}, dla_core=0, batch=(1, 1, 1), timing_cache_dir={cache!r}),
@@ -60,8 +70,13 @@ sys.meta_path.insert(0, _NoTraining())
 """
 
 
+def _path(module: str) -> Path:
+    base = ROOT / "tledge" / Path(*module.split("."))
+    return base / "__init__.py" if base.is_dir() else base.with_suffix(".py")
+
+
 def _sources():
-    return {m: (ROOT / "tledge" / f"{m}.py").read_text(encoding="utf-8") for m in DEVICE_MODULES}
+    return {m: _path(m).read_text(encoding="utf-8") for m in DEVICE_MODULES}
 
 
 def _annotations(tree):

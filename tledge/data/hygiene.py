@@ -94,7 +94,7 @@ def perceptual_hash(path: str | Path) -> int:
 
 def hamming(a: int, b: int) -> int:
     """Number of bits in which ``a`` and ``b`` differ."""
-    return (int(a) ^ int(b)).bit_count()
+    return bin(int(a) ^ int(b)).count("1")  # (int.bit_count is Python 3.10+; the device install runs 3.8)
 
 
 def _bands(max_distance: int) -> list[tuple[int, int]]:
