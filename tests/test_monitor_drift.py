@@ -315,14 +315,14 @@ def test_bad_inputs_are_tledge_errors(reference):
 def test_monitor_imports_only_numpy_and_the_standard_library():
     allowed = {"numpy", "tledge"} | set(__import__("sys").stdlib_module_names)
     root = Path(__file__).resolve().parents[1] / "tledge" / "monitor"
-    for path in root.glob("*.py"):
+    for path in (root / "reference.py", root / "drift.py"):  # the statistics; observe.py and stage.py run models
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Import):
                 names = [a.name for a in node.names]
             elif isinstance(node, ast.ImportFrom) and node.level == 0:
                 names = [node.module]
                 if node.module.startswith("tledge"):
-                    assert node.module == "tledge.errors" or node.module.startswith("tledge.monitor."), (path.name, node.module)
+                    assert node.module in ("tledge.errors", "tledge.artifacts") or node.module.startswith("tledge.monitor."), (path.name, node.module)
             else:
                 continue
             for name in names:

@@ -38,11 +38,14 @@ ARTIFACTS: dict[str, tuple[str, str]] = {
     "report.html": ("report", "report (one self-contained page with charts)"),
     "latency.svg": ("report", "chart"),
     "accuracy.svg": ("report", "chart"),
+    "reliability.svg": ("report", "chart: reliability diagram per variant"),
+    "monitor.reference.json": ("monitor", "monitoring reference: the validation split's input, embedding, confidence and class statistics"),
+    "monitor.json": ("monitor", "stage record"),
     "engine.json": ("engine", "stage record: every TensorRT engine in the bundle, with the device and version it runs on"),
     # engines are named model.<precision>.<gpu>-sm<cc>.trt<version>[.dla<N>].engine (tledge.trt.plan.engine_name)
 }
 STAGE_RECORDS = {"finetune": "finetune.json", "export": "export.json", "quantize": "quantize.json", "bench": "bench.json", "report": "report.json",
-                 "engine": "engine.json"}
+                 "monitor": "monitor.json", "engine": "engine.json"}
 
 
 @contextlib.contextmanager

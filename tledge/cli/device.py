@@ -246,3 +246,53 @@ def models_cmd():
         pre = spec.preprocess
         print(f"{spec.name:<24} {'offline' if spec.offline else 'online '}  input {pre.size}  {spec.description}")
         print(f"{'':<24} weights: {spec.weights_source}")
+
+
+@app.command(name="monitor", epilog=examples(
+    "tledge monitor release --images /data/today            # production images, unlabelled",
+    "tledge monitor release --images /data/today --labels overrides.csv   # with operators' labels (file,label)",
+    "tledge monitor release --log service.jsonl --out drift.json          # a service's {predicted, confidence} lines",
+))
+def monitor_cmd(
+    bundle: Path = typer.Argument(..., help="A bundle folder or archive with monitor.reference.json (tledge build writes it)."),
+    images: Optional[Path] = typer.Option(None, "--images", help="A folder of production images (searched recursively)."),
+    log: Optional[Path] = typer.Option(None, "--log", help="A JSONL prediction log: one {\"predicted\": CLASS, \"confidence\": P} a line."),
+    labels: Optional[Path] = typer.Option(None, "--labels", help="A CSV (file,label) of operators' labels for some of --images: the model's disagreement rate with them, per class."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Write the verdict as JSON here."),
+    max_images: Optional[int] = typer.Option(None, help="Cap on images."),
+    threads: Optional[int] = typer.Option(None, help="CPU threads for the model (default: all)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the verdict as JSON."),
+):
+    """Compare what a deployed model sees with its validation split: input brightness, contrast and colour, the
+    embedding, confidence and predicted-class mix. Exit 0 when nothing moved, 3 on drift (like `tledge gate`)."""
+    from tledge.monitor.drift import verdict_exit_code
+    from tledge.monitor.stage import MonitorConfig, monitor
+
+    record = monitor(MonitorConfig(bundle=bundle, images=images, log=log, labels=labels, out=out, max_images=max_images, threads=threads))
+    if as_json:
+        print(json.dumps(record, indent=2))
+    else:
+        print(f"{record['source']['count']} {'images' if images else 'logged predictions'} against {record['reference']['images']} "
+              f"validation images ({record['reference']['model']})")
+        for name, s in record["signals"].items():
+            print(f"  {s['status']:<6} {name:<16} PSI {s['value']:.3f} (drift at {s['threshold']:g})")
+        if "overrides" in record and record["overrides"]["matched"]:
+            o = record["overrides"]
+            print(f"  operators disagree with the model on {o['disagreements']} of {o['matched']} labelled images ({o['disagreement_rate']:.1%})")
+        print_warnings(record.get("warnings", []))
+        print(f"verdict: {record['verdict'].upper()}" + (f" ({', '.join(record['moved'])} moved)" if record["moved"] else ""))
+    raise typer.Exit(verdict_exit_code(record))
+
+
+@app.command(name="monitor-reference", epilog=examples("tledge monitor-reference tledge-out --data my_images   # then tledge bundle tledge-out"))
+def monitor_reference_cmd(
+    out_dir: Path = typer.Argument(..., help="A build folder (with model.fp32.onnx and splits.json)."),
+    data: Path = typer.Option(..., "--data", "-d", help="The ImageFolder root the model was trained on."),
+    max_images: Optional[int] = typer.Option(None, help="Cap on validation images."),
+):
+    """Write monitor.reference.json: the validation split as the model sees it, for `tledge monitor` on the device
+    (tledge build writes it; run this for a folder built by the separate stages, then bundle it)."""
+    from tledge.monitor.stage import ReferenceConfig, write_reference
+
+    record = write_reference(ReferenceConfig(out_dir=out_dir, data=data, max_images=max_images))
+    print(f"wrote {out_dir / 'monitor.reference.json'} ({record['bytes']} bytes, {record['images']} validation images)")

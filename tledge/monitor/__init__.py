@@ -18,6 +18,7 @@ from tledge.monitor.drift import (
     read_prediction_log,
     verdict_exit_code,
 )
+from tledge.monitor.observe import ModelTap, Monitor
 from tledge.monitor.reference import (
     REFERENCE_FORMAT,
     build_reference,
@@ -28,6 +29,7 @@ from tledge.monitor.reference import (
     save_reference,
     signals,
 )
+from tledge.monitor.stage import MonitorConfig, ReferenceConfig, monitor, write_reference
 
 __all__ = [
     "DEFAULT_THRESHOLDS",
@@ -35,6 +37,10 @@ __all__ = [
     "EXIT_DRIFT",
     "EXIT_OK",
     "MIN_IMAGES",
+    "ModelTap",
+    "Monitor",
+    "MonitorConfig",
+    "ReferenceConfig",
     "REFERENCE_FORMAT",
     "SIGNAL_NAMES",
     "build_reference",
@@ -49,4 +55,6 @@ __all__ = [
     "save_reference",
     "signals",
     "verdict_exit_code",
+    "monitor",
+    "write_reference",
 ]

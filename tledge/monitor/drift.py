@@ -35,7 +35,7 @@ DEFAULT_THRESHOLDS: Dict[str, float] = {"watch": 0.1, "drift": 0.25}
 SIGNAL_NAMES = ("brightness", "contrast", "channel_mean", "confidence", "class_mix", "embedding")
 MIN_IMAGES = 30  # below this, PSI on 10 bins is mostly sampling noise (see the module docstring)
 EXIT_OK = 0
-EXIT_DRIFT = 1
+EXIT_DRIFT = 3  # as tledge gate's failed release: 1 stays a user error
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -298,7 +298,8 @@ def compare(
 
 
 def verdict_exit_code(record: Mapping[str, Any]) -> int:
-    """0 for "ok", 1 for "drift": a CI step or cron job can act on the monitor's exit status alone."""
+    """0 for "ok", 3 for "drift" (as a failed `tledge gate`; 1 stays a user error): a CI step or cron job can act on
+    the monitor's exit status alone."""
     verdict = record.get("verdict") if isinstance(record, Mapping) else None
     if verdict == "ok":
         return EXIT_OK

@@ -296,10 +296,10 @@ def check_reference(reference: Any) -> Dict[str, Any]:
 
 def save_reference(reference: Mapping[str, Any], path: Union[str, os.PathLike]) -> Path:
     """Write the reference as compact JSON (the form ``reference_size_bytes`` measures)."""
+    from tledge.artifacts import write_text  # atomic: a crash never leaves half a reference in a bundle
+
     ref = check_reference(reference)
-    out = Path(path)
-    out.write_text(json.dumps(ref, separators=(",", ":")), encoding="utf-8")
-    return out
+    return write_text(Path(path), json.dumps(ref, separators=(",", ":")))
 
 
 def load_reference(path: Union[str, os.PathLike]) -> Dict[str, Any]:

@@ -154,6 +154,7 @@ def build(cfg: BuildConfig) -> dict:
     """
     from tledge.bench.benchmark import bench
     from tledge.export.onnx_export import ExportConfig, export_onnx
+    from tledge.monitor.stage import ReferenceConfig, write_reference
     from tledge.quant.quantize import quantize
     from tledge.quant.recipes import TARGETS
     from tledge.release.bundle import bundle
@@ -201,6 +202,8 @@ def build(cfg: BuildConfig) -> dict:
     t = stage(4, "benchmark accuracy and latency")
     models = {"fp32": out / "model.fp32.onnx", "int8-tensorrt-qdq": out / TARGETS["tensorrt"], "int8-cpu": out / TARGETS["cpu"]}
     bench(cfg.bench_config(models, data))
+    # What the device's `tledge monitor` compares production inputs with: the validation split as the model sees it.
+    write_reference(ReferenceConfig(out_dir=out, data=data, seed=cfg.seed))
     timings["bench"] = time.perf_counter() - t
 
     t = stage(5, "report and manifest")
