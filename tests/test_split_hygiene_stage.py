@@ -35,6 +35,6 @@ def test_allowed_duplicates_are_recorded_and_warned_about(tiny_dataset, tmp_path
     hygiene = json.loads((tmp_path / "out" / "finetune.json").read_text())["split_hygiene"]
     assert hygiene == record["split_hygiene"]
     assert [sorted(f["path"] for f in g["files"]) for g in hygiene["exact_across_splits"]] == [
-        sorted([f"test/circle/copy-of-a-train-image.png", f"train/circle/{leaked.name}"])]  # relative, as in splits.json
+        sorted(["test/circle/copy-of-a-train-image.png", f"train/circle/{leaked.name}"])]  # relative, as in splits.json
     assert any("byte-identical" in w for w in record["warnings"])
     assert hygiene["class_balance"]["counts"]["train"]["circle"] == 16

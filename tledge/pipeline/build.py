@@ -21,7 +21,7 @@ from tledge.train.finetune import FinetuneConfig
 # The offline default: real handwritten digits at 128x128 (no crop: the 8x8 scans fill the frame).
 DEFAULT_IMAGE_SIZE = 128
 # Package data, so an installed tledge (not only a source checkout) pins the default run's calibration images.
-PINNED_CALIBRATION_DIR = Path(__file__).resolve().parent / "calibration_sets"
+PINNED_CALIBRATION_DIR = Path(__file__).resolve().parents[1] / "calibration_sets"  # tledge/calibration_sets
 DEFAULT_CALIBRATION = "digits-efficientnet_lite0-128.json"
 # The build's from-scratch baseline is a cheap one: a few epochs bound its cost (a positive gain is then an
 # upper bound, a gain <= 0 conclusive); `tledge finetune --scratch` gives it the full epoch budget.
