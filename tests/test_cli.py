@@ -14,7 +14,7 @@ from tledge.artifacts import sha256_file
 from tledge.cli import app
 from tledge.errors import TledgeError
 
-COMMANDS = ("build", "finetune", "export", "quantize", "bench", "gate", "bundle", "models", "engine", "verify")
+COMMANDS = ("build", "finetune", "export", "quantize", "bench", "gate", "bundle", "models", "engine", "verify", "monitor", "monitor-reference")
 runner = CliRunner()
 
 

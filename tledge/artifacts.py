@@ -44,8 +44,9 @@ ARTIFACTS: dict[str, tuple[str, str]] = {
     "engine.json": ("engine", "stage record: every TensorRT engine in the bundle, with the device and version it runs on"),
     # engines are named model.<precision>.<gpu>-sm<cc>.trt<version>[.dla<N>].engine (tledge.trt.plan.engine_name)
 }
-STAGE_RECORDS = {"finetune": "finetune.json", "export": "export.json", "quantize": "quantize.json", "bench": "bench.json", "report": "report.json",
-                 "monitor": "monitor.json", "engine": "engine.json"}
+# In the order data flows: a stage that rewrites a folder drops its own record and those after it.
+STAGE_RECORDS = {"finetune": "finetune.json", "export": "export.json", "quantize": "quantize.json", "bench": "bench.json",
+                 "monitor": "monitor.json", "report": "report.json", "engine": "engine.json"}
 
 
 @contextlib.contextmanager

@@ -89,7 +89,7 @@ def start_rewrite(folder: Path, stage: str | None = None) -> None:
     folder = Path(folder)
     if not folder.is_dir():
         return
-    order = list(STAGE_RECORDS)  # finetune, export, quantize, bench, report: the order data flows
+    order = list(STAGE_RECORDS)  # finetune, export, quantize, bench, monitor, report, engine: the order data flows
     records = [STAGE_RECORDS[s] for s in order[order.index(stage):]] if stage else []
     for name in (MANIFEST, *records):
         (folder / name).unlink(missing_ok=True)

@@ -57,6 +57,7 @@ def build(
     fallback_layers: int = typer.Option(D(BuildConfig, "fallback_layers"), help="Most layers kept in float to meet the drift budget (0: check and report only)."),
     fallback_max_slowdown: float = typer.Option(D(BuildConfig, "fallback_max_slowdown"), help="CPU model: leave in INT8 any layer whose float copy would slow it by more than this share, measured here (0.15: 15%; 1: keep by sensitivity alone)."),
     bias_correction: bool = typer.Option(D(BuildConfig, "bias_correction"), help="Shift each quantized layer's bias by the mean error its int8 weights add (from the calibration statistics); on by default."),
+    weight_rounding: bool = typer.Option(D(BuildConfig, "weight_rounding"), help="TensorRT model: choose each layer's int8 weight levels by the error they add to its output on calibration images, instead of rounding to nearest; on by default."),
     qat_epochs: int = typer.Option(D(BuildConfig, "qat_epochs"), help="When post-training INT8 misses the drift budget, or meets it only with more than --qat-over-float-layers layers in float, epochs of quantization-aware fine-tuning to try (0: never)."),
     qat_over_float_layers: Optional[int] = typer.Option(None, help="Try QAT also when post-training needs more float layers than this to meet the budget (default: only when it misses); the QAT model then ships if it meets the budget with fewer."),
     bench_iterations: int = typer.Option(D(BuildConfig, "bench_iterations"), help="Timed runs per variant."),
@@ -76,7 +77,7 @@ def build(
         unfreeze=_parse_unfreeze(unfreeze), strategy=strategy, scratch=scratch, scratch_epochs=scratch_epochs,
         epochs=epochs, patience=patience, calibration=calibration,
         num_calib=num_calib, calib_method=calib_method, cpu_target=cpu_target, trt_version=trt_version,
-        max_top1_drop_pp=max_top1_drop, min_agreement=min_agreement, fallback_layers=fallback_layers, fallback_max_slowdown=fallback_max_slowdown, bias_correction=bias_correction,
+        max_top1_drop_pp=max_top1_drop, min_agreement=min_agreement, fallback_layers=fallback_layers, fallback_max_slowdown=fallback_max_slowdown, bias_correction=bias_correction, weight_rounding=weight_rounding,
         qat_epochs=qat_epochs, qat_over_float_layers=qat_over_float_layers, bench_iterations=bench_iterations, target_accuracy=target_accuracy, threads=threads, seed=seed,
         allow_duplicates=allow_duplicates,
     )
@@ -193,6 +194,7 @@ def quantize(
     fallback_layers: int = typer.Option(D(QuantizeConfig, "fallback_layers"), help="Most layers kept in float to meet the drift budget (0: check and report only)."),
     fallback_max_slowdown: float = typer.Option(D(QuantizeConfig, "fallback_max_slowdown"), help="CPU model: leave in INT8 any layer whose float copy would slow it by more than this share, measured here (0.15: 15%; 1: keep by sensitivity alone)."),
     bias_correction: bool = typer.Option(D(QuantizeConfig, "bias_correction"), help="Shift each quantized layer's bias by the mean error its int8 weights add (from the calibration statistics); on by default."),
+    weight_rounding: bool = typer.Option(D(QuantizeConfig, "weight_rounding"), help="TensorRT model: choose each layer's int8 weight levels by the error they add to its output on calibration images, instead of rounding to nearest; on by default."),
     checkpoint: Optional[Path] = typer.Option(None, help="The model.pt the ONNX came from; enables quantization-aware fine-tuning when the budget is missed."),
     qat_epochs: int = typer.Option(D(QuantizeConfig, "qat_epochs"), help="When post-training INT8 misses the drift budget, or meets it only with more than --qat-over-float-layers layers in float, epochs of quantization-aware fine-tuning to try (0: never)."),
     qat_over_float_layers: Optional[int] = typer.Option(None, help="Try QAT also when post-training needs more float layers than this to meet the budget (default: only when it misses); the QAT model then ships if it meets the budget with fewer."),
@@ -205,7 +207,7 @@ def quantize(
     given = dict(
         model=model, data=data, out_dir=out_dir, calibration=calibration, num_images=num_calib, method=method,
         targets=tuple(target), keep_float=tuple(keep_float), cpu_target=cpu_target, trt_version=trt_version,
-        max_top1_drop_pp=max_top1_drop, min_agreement=min_agreement, fallback_layers=fallback_layers, fallback_max_slowdown=fallback_max_slowdown, bias_correction=bias_correction,
+        max_top1_drop_pp=max_top1_drop, min_agreement=min_agreement, fallback_layers=fallback_layers, fallback_max_slowdown=fallback_max_slowdown, bias_correction=bias_correction, weight_rounding=weight_rounding,
         checkpoint=checkpoint, qat_epochs=qat_epochs, qat_over_float_layers=qat_over_float_layers, seed=seed,
     )
     renames = {"num_images": "num_calib", "targets": "target", "max_top1_drop_pp": "max_top1_drop"}

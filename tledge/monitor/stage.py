@@ -59,22 +59,34 @@ def _run(tap, samples, pre):
     return joined, (np.concatenate(embeddings) if embeddings else None), z
 
 
-def write_reference(cfg: ReferenceConfig) -> dict:
+def write_reference(cfg: ReferenceConfig, required: bool = True) -> dict:
     """Condense the validation split as the model sees it into ``monitor.reference.json`` (a few KB, signed by
-    ``tledge bundle`` like every artifact), with its stage record ``monitor.json``."""
+    ``tledge bundle`` like every artifact), with its stage record ``monitor.json``.
+
+    A validation split too small to be a reference is an error, or with ``required=False`` (the build) a record
+    that says why there is none, so that ``tledge monitor`` on the device can say it too."""
+    from tledge import validate
     from tledge.artifacts import write_json
     from tledge.data.images import Preprocess
     from tledge.data.splits import splits_for
     from tledge.export.onnx_io import onnx_metadata
     from tledge.monitor.observe import ModelTap
-    from tledge.monitor.reference import build_reference, save_reference
+    from tledge.monitor.reference import MIN_REFERENCE_IMAGES, build_reference, save_reference
 
     started = time.perf_counter()
     path = cfg.out_dir / cfg.model
     meta = onnx_metadata(path)
+    validate.start_rewrite(cfg.out_dir, "monitor")
     pre = Preprocess.from_dict(meta["preprocess"])
     splits = splits_for(cfg.data, cfg.out_dir, cfg.seed, meta.get("splits_sha256"))
     samples = splits.val[: cfg.max_images] if cfg.max_images else splits.val
+    if len(samples) < MIN_REFERENCE_IMAGES and not required:
+        (cfg.out_dir / REFERENCE_FILE).unlink(missing_ok=True)
+        why = (f"no monitoring reference: the validation split has {len(samples)} images, fewer than the {MIN_REFERENCE_IMAGES} "
+               "a reference needs; `tledge monitor` cannot judge this build's inputs")
+        record = {"stage": "monitor", "artifacts": [RECORD_FILE], "skipped": why, "warnings": [why]}
+        write_json(cfg.out_dir / RECORD_FILE, record)
+        return record
     tap = ModelTap(path)
     stats, embeddings, logits = _run(tap, samples, pre)
     reference = build_reference(stats, embeddings, logits, meta["classes"])
@@ -131,7 +143,7 @@ def _production_images(folder: Path, cap: Optional[int]) -> list:
 def monitor(cfg: MonitorConfig) -> dict:
     """Compare production inputs (or a prediction log) with the bundle's reference; returns the verdict record
     (``verdict`` ok/drift, each signal with its value, threshold and status) and writes it to ``cfg.out``."""
-    from tledge.artifacts import write_json
+    from tledge.artifacts import read_json, write_json
     from tledge.data.images import Preprocess
     from tledge.export.onnx_io import onnx_metadata
     from tledge.monitor.drift import compare, operator_overrides, read_prediction_log
@@ -144,6 +156,9 @@ def monitor(cfg: MonitorConfig) -> dict:
         # Only signed files: a reference or model changed since the build would judge against the wrong thing.
         checked = verify(cfg.bundle, check_device=False, extract_to=Path(scratch) / "bundle")
         folder = Path(checked["bundle"])
+        skipped = read_json(folder / RECORD_FILE).get("skipped") if (folder / RECORD_FILE).is_file() else None
+        if skipped:
+            raise TledgeError(f"{cfg.bundle} has {skipped}")
         if not (folder / REFERENCE_FILE).is_file():
             raise TledgeError(f"{cfg.bundle} has no {REFERENCE_FILE}: build with a tledge that writes it (`tledge build` does), "
                               "or run `tledge monitor-reference BUILD --data DATA` on the build folder and bundle it again")

@@ -9,7 +9,7 @@ from tledge.errors import TledgeError
 from tledge.report.html import render_html
 from tledge.report.markdown import bar_chart_svg, render_markdown, transfer_summary
 
-STAGE_RECORDS = ("finetune", "export", "quantize", "bench")
+STAGE_RECORDS = ("finetune", "export", "quantize", "bench", "monitor")
 
 
 def collect_records(out_dir: Path) -> dict:
@@ -45,7 +45,8 @@ def _summary(records: dict) -> dict:
             }
             for name, v in bench["variants"].items()
         },
-        "warnings": records.get("finetune", {}).get("warnings", []) + records.get("quantize", {}).get("warnings", []) + bench.get("warnings", []),
+        "warnings": records.get("finetune", {}).get("warnings", []) + records.get("quantize", {}).get("warnings", []) + bench.get("warnings", [])
+                    + records.get("monitor", {}).get("warnings", []),
     }
     if "finetune" in records:
         ft = records["finetune"]

@@ -1,0 +1,137 @@
+"""How often `tledge monitor` raises a false alarm on unseen in-distribution images, and how often it detects shifts.
+
+Per dataset: fine-tune EfficientNet-Lite0 (linear probe: its signals need a real classifier, not a good one), export,
+write the monitoring reference from the validation split, then run the model once over the held-out test split as
+it is and under each shift made here (brightness +25%, brightness -25%, Gaussian blur radius 2, contrast x0.6,
+and a class mix of only the two largest classes). Each trial draws N test images at random (seeded) and asks the
+monitor for a verdict: the false-alarm rate is the share of clean trials with verdict drift, a shift's detection
+rate the share of its trials with verdict drift, and we count which signals moved. Also the split hygiene of the
+set and the FP32 model's failure behaviour on test (ECE, high-confidence errors).
+
+    python bench/monitor_drift.py --data ../shared/data/neu-surface-defects --out bench/monitor_drift-neu.json
+    python bench/monitor_drift.py --data ../shared/data/clothing-small --out bench/monitor_drift-clothing.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageEnhance, ImageFilter
+
+from tledge.bench.reliability import failure_summary
+from tledge.cpu_isa import this_cpu
+from tledge.data.hygiene import split_hygiene
+from tledge.data.images import Preprocess, Sample, iter_batches
+from tledge.data.splits import load_splits
+from tledge.export.onnx_export import ExportConfig, export_onnx
+from tledge.export.onnx_io import read_metadata
+from tledge.machine import machine_info
+from tledge.monitor import ModelTap, ReferenceConfig, compare, image_stats, load_reference, write_reference
+from tledge.train.finetune import FinetuneConfig, finetune
+
+SHIFTS = {
+    "brightness +25%": lambda im: ImageEnhance.Brightness(im).enhance(1.25),
+    "brightness -25%": lambda im: ImageEnhance.Brightness(im).enhance(0.75),
+    "blur (radius 2)": lambda im: im.filter(ImageFilter.GaussianBlur(2)),
+    "contrast x0.6": lambda im: ImageEnhance.Contrast(im).enhance(0.6),
+}
+
+
+def outputs(tap: ModelTap, samples, pre):
+    stats, emb, logits = [], [], []
+    for x, _ in iter_batches(samples, pre, 32):
+        z, e = tap(x)
+        stats.append(image_stats(x))
+        emb.append(e)
+        logits.append(z)
+    return ({k: np.concatenate([s[k] for s in stats]) for k in ("channel_mean", "channel_std")}, np.concatenate(emb), np.concatenate(logits))
+
+
+def shifted(samples, edit, folder: Path):
+    out = []
+    for i, s in enumerate(samples):
+        path = folder / f"{i:05d}.png"
+        edit(Image.open(s.path).convert("RGB")).save(path)
+        out.append(Sample(path, s.label))
+    return out
+
+
+def trials(reference, stats, emb, logits, n: int, count: int, rng, pool=None) -> dict:
+    pool = np.arange(len(logits)) if pool is None else pool
+    drift, moved = 0, Counter()
+    for _ in range(count):
+        idx = rng.choice(pool, size=min(n, len(pool)), replace=False)
+        record = compare(reference, {k: v[idx] for k, v in stats.items()}, emb[idx], logits[idx])
+        drift += record["verdict"] == "drift"
+        moved.update(record["moved"])
+    return {"trials": count, "images_per_trial": int(min(n, len(pool))), "drift_verdicts": drift, "rate": round(drift / count, 3),
+            "signals_moved": dict(moved.most_common())}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", type=Path, required=True)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--image-size", type=int, default=128)
+    ap.add_argument("--epochs", type=int, default=8)
+    ap.add_argument("--images-per-trial", type=int, default=100)
+    ap.add_argument("--trials", type=int, default=50)
+    args = ap.parse_args()
+
+    started = time.perf_counter()
+    splits = load_splits(args.data)
+    hygiene = split_hygiene(splits)
+    with tempfile.TemporaryDirectory(prefix="tledge-monitor-bench-") as work:
+        work = Path(work)
+        t = time.perf_counter()
+        finetune(FinetuneConfig(data=args.data, out=work, strategy="linear", epochs=args.epochs, image_size=args.image_size, allow_duplicates=True))
+        export_onnx(ExportConfig(checkpoint=work / "model.pt", out=work / "model.fp32.onnx", data=args.data))
+        train_seconds = time.perf_counter() - t
+        ref_record = write_reference(ReferenceConfig(out_dir=work, data=args.data))
+        reference = load_reference(work / "monitor.reference.json")
+        meta = read_metadata(work / "model.fp32.onnx")
+        pre = Preprocess.from_dict(meta["preprocess"])
+        tap = ModelTap(work / "model.fp32.onnx")
+        test = splits.test or splits.val
+        clean = outputs(tap, test, pre)
+        y = np.array([s.label for s in test])
+        failure = failure_summary(clean[2], y, [str(s.path.relative_to(args.data)) for s in test], meta["classes"], target_accuracy=0.99)
+        failure["high_confidence_errors"] = failure["high_confidence_errors"][:10]
+        rng = np.random.default_rng(0)
+        result = {"clean (false alarms)": trials(reference, *clean, args.images_per_trial, args.trials, rng)}
+        for name, edit in SHIFTS.items():
+            folder = work / name.replace(" ", "_").replace("%", "pct")
+            folder.mkdir()
+            result[name] = trials(reference, *outputs(tap, shifted(test, edit, folder), pre), args.images_per_trial, args.trials, rng)
+        largest = [k for k, _ in Counter(y.tolist()).most_common(2)]
+        pool = np.flatnonzero(np.isin(y, largest))
+        result[f"class mix: only {', '.join(meta['classes'][k] for k in largest)}"] = trials(
+            reference, *clean, args.images_per_trial, args.trials, rng, pool=pool)
+
+    record = {
+        "dataset": str(args.data), "classes": meta["classes"], "image_size": args.image_size,
+        "model": f"efficientnet_lite0, linear probe, {args.epochs} epochs (fine-tune + export {train_seconds:.0f} s)",
+        "reference": {k: ref_record[k] for k in ("images", "bytes", "embedding_tensor")},
+        "test_images": len(test), "results": result,
+        "fp32_failure_behaviour_on_test": {k: failure[k] for k in ("top1", "ece", "mce", "high_confidence_error_count", "high_confidence_errors")}
+                                          | {"selective_prediction": {k: failure["selective_prediction"][k] for k in ("aurc", "target")}},
+        "split_hygiene": {k: hygiene[k] for k in ("images", "exact_within_split", "near_across_splits_total", "label_conflicts", "class_balance", "warnings")}
+                         | {"exact_across_splits": len(hygiene["exact_across_splits"])},
+        "machine": machine_info(), "cpu": this_cpu(), "python": platform.python_version(),
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    args.out.write_text(json.dumps(record, indent=2) + "\n")
+    for name, r in result.items():
+        print(f"{name:<34} drift in {r['drift_verdicts']:>3}/{r['trials']} trials of {r['images_per_trial']} images  {r['signals_moved']}")
+    print(f"ECE {failure['ece']:.4f}, {failure['high_confidence_error_count']} high-confidence errors of {len(test)}; wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
