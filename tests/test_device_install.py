@@ -29,7 +29,7 @@ DEVICE_MODULES = ["artifacts", "cpu_isa", "cuda", "defaults", "errors", "machine
                   "bench", "bench.accuracy", "bench.backends", "bench.benchmark", "bench.gate", "bench.intervals", "bench.reliability",
                   "bench.slower_variant", "cli", "cli.app", "cli.device", "cli.pipeline",
                   "data", "data.datasets", "data.hygiene", "data.images", "data.splits", "export", "export.onnx_export", "export.onnx_io",
-                  "monitor", "monitor.drift", "monitor.reference", "pipeline", "pipeline.build", "pipeline.config",
+                  "monitor", "monitor.drift", "monitor.observe", "monitor.reference", "monitor.stage", "pipeline", "pipeline.build", "pipeline.config",
                   "quant", "quant.calibration_cache", "quant.checks", "quant.cpu_weights", "quant.drift_budget", "quant.engine_cost",
                   "quant.quantize", "quant.recipes", "quant.sources", "quant.weight_rounding",
                   "release", "release.archive", "release.bundle", "release.check", "release.engines", "release.verify",
@@ -159,8 +159,27 @@ def test_blocker_can_fail(tmp_path):
     assert proc.returncode != 0 and "blocked for the device-install test" in proc.stderr
 
 
-def test_device_commands_run_where_torch_cannot_be_imported(tiny_pipeline, tmp_path):
+def _with_monitoring_reference(folder: Path, dataset: Path) -> None:
+    """The tiny build's validation split is too small for a reference: make one from train and val here."""
+    from tledge.artifacts import write_json
+    from tledge.data.images import Preprocess, load_array
+    from tledge.data.splits import load_splits
+    from tledge.export.onnx_io import read_metadata
+    from tledge.monitor import ModelTap, build_reference, save_reference
+
+    meta = read_metadata(folder / "model.fp32.onnx")
+    splits = load_splits(dataset)
+    x, _ = load_array(splits.train + splits.val, Preprocess.from_dict(meta["preprocess"]))
+    logits, embedding = ModelTap(folder / "model.fp32.onnx")(x)
+    reference = build_reference(x, embedding, logits, meta["classes"])
+    reference["model"] = "model.fp32.onnx"
+    save_reference(reference, folder / "monitor.reference.json")
+    write_json(folder / "monitor.json", {"stage": "monitor", "artifacts": ["monitor.reference.json", "monitor.json"]})
+
+
+def test_device_commands_run_where_torch_cannot_be_imported(tiny_pipeline, tiny_dataset, tmp_path):
     folder = copy_build(tiny_pipeline, tmp_path / "release", sign=False)
+    _with_monitoring_reference(folder, tiny_dataset)
     code = f"""
 import importlib
 for m in {["tledge." + m for m in DEVICE_MODULES]!r}:
@@ -175,6 +194,8 @@ for args in (["engine", "--help"], ["verify", "--help"], ["bench", "--help"], ["
              ["verify", {str(folder)!r}, "--hashes-only"]):
     code = run(args)
     assert code in (0, None), (args, code)
+code = run(["monitor", {str(folder)!r}, "--images", {str(tiny_dataset / "test")!r}])
+assert code in (0, 3), code  # 18 images: a verdict either way, and a warning that PSI is noisy
 {JETPACK5_BUILD.format(tests=str(ROOT / "tests"), folder=str(folder), cache=str(tmp_path / "timing"))}
 for name in {TRAINING_ONLY!r}:
     assert name not in sys.modules, name
@@ -224,6 +245,7 @@ def test_device_install_in_a_plain_venv(tiny_pipeline, tiny_dataset, tmp_path):
                           capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     folder = copy_build(tiny_pipeline, tmp_path / "release", sign=False)
+    _with_monitoring_reference(folder, tiny_dataset)
     tledge = str(venv / "bin" / "tledge")
     for args in (["verify", "--help"], ["engine", "--help"], ["bundle", str(folder)], ["verify", str(folder), "--hashes-only"]):
         proc = subprocess.run([tledge, *args], capture_output=True, text=True, cwd=tmp_path, timeout=300)
@@ -235,6 +257,9 @@ def test_device_install_in_a_plain_venv(tiny_pipeline, tiny_dataset, tmp_path):
     proc = subprocess.run([tledge, "bench", *models, "--data", str(tiny_dataset), "--out-dir", str(tmp_path / "bench"), "--iterations", "5"],
                           capture_output=True, text=True, cwd=tmp_path, timeout=600)
     assert proc.returncode == 0 and (tmp_path / "bench" / "report.html").is_file(), proc.stderr[-3000:]
+    proc = subprocess.run([tledge, "monitor", str(folder), "--images", str(tiny_dataset / "test"), "--out", str(tmp_path / "drift.json")],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert proc.returncode in (0, 3) and "verdict:" in proc.stdout and (tmp_path / "drift.json").is_file(), proc.stderr[-3000:]
     script = JETPACK5_BUILD.format(tests=str(ROOT / "tests"), folder=str(folder), cache=str(tmp_path / "timing"))
     proc = subprocess.run([py, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert proc.returncode == 0 and "JETPACK5-OK" in proc.stdout, proc.stderr[-3000:]
