@@ -163,7 +163,7 @@ def render_html(summary: dict) -> str:
 
     failures = {n: v["failure"] for n, v in variants.items() if "failure" in v}
     if failures:
-        from tledge.bench.reliability import reliability_svg
+        from tledge.report.reliability_chart import reliability_svg
 
         out += ["<h2>Failure behaviour</h2>",
                 '<p class="small">Expected calibration error, wrong answers at high confidence, and the confidence below '

@@ -98,7 +98,7 @@ def write_report(out_dir: str | Path, extra: dict | None = None) -> dict:
 
 def reliability_chart(failures: dict) -> str:
     """One reliability diagram per variant, side by side in one SVG."""
-    from tledge.bench.reliability import reliability_svg
+    from tledge.report.reliability_chart import reliability_svg
 
     parts, x, height = [], 0, 0
     for name, failure in failures.items():
