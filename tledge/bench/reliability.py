@@ -300,5 +300,7 @@ def failure_summary(
             "ece": scaled["ece"],
             "mce": scaled["mce"],
             "bins": scaled["bins"],
+            # the threshold differs: dividing by t reorders top-1 confidences between images with other margins
+            "selective_prediction": selective_prediction(softmax(z / t), y, target_accuracy),
         }
     return _json_ready(record)
