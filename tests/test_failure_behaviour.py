@@ -78,7 +78,10 @@ def test_the_report_and_the_manifest_carry_it(benched):
     assert "reliability.svg" in summary["artifacts"]
     svg = ET.parse(out / "reliability.svg").getroot()
     assert svg.tag.endswith("svg") and len(svg.findall("{http://www.w3.org/2000/svg}svg")) == 2  # one diagram per variant
-    assert "Failure behaviour" in (out / "report.html").read_text()
+    page = (out / "report.html").read_text()
+    assert "Failure behaviour" in page
+    listed = record["variants"]["fp32"]["failure"]["high_confidence_errors"][:10]
+    assert page.count('src="data:image/jpeg;base64,') >= len(listed)  # each listed mistake with its picture
     manifest = bundle(out)
     target = record["variants"]["fp32"]["failure"]["selective_prediction"]["target"]
     if target["threshold"] is not None:

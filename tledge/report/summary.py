@@ -25,6 +25,7 @@ def _summary(records: dict) -> dict:
                      + (["reliability.svg"] if any("failure" in v for v in bench["variants"].values()) else []),
         "reference": bench["reference"],
         "evaluation": bench["evaluation"],
+        "data": bench.get("config", {}).get("data"),  # where the listed files are (thumbnails in report.html)
         "input_shape": bench["input_shape"],
         "machine": bench["machine"],
         "variants": {
