@@ -199,7 +199,9 @@ def test_report_files(measured):
     names = list(record["variants"])
     md = (out / "report.md").read_text()
     assert "| variant | runtime | top-1 | Δ top-1 (pp) | agreement with fp32 | p50 ms | p90 ms | p99 ms |" in md
-    rows = [line for line in md.splitlines() if line.startswith("| ") and not line.startswith("| variant")]
+    lines = md.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| variant")) + 2  # the main table, after its rule
+    rows = [line for line in lines[start:start + len(names) + 1] if line.startswith("| ")]
     assert [r.split(" | ")[0][2:] for r in rows] == names
     for name, row in zip(names, rows):
         assert f"{record['variants'][name]['top1']:.4f}" in row

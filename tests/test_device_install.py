@@ -27,13 +27,15 @@ ROOT = Path(__file__).resolve().parent.parent
 # Every module the device commands import (cli imports the pipeline's and stages' configs for its defaults).
 DEVICE_MODULES = ["artifacts", "cpu_isa", "cuda", "defaults", "errors", "machine", "validate",
                   "bench", "bench.accuracy", "bench.backends", "bench.benchmark", "bench.gate", "bench.intervals", "bench.reliability",
-                  "bench.slower_variant", "cli", "cli.app", "cli.device", "cli.pipeline",
-                  "data", "data.datasets", "data.hygiene", "data.images", "data.splits", "export", "export.onnx_export", "export.onnx_io",
-                  "monitor", "monitor.drift", "monitor.observe", "monitor.reference", "monitor.stage", "pipeline", "pipeline.build", "pipeline.config",
+                  "bench.slower_variant", "bench.temperature", "cli", "cli.app", "cli.device", "cli.pipeline",
+                  "data", "data.datasets", "data.hygiene", "data.images", "data.perceptual_hash", "data.splits",
+                  "export", "export.onnx_export", "export.onnx_io",
+                  "monitor", "monitor.drift", "monitor.embedding", "monitor.histogram", "monitor.logs", "monitor.observe",
+                  "monitor.projection", "monitor.reference", "monitor.stage", "pipeline", "pipeline.build", "pipeline.config",
                   "quant", "quant.calibration_cache", "quant.checks", "quant.cpu_weights", "quant.drift_budget", "quant.engine_cost",
                   "quant.quantize", "quant.recipes", "quant.sources", "quant.weight_rounding",
                   "release", "release.archive", "release.bundle", "release.check", "release.engines", "release.verify",
-                  "report", "report.html", "report.markdown", "report.summary", "runners", "runners.ort_runner", "runners.timing",
+                  "report", "report.html", "report.markdown", "report.reliability_chart", "report.summary", "runners", "runners.ort_runner", "runners.timing",
                   "runners.torch_runner", "train", "train.diagnostics", "train.finetune", "trt", "trt.compat", "trt.engine", "trt.plan",
                   "trt.runner"]
 TRAINING_ONLY = ("torch", "torchvision", "sklearn")

@@ -78,7 +78,10 @@ def test_the_report_and_the_manifest_carry_it(benched):
     assert "reliability.svg" in summary["artifacts"]
     svg = ET.parse(out / "reliability.svg").getroot()
     assert svg.tag.endswith("svg") and len(svg.findall("{http://www.w3.org/2000/svg}svg")) == 2  # one diagram per variant
-    assert "Failure behaviour" in (out / "report.html").read_text()
+    page = (out / "report.html").read_text()
+    assert "Failure behaviour" in page
+    listed = record["variants"]["fp32"]["failure"]["high_confidence_errors"][:10]
+    assert page.count('src="data:image/jpeg;base64,') >= len(listed)  # each listed mistake with its picture
     manifest = bundle(out)
     target = record["variants"]["fp32"]["failure"]["selective_prediction"]["target"]
     if target["threshold"] is not None:
@@ -92,3 +95,27 @@ def test_the_report_and_the_manifest_carry_it(benched):
 def test_bad_failure_settings_are_refused(tiny_pipeline, tiny_dataset, tmp_path, kwargs, message):
     with pytest.raises(TledgeError, match=message):
         BenchConfig(models={"fp32": tiny_pipeline / "model.fp32.onnx"}, data=tiny_dataset, out_dir=tmp_path, **kwargs)
+
+
+def test_temperature_scaling_is_fitted_on_validation_and_reported_beside_the_raw_figures(tiny_pipeline, tiny_dataset, tmp_path):
+    from tledge.bench.temperature import fit_temperature
+
+    out = tmp_path / "out"
+    shutil.copytree(tiny_pipeline, out)
+    record = bench(BenchConfig(models={"fp32": out / "model.fp32.onnx"}, data=tiny_dataset, out_dir=out, temperature_scaling=True,
+                               target_accuracy=0.5, **FAST))
+    failure = record["variants"]["fp32"]["failure"]
+    scaled = failure["temperature_scaled"]
+    assert scaled["fitted_on"]["split"] == "val"
+    # the temperature is the validation split's, not the test split's
+    from tledge.data.images import Preprocess, load_array
+    from tledge.data.splits import load_splits
+
+    x, y = load_array(load_splits(tiny_dataset).val, Preprocess.from_dict(read_metadata(out / "model.fp32.onnx")["preprocess"]))
+    val_logits = ort.InferenceSession(str(out / "model.fp32.onnx"), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+    assert scaled["temperature"] == pytest.approx(fit_temperature(val_logits, y)["temperature"], rel=1e-4)
+    logits, y_test, _ = _test_logits(out, tiny_dataset)
+    assert failure["ece"] == pytest.approx(expected_calibration_error(softmax(logits), y_test)["ece"], abs=1e-4)  # raw stays raw
+    assert scaled["ece"] == pytest.approx(expected_calibration_error(softmax(logits / scaled["temperature"]), y_test)["ece"], abs=1e-4)
+    write_report(out)
+    assert "After temperature scaling" in (out / "report.md").read_text()

@@ -11,13 +11,13 @@ import pytest
 from tledge.bench.reliability import (
     expected_calibration_error,
     failure_summary,
-    fit_temperature,
     high_confidence_errors,
-    reliability_svg,
     selective_prediction,
     softmax,
 )
+from tledge.bench.temperature import fit_temperature
 from tledge.errors import TledgeError
+from tledge.report.reliability_chart import reliability_svg
 
 SVG = "{http://www.w3.org/2000/svg}"
 

@@ -12,14 +12,8 @@ import pytest
 from PIL import Image, ImageEnhance
 
 from tledge.data import Sample
-from tledge.data.hygiene import (
-    NEAR_LISTED,
-    check_splits,
-    find_near_pairs,
-    hamming,
-    perceptual_hash,
-    require_clean,
-)
+from tledge.data.hygiene import NEAR_LISTED, check_splits, require_clean
+from tledge.data.perceptual_hash import find_near_pairs, hamming, perceptual_hash
 from tledge.errors import TledgeError
 
 CLASSES = ["cat", "dog"]

@@ -52,6 +52,9 @@ class BenchConfig:
     # threshold below which a device should abstain to reach it (recorded per variant).
     high_confidence: float = 0.9
     target_accuracy: float | None = None
+    # Fit one temperature per variant on the validation split and report calibration after it beside the raw
+    # figures (never applied to the logits); costs one more pass over the validation images.
+    temperature_scaling: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "models", {k: Path(v) for k, v in self.models.items()})
@@ -260,8 +263,11 @@ def bench(cfg: BenchConfig) -> dict:
             "throughput": {"batch": batches[0], "images_per_s": round(batches[0] / (wide_ms / 1000.0), 2), "median_batch_ms": round(wide_ms, 4),
                            "by_batch": {str(b): {"images_per_s": round(b / (ms / 1000.0), 2), "median_batch_ms": round(ms, 4)} for b, ms in by_batch.items()}},
         }
+    temperatures = None
+    if cfg.temperature_scaling and splits.test and splits.val:
+        temperatures = fit_temperatures(accuracy_runners, splits.val[: cfg.max_images] if cfg.max_images else splits.val, pre)
     failures = failure_behaviour(cfg, {n: np.concatenate(parts) for n, parts in logit_parts.items()}, np.concatenate(label_parts),
-                                 [_shown_path(s.path, cfg.data) for s in samples], classes, reference)
+                                 [_shown_path(s.path, cfg.data) for s in samples], classes, reference, temperatures)
     for name, failure in failures.items():
         variants_out[name]["failure"] = failure
     ref_p50 = variants_out[reference]["latency_ms"]["p50"]
@@ -299,14 +305,34 @@ def _shown_path(path: Path, root: Path) -> str:
         return str(path)
 
 
-def failure_behaviour(cfg: BenchConfig, logits: dict, labels: np.ndarray, files: list[str], classes: list[str], reference: str) -> dict:
+def fit_temperatures(runners: dict, samples, pre) -> dict:
+    """Per variant, the temperature fitted on ``samples`` (the validation split): logits it never scores."""
+    from tledge.bench.temperature import fit_temperature
+    from tledge.data.images import iter_batches
+
+    logits, labels = {name: [] for name in runners}, []
+    for x, y in iter_batches(samples, pre, 32):
+        labels.append(y)
+        for name, runner in runners.items():
+            logits[name].append(runner(x))
+    y = np.concatenate(labels)
+    return {name: fit_temperature(np.concatenate(parts), y) for name, parts in logits.items()}
+
+
+def failure_behaviour(cfg: BenchConfig, logits: dict, labels: np.ndarray, files: list[str], classes: list[str], reference: str,
+                      temperatures: dict | None = None) -> dict:
     """Per variant: calibration (ECE), the high-confidence errors, the accuracy-coverage curve and, with a target
-    accuracy, the confidence below which to abstain; for an INT8 variant also how much quantization moved its ECE."""
+    accuracy, the confidence below which to abstain; for an INT8 variant also how much quantization moved its ECE.
+    With ``temperatures`` (fitted on validation) the same figures after scaling, beside the raw ones."""
     from tledge.bench.reliability import failure_summary
 
     out = {}
     for name, z in logits.items():
-        record = failure_summary(z, labels, files, classes, threshold=cfg.high_confidence, target_accuracy=cfg.target_accuracy)
+        fit = (temperatures or {}).get(name)
+        record = failure_summary(z, labels, files, classes, threshold=cfg.high_confidence, target_accuracy=cfg.target_accuracy,
+                                 temperature=fit["temperature"] if fit else None)
+        if fit:
+            record["temperature_scaled"]["fitted_on"] = {"split": "val", **fit}
         record["high_confidence_errors"] = record["high_confidence_errors"][:LISTED_HIGH_CONFIDENCE_ERRORS]
         out[name] = record
     for name, record in out.items():

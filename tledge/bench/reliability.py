@@ -8,7 +8,6 @@ JSON-ready record per model variant and split.
 
 from __future__ import annotations
 
-import html
 import math
 from typing import Any, Sequence
 
@@ -25,7 +24,7 @@ ROUND = 5
 # input checks: every public function validates here so the messages are the same wherever the data comes from
 
 
-def _as_logits(logits: Any, name: str = "logits") -> np.ndarray:
+def as_logits(logits: Any, name: str = "logits") -> np.ndarray:
     """A float64 (N, C) copy, so nothing downstream can touch the caller's array."""
     try:
         arr = np.array(logits, dtype=np.float64)  # np.array copies
@@ -40,9 +39,9 @@ def _as_logits(logits: Any, name: str = "logits") -> np.ndarray:
     return arr
 
 
-def _as_probs(probs: Any) -> np.ndarray:
+def as_probs(probs: Any) -> np.ndarray:
     """(N, C) probabilities; rows must sum to 1 so that logits passed by mistake are caught rather than binned."""
-    arr = _as_logits(probs, "probs")
+    arr = as_logits(probs, "probs")
     if arr.min() < -1e-6 or arr.max() > 1 + 1e-6:
         raise TledgeError(f"probs must lie in [0, 1] (found {arr.min():.4g}..{arr.max():.4g}); pass softmax(logits), not logits")
     worst = float(np.max(np.abs(arr.sum(axis=1) - 1.0)))
@@ -51,7 +50,7 @@ def _as_probs(probs: Any) -> np.ndarray:
     return arr
 
 
-def _as_labels(labels: Any, n: int, num_classes: int) -> np.ndarray:
+def as_labels(labels: Any, n: int, num_classes: int) -> np.ndarray:
     arr = np.asarray(labels)
     if arr.ndim != 1:
         raise TledgeError(f"labels must have shape (N,), got shape {arr.shape}")
@@ -101,14 +100,14 @@ def _top1(probs: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray
 
 def softmax(logits: Any) -> np.ndarray:
     """Row-wise softmax in float64; subtracting the row maximum keeps exp() from overflowing."""
-    z = _as_logits(logits)
+    z = as_logits(logits)
     z -= z.max(axis=1, keepdims=True)  # z is our own copy
     np.exp(z, out=z)
     z /= z.sum(axis=1, keepdims=True)
     return z
 
 
-def _nll(logits: np.ndarray, labels: np.ndarray, temperature: float = 1.0) -> float:
+def nll(logits: np.ndarray, labels: np.ndarray, temperature: float = 1.0) -> float:
     """Mean negative log-likelihood of softmax(logits / T), via a stable log-sum-exp."""
     z = logits / temperature
     m = z.max(axis=1)
@@ -124,8 +123,8 @@ def expected_calibration_error(probs: Any, labels: Any, bins: int = 15) -> dict:
     """
     if isinstance(bins, bool) or not isinstance(bins, (int, np.integer)) or bins < 1:
         raise TledgeError(f"bins must be a positive integer, got {bins!r}")
-    p = _as_probs(probs)
-    y = _as_labels(labels, p.shape[0], p.shape[1])
+    p = as_probs(probs)
+    y = as_labels(labels, p.shape[0], p.shape[1])
     _, conf, correct = _top1(p, y)
     n = conf.shape[0]
     edges = np.arange(bins + 1) / bins  # i/B is correctly rounded, unlike repeated addition of 1/B
@@ -153,8 +152,8 @@ def high_confidence_errors(
 
     These are the samples worth looking at by hand: mislabelled data or a blind spot the model is sure about.
     """
-    p = _as_probs(probs)
-    y = _as_labels(labels, p.shape[0], p.shape[1])
+    p = as_probs(probs)
+    y = as_labels(labels, p.shape[0], p.shape[1])
     names = _check_names(files, p.shape[0], "files", "sample")
     class_names = _check_names(classes, p.shape[1], "classes", "score column")
     t = _check_unit(threshold, "threshold", low_open=False)
@@ -178,8 +177,8 @@ def selective_prediction(probs: Any, labels: Any, target_accuracy: float | None 
     value does not depend on how the input happened to be ordered). ``target`` (when target_accuracy is given)
     is the lowest threshold whose accepted set reaches the target, i.e. the largest coverage that does.
     """
-    p = _as_probs(probs)
-    y = _as_labels(labels, p.shape[0], p.shape[1])
+    p = as_probs(probs)
+    y = as_labels(labels, p.shape[0], p.shape[1])
     target = None if target_accuracy is None else _check_unit(target_accuracy, "target_accuracy", low_open=True)
     _, conf, correct = _top1(p, y)
     n = conf.shape[0]
@@ -231,99 +230,8 @@ def selective_prediction(probs: Any, labels: Any, target_accuracy: float | None 
     return result
 
 
-def fit_temperature(logits: Any, labels: Any) -> dict:
-    """The temperature T minimising the NLL of softmax(logits / T), searched on log T within T_BOUNDS.
-
-    NLL is convex in 1/T, hence unimodal in log T: a coarse grid finds the basin and golden-section search refines
-    it. If the result does not beat T = 1 (flat NLL, e.g. constant logits) the answer is 1.0, so scaling can never
-    make validation NLL worse.
-    """
-    z = _as_logits(logits)  # a copy: the caller's logits are never changed
-    y = _as_labels(labels, z.shape[0], z.shape[1])
-    nll_before = _nll(z, y)
-
-    def f(u: float) -> float:
-        return _nll(z, y, math.exp(u))
-
-    lo, hi = math.log(T_BOUNDS[0]), math.log(T_BOUNDS[1])
-    grid = np.linspace(lo, hi, 41)
-    values = [f(u) for u in grid]
-    i = int(np.argmin(values))
-    a, b = grid[max(i - 1, 0)], grid[min(i + 1, len(grid) - 1)]
-    inv_phi = (math.sqrt(5) - 1) / 2
-    c, d = b - inv_phi * (b - a), a + inv_phi * (b - a)
-    fc, fd = f(c), f(d)
-    while b - a > 1e-7:
-        if fc <= fd:
-            b, d, fd = d, c, fc
-            c = b - inv_phi * (b - a)
-            fc = f(c)
-        else:
-            a, c, fc = c, d, fd
-            d = a + inv_phi * (b - a)
-            fd = f(d)
-    u_best, nll_best = (c, fc) if fc <= fd else (d, fd)
-    if values[i] < nll_best:  # the grid point itself (e.g. a bound) can beat the refined interior point
-        u_best, nll_best = float(grid[i]), values[i]
-    # an "improvement" within rounding noise is no reason to report a temperature other than 1
-    if not nll_best < nll_before - 1e-12 * max(1.0, abs(nll_before)):
-        return {"temperature": 1.0, "nll_before": nll_before, "nll_after": nll_before}
-    return {"temperature": float(math.exp(u_best)), "nll_before": nll_before, "nll_after": float(nll_best)}
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # presentation
-
-
-def reliability_svg(ece_record: dict, title: str) -> str:
-    """A self-contained SVG reliability diagram: accuracy per bin as bars, the gap to confidence outlined in red,
-    and the diagonal a perfectly calibrated model would follow. ``ece_record`` is what expected_calibration_error
-    (or failure_summary) returns."""
-    if not isinstance(ece_record, dict) or not isinstance(ece_record.get("bins"), list) or "ece" not in ece_record:
-        raise TledgeError("reliability_svg needs the record from expected_calibration_error (with 'ece' and 'bins')")
-    ece = float(ece_record["ece"])
-    size, left, top = 300, 56, 44
-    width, height = left + size + 20, top + size + 50
-
-    def x(v: float) -> float:
-        return round(left + v * size, 2)
-
-    def yv(v: float) -> float:
-        return round(top + (1 - v) * size, 2)
-
-    label = f"{title} (ECE {ece:.4f})"
-    parts = [
-        (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
-         f'aria-label="{html.escape(label)}">'),
-        f"<title>{html.escape(label)}</title>",
-        f'<text x="{width / 2}" y="24" text-anchor="middle" font-family="sans-serif" font-size="14">{html.escape(label)}</text>',
-        f'<rect x="{left}" y="{top}" width="{size}" height="{size}" fill="none" stroke="#888"/>',
-    ]
-    for tick in (0.0, 0.25, 0.5, 0.75, 1.0):
-        parts.append(f'<text x="{x(tick)}" y="{top + size + 16}" text-anchor="middle" font-family="sans-serif" '
-                     f'font-size="10">{tick:g}</text>')
-        parts.append(f'<text x="{left - 6}" y="{yv(tick) + 3}" text-anchor="end" font-family="sans-serif" '
-                     f'font-size="10">{tick:g}</text>')
-    for b in ece_record["bins"]:
-        if not b.get("count"):
-            continue
-        lo, hi, acc, conf = float(b["lo"]), float(b["hi"]), float(b["accuracy"]), float(b["confidence"])
-        w = round((hi - lo) * size, 2)
-        parts.append(f'<rect class="accuracy" x="{x(lo)}" y="{yv(acc)}" width="{w}" height="{round(acc * size, 2)}" '
-                     f'fill="#4878a8" stroke="#fff"><title>{lo:g}-{hi:g}: accuracy {acc:.3f}, confidence {conf:.3f}, '
-                     f'{int(b["count"])} samples</title></rect>')
-        gap_top = yv(max(acc, conf))
-        parts.append(f'<rect class="gap" x="{x(lo)}" y="{gap_top}" width="{w}" height="{round(abs(acc - conf) * size, 2)}" '
-                     f'fill="#c85a5a" fill-opacity="0.3" stroke="#c85a5a"/>')
-    parts += [
-        f'<line x1="{x(0)}" y1="{yv(0)}" x2="{x(1)}" y2="{yv(1)}" stroke="#444" stroke-dasharray="4 3"/>',
-        (f'<text x="{left + size / 2}" y="{top + size + 34}" text-anchor="middle" font-family="sans-serif" '
-         f'font-size="12">confidence</text>'),
-        (f'<text x="14" y="{top + size / 2}" text-anchor="middle" font-family="sans-serif" font-size="12" '
-         f'transform="rotate(-90 14 {top + size / 2})">accuracy</text>'),
-        "</svg>",
-    ]
-    return "\n".join(parts)
 
 
 def _json_ready(obj: Any, key: str | None = None) -> Any:
@@ -358,8 +266,8 @@ def failure_summary(
     selective prediction, and with ``temperature`` the same calibration measures after dividing the logits by it,
     under "temperature_scaled" (the raw logits and the raw measures are unchanged).
     """
-    z = _as_logits(logits)
-    y = _as_labels(labels, z.shape[0], z.shape[1])
+    z = as_logits(logits)
+    y = as_labels(labels, z.shape[0], z.shape[1])
     _check_names(files, z.shape[0], "files", "sample")
     _check_names(classes, z.shape[1], "classes", "score column")
     number = isinstance(temperature, (int, float, np.integer, np.floating)) and not isinstance(temperature, bool)
@@ -373,7 +281,7 @@ def failure_summary(
         "n": int(z.shape[0]),
         "num_classes": int(z.shape[1]),
         "top1": float(np.mean(correct)),
-        "nll": _nll(z, y),
+        "nll": nll(z, y),
         "ece": calibration["ece"],
         "mce": calibration["mce"],
         "bins": calibration["bins"],
@@ -388,9 +296,11 @@ def failure_summary(
         record["temperature_scaled"] = {
             "note": f"calibration after dividing the logits by temperature {t:g}; top1 and the raw record are unchanged",
             "temperature": t,
-            "nll": _nll(z, y, t),
+            "nll": nll(z, y, t),
             "ece": scaled["ece"],
             "mce": scaled["mce"],
             "bins": scaled["bins"],
+            # the threshold differs: dividing by t reorders top-1 confidences between images with other margins
+            "selective_prediction": selective_prediction(softmax(z / t), y, target_accuracy),
         }
     return _json_ready(record)

@@ -57,6 +57,7 @@ def bench(
     max_images: Optional[int] = typer.Option(None, help="Cap on accuracy images."),
     high_confidence: float = typer.Option(D(BenchConfig, "high_confidence"), help="Wrong answers at least this confident are listed as high-confidence errors."),
     target_accuracy: Optional[float] = typer.Option(None, help="Find each variant's confidence threshold that reaches this accuracy on the images it accepts (a device abstains below it)."),
+    temperature_scaling: bool = typer.Option(False, help="Fit a temperature per variant on the validation split and report calibration after it beside the raw figures (the manifest gets the scaled threshold too; logits are never changed)."),
     config: Optional[Path] = typer.Option(None, "--config", help="A tledge.toml whose [bench] sets any of this command's settings; flags typed here win."),
 ):
     """Measure top-1, agreement with the reference, latency percentiles and throughput, side by side."""
@@ -65,7 +66,8 @@ def bench(
     from tledge.report.summary import write_report
 
     given = dict(data=data, out_dir=out_dir, batch_size=batch_size, throughput_batch=tuple(throughput_batch), iterations=iterations,
-                 threads=threads, max_images=max_images, high_confidence=high_confidence, target_accuracy=target_accuracy)
+                 threads=threads, max_images=max_images, high_confidence=high_confidence, target_accuracy=target_accuracy,
+                 temperature_scaling=temperature_scaling)
     settings = merge(config, "bench", given, typed_flags(ctx, {k: k for k in given}))
     run(BenchConfig(**{"models": {}, **settings, "variants": _parse_variants(models, settings["threads"])}))
     summary = write_report(out_dir)

@@ -13,19 +13,18 @@ from tledge.monitor.drift import (
     MIN_IMAGES,
     SIGNAL_NAMES,
     compare,
-    operator_overrides,
     population_stability_index,
-    read_prediction_log,
     verdict_exit_code,
 )
+from tledge.monitor.logs import operator_overrides, read_prediction_log
 from tledge.monitor.observe import ModelTap, Monitor
+from tledge.monitor.projection import projection_matrix
 from tledge.monitor.reference import (
     REFERENCE_FORMAT,
     build_reference,
     check_reference,
     image_stats,
     load_reference,
-    projection_matrix,
     save_reference,
     signals,
 )

@@ -14,16 +14,15 @@ record carries below :data:`MIN_IMAGES`.
 
 from __future__ import annotations
 
-import csv
-import json
 import math
 import os
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
 from tledge.errors import TledgeError
-from tledge.monitor.reference import bin_counts, check_reference
+from tledge.monitor.histogram import bin_counts
+from tledge.monitor.reference import check_reference
 from tledge.monitor.reference import signals as per_image_signals
 
 DRIFT_FORMAT = "tledge.monitor-drift/1"
@@ -75,7 +74,7 @@ def _chi2_sf(x: float, df: int) -> float:
     return 0.5 * math.erfc(z / math.sqrt(2.0))
 
 
-def _r(x: float) -> float:
+def sig6(x: float) -> float:
     return float(f"{float(x):.6g}")
 
 
@@ -117,7 +116,7 @@ def _status(value: float, thr: Mapping[str, float]) -> str:
 
 
 def _entry(value: float, thr: Mapping[str, float], detail: Dict[str, Any]) -> Dict[str, Any]:
-    return {"value": _r(value), "threshold": thr["drift"], "watch": thr["watch"], "status": _status(value, thr),
+    return {"value": sig6(value), "threshold": thr["drift"], "watch": thr["watch"], "status": _status(value, thr),
             "detail": detail}
 
 
@@ -127,11 +126,11 @@ def _histogram_signal(hist: Mapping[str, Any], values: np.ndarray, n_ref: int, t
     mean = float(values.mean())
     sd = float(hist["std"])
     detail = {
-        "reference_mean": hist["mean"], "mean": _r(mean),
+        "reference_mean": hist["mean"], "mean": sig6(mean),
         # How far the mean moved in reference standard deviations: says "brighter" or "flatter" at a glance.
-        "shift_in_reference_sd": _r((mean - hist["mean"]) / sd) if sd > 0 else None,
+        "shift_in_reference_sd": sig6((mean - hist["mean"]) / sd) if sd > 0 else None,
         "bins": len(counts), "counts": [int(c) for c in counts],
-        "noise_floor": _r(_noise_floor(len(counts), n_ref, len(values))),
+        "noise_floor": sig6(_noise_floor(len(counts), n_ref, len(values))),
     }
     return _entry(psi, thr, detail)
 
@@ -150,11 +149,11 @@ def _class_mix_signal(ref_counts: Sequence[int], predicted: np.ndarray, classes:
     ref_share, new_share = ref / ref.sum(), new / new.sum()
     order = np.argsort(-np.abs(new_share - ref_share), kind="stable")[:5]
     detail = {
-        "largest_changes": [{"class": classes[i], "reference_share": _r(ref_share[i]), "share": _r(new_share[i])}
+        "largest_changes": [{"class": classes[i], "reference_share": sig6(ref_share[i]), "share": sig6(new_share[i])}
                             for i in order if new_share[i] != ref_share[i]],
         "classes_predicted": int(np.count_nonzero(new)), "classes": len(classes),
-        "chi2": _r(chi2), "df": df, "p_value": _r(_chi2_sf(chi2, df)),
-        "noise_floor": _r(_noise_floor(int(np.count_nonzero(ref)), n_ref, int(new.sum()))),
+        "chi2": sig6(chi2), "df": df, "p_value": sig6(_chi2_sf(chi2, df)),
+        "noise_floor": sig6(_noise_floor(int(np.count_nonzero(ref)), n_ref, int(new.sum()))),
     }
     return _entry(psi, thr, detail)
 
@@ -164,10 +163,10 @@ def _embedding_signal(part: Mapping[str, Any], distance: np.ndarray, n_ref: int,
     entry = _histogram_signal(hist, distance, n_ref, thr)
     q = hist["quantiles"]
     entry["detail"].update({
-        "reference_mean_distance": hist["mean"], "mean_distance": _r(distance.mean()),
+        "reference_mean_distance": hist["mean"], "mean_distance": sig6(distance.mean()),
         # Out-of-distribution share: beyond the reference's 95th / 99th percentile (5% and 1% if unchanged).
-        "share_beyond_reference_p95": _r(np.mean(distance > q["p95"])),
-        "share_beyond_reference_p99": _r(np.mean(distance > q["p99"])),
+        "share_beyond_reference_p95": sig6(np.mean(distance > q["p95"])),
+        "share_beyond_reference_p99": sig6(np.mean(distance > q["p99"])),
     })
     return entry
 
@@ -306,123 +305,3 @@ def verdict_exit_code(record: Mapping[str, Any]) -> int:
     if verdict == "drift":
         return EXIT_DRIFT
     raise TledgeError(f"not a drift record (verdict {verdict!r}): pass what tledge.monitor.compare returned")
-
-
-def read_prediction_log(path: PathLike, classes: Optional[Sequence[str]] = None
-                        ) -> Tuple[List[Any], Optional[np.ndarray]]:
-    """Predictions and confidences from a service's JSONL log: one ``{"predicted": ..., "confidence": ...}`` a line.
-
-    ``predicted`` is a class name or index (other keys are ignored, blank lines skipped). With ``classes`` (the
-    reference's), names become indices and unknown ones fail here, with their line number. ``confidence`` must be
-    on every line or on none (then None is returned for it).
-    """
-    lookup = {name: i for i, name in enumerate(classes)} if classes is not None else None
-    preds: List[Any] = []
-    confs: List[float] = []
-    has_conf: Optional[bool] = None
-    try:
-        handle = open(path, encoding="utf-8")
-    except OSError as exc:
-        raise TledgeError(f"cannot read the prediction log {path}: {exc}") from exc
-    with handle:
-        for lineno, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            where = f"{path}, line {lineno}"
-            try:
-                rec = json.loads(line)
-            except ValueError as exc:
-                raise TledgeError(f"{where}: not a JSON object ({exc})") from exc
-            if not isinstance(rec, dict) or "predicted" not in rec:
-                raise TledgeError(f'{where}: expected an object like {{"predicted": "cat", "confidence": 0.93}}')
-            p = rec["predicted"]
-            if isinstance(p, bool) or not isinstance(p, (str, int)):
-                raise TledgeError(f"{where}: predicted must be a class name or index, got {p!r}")
-            if lookup is not None:
-                if isinstance(p, str):
-                    if p not in lookup:
-                        raise TledgeError(f"{where}: class {p!r} is not one of {list(classes)}")
-                    p = lookup[p]
-                elif not 0 <= p < len(lookup):
-                    raise TledgeError(f"{where}: class index {p} is out of range for {len(lookup)} classes")
-            preds.append(p)
-            line_has = "confidence" in rec and rec["confidence"] is not None
-            if has_conf is None:
-                has_conf = line_has
-            elif line_has != has_conf:
-                raise TledgeError(f"{where}: confidence is on some lines and not others; log it on every line or none")
-            if line_has:
-                c = rec["confidence"]
-                if isinstance(c, bool) or not isinstance(c, (int, float)) or not 0 <= c <= 1:
-                    raise TledgeError(f"{where}: confidence must be a probability in [0, 1], got {c!r}")
-                confs.append(float(c))
-    return preds, (np.asarray(confs, dtype=np.float64) if has_conf else None)
-
-
-def operator_overrides(path: PathLike, predictions_by_file: Mapping[str, Any], classes: Sequence[str]) -> Dict[str, Any]:
-    """How often the model disagrees with operators' labels of production images (a CSV with ``file,label``).
-
-    ``predictions_by_file`` maps the CSV's file names (matched exactly, surrounding spaces ignored) to the model's
-    class name or index. Returns ``{"matched", "disagreements", "disagreement_rate", "per_class": {label:
-    {"matched", "disagreements", "rate"}}, "confusions": [{"label", "predicted", "count"}], "not_found": [...],
-    "labels_not_in_classes": [...]}``. A label outside ``classes`` (a new kind of object) counts as a disagreement.
-    """
-    classes = list(classes)
-    known = set(classes)
-    labels: Dict[str, Tuple[str, int]] = {}
-    try:
-        handle = open(path, newline="", encoding="utf-8-sig")  # -sig: a spreadsheet's byte-order mark is no column
-    except OSError as exc:
-        raise TledgeError(f"cannot read the overrides CSV {path}: {exc}") from exc
-    with handle:
-        reader = csv.reader(handle)
-        header = [h.strip() for h in next(reader, [])]
-        missing = [c for c in ("file", "label") if c not in header]
-        if missing:
-            raise TledgeError(f"{path}: missing column(s) {', '.join(missing)}; the header must name file and label "
-                              f"(found {header or 'nothing'})")
-        fi, li = header.index("file"), header.index("label")
-        for row in reader:
-            if not any(cell.strip() for cell in row):
-                continue
-            lineno = reader.line_num
-            if len(row) <= max(fi, li) or not row[fi].strip() or not row[li].strip():
-                raise TledgeError(f"{path}, line {lineno}: needs a file and a label, got {row}")
-            file, label = row[fi].strip(), row[li].strip()
-            if file in labels and labels[file][0] != label:
-                raise TledgeError(f"{path}, line {lineno}: {file} is labelled {label!r} here and "
-                                  f"{labels[file][0]!r} on line {labels[file][1]}")
-            labels.setdefault(file, (label, lineno))
-
-    matched = disagreements = 0
-    per_class: Dict[str, Dict[str, Any]] = {}
-    confusions: Dict[Tuple[str, str], int] = {}
-    not_found: List[str] = []
-    for file, (label, lineno) in labels.items():
-        if file not in predictions_by_file:
-            not_found.append(file)
-            continue
-        pred = predictions_by_file[file]
-        if isinstance(pred, (int, np.integer)) and not isinstance(pred, (bool, np.bool_)) and 0 <= int(pred) < len(classes):
-            pred = classes[int(pred)]
-        if pred not in known:
-            raise TledgeError(f"the model's prediction for {file} ({pred!r}) is not one of the classes {classes}")
-        row = per_class.setdefault(label, {"matched": 0, "disagreements": 0})
-        row["matched"] += 1
-        matched += 1
-        if pred != label:
-            row["disagreements"] += 1
-            disagreements += 1
-            confusions[(label, pred)] = confusions.get((label, pred), 0) + 1
-    for row in per_class.values():
-        row["rate"] = _r(row["disagreements"] / row["matched"])
-    return {
-        "matched": matched,
-        "disagreements": disagreements,
-        "disagreement_rate": _r(disagreements / matched) if matched else None,
-        "per_class": dict(sorted(per_class.items())),
-        "confusions": [{"label": k[0], "predicted": k[1], "count": v}
-                       for k, v in sorted(confusions.items(), key=lambda kv: (-kv[1], kv[0]))],
-        "not_found": not_found,
-        "labels_not_in_classes": sorted({label for label, _ in labels.values()} - known),
-    }

@@ -21,7 +21,6 @@ Only numpy and the standard library: this runs on the device, beside ONNX Runtim
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
@@ -29,27 +28,16 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 import numpy as np
 
 from tledge.errors import TledgeError
+from tledge.monitor.embedding import embedding_reference, mahalanobis
+from tledge.monitor.histogram import histogram, sig_list
+from tledge.monitor.projection import PROJECTION_METHOD, fingerprint, projection_matrix
 
 REFERENCE_FORMAT = "tledge.monitor-reference/1"
-PROJECTION_METHOD = "gaussian-qr/splitmix64-box-muller"
 DEFAULT_BINS = 10
 MIN_REFERENCE_IMAGES = 20
-DISTANCE_QUANTILES = {"p50": 0.5, "p90": 0.9, "p95": 0.95, "p99": 0.99}
-# Reference distances are cross-fitted: an image measured against a cloud fitted with it reads closer than a new
-# image would, and the new images are always out of sample, so in-sample distances would bias every comparison.
-_CROSS_FIT_FOLDS = 5
 _FINGERPRINT_TOL = 1e-4  # relative; the fingerprint is rounded to 6 digits, platform differences are ~1e-15
 
 InputsLike = Union[np.ndarray, Mapping[str, np.ndarray]]
-
-
-def _sig(x: float) -> float:
-    """Round to 6 significant digits: the JSON stays small and its text stable across runs."""
-    return float(f"{float(x):.6g}")
-
-
-def _sig_list(values: Any) -> List[float]:
-    return [_sig(v) for v in np.asarray(values, dtype=np.float64).ravel()]
 
 
 def _finite_array(x: Any, name: str, ndim: int) -> np.ndarray:
@@ -112,66 +100,6 @@ def _logit_signals(logits: np.ndarray) -> Dict[str, np.ndarray]:
     return {"confidence": 1.0 / np.exp(shifted).sum(axis=1), "predicted": logits.argmax(axis=1)}
 
 
-def bin_counts(values: np.ndarray, edges: Sequence[float]) -> np.ndarray:
-    """Counts of ``values`` in the ``len(edges) + 1`` bins cut at the interior ``edges`` (outer bins open)."""
-    idx = np.searchsorted(np.asarray(edges, dtype=np.float64), np.asarray(values, dtype=np.float64), side="right")
-    return np.bincount(idx, minlength=len(edges) + 1)
-
-
-def _histogram(values: np.ndarray, bins: int) -> Dict[str, Any]:
-    """Decile-cut histogram: every bin expects the same share, which is where PSI is most even-handed."""
-    cuts = np.quantile(values, np.arange(1, bins) / bins)
-    # Rounded first, then counted with the rounded edges, so the device bins exactly as the reference did;
-    # ties (a saturated confidence, a constant channel) merge bins rather than leave empty ones.
-    edges = sorted({_sig(c) for c in cuts})
-    return {"edges": edges, "counts": [int(c) for c in bin_counts(values, edges)],
-            "mean": _sig(values.mean()), "std": _sig(values.std())}
-
-
-def _splitmix64(seed: int, count: int) -> np.ndarray:
-    """``count`` 64-bit words of SplitMix64: integer-only, so the same bits on every platform and numpy."""
-    z = np.arange(1, count + 1, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15) + np.uint64(seed)
-    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return z ^ (z >> np.uint64(31))
-
-
-def projection_matrix(seed: int, dim: int, k: int) -> np.ndarray:
-    """The (dim, k) orthonormal projection of a reference: seeded Gaussian columns, QR-orthonormalised."""
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= int(seed) < 2 ** 64:
-        raise TledgeError(f"the projection seed must be an integer in [0, 2**64), got {seed!r}")
-    if k < 1 or dim < k:
-        raise TledgeError(f"cannot project {dim}-D embeddings to {k} dimensions")
-    words = _splitmix64(int(seed), 2 * dim * k)
-    u = (words >> np.uint64(11)).astype(np.float64) * 2.0 ** -53  # 53 random bits -> [0, 1)
-    gauss = np.sqrt(-2.0 * np.log(1.0 - u[0::2])) * np.cos(2.0 * math.pi * u[1::2])  # Box-Muller; 1 - u is in (0, 1]
-    q, r = np.linalg.qr(gauss.reshape(dim, k))
-    # QR fixes each column only up to sign; making R's diagonal positive makes the result unique.
-    return q * np.where(np.diag(r) < 0, -1.0, 1.0)
-
-
-def _fingerprint(q: np.ndarray) -> np.ndarray:
-    """Column sums, plain and position-weighted: a changed seed, generator or row order shows in both."""
-    return np.concatenate([q.sum(axis=0), (np.arange(1, q.shape[0] + 1) / q.shape[0]) @ q])
-
-
-def _fit_gaussian(z: np.ndarray) -> tuple:
-    mean = z.mean(axis=0)
-    cov = np.atleast_2d(np.cov(z, rowvar=False))
-    # A whisker of ridge keeps the Cholesky factor defined when a projected direction is (nearly) constant.
-    cov = cov + np.eye(len(mean)) * (1e-6 * max(float(np.trace(cov)) / len(mean), 1e-12))
-    return mean, cov
-
-
-def _mahalanobis(z: np.ndarray, mean: np.ndarray, cov: np.ndarray) -> np.ndarray:
-    try:
-        chol = np.linalg.cholesky(cov)
-    except np.linalg.LinAlgError as exc:
-        raise TledgeError("the reference's embedding covariance is not positive definite: rebuild the reference") from exc
-    white = np.linalg.solve(chol, (z - mean).T)
-    return np.sqrt((white ** 2).sum(axis=0))
-
-
 def _count(parts: Mapping[str, Optional[int]]) -> int:
     """The one image count all given arrays share, or a TledgeError naming the ones that disagree."""
     given = {name: n for name, n in parts.items() if n is not None}
@@ -228,19 +156,19 @@ def build_reference(
         mean = sig["channel_mean"].mean(axis=0)
         # Pooled over all pixels (each image has as many): E[x^2] - E[x]^2 from the per-image moments.
         var = np.maximum((sig["channel_std"] ** 2 + sig["channel_mean"] ** 2).mean(axis=0) - mean ** 2, 0.0)
-        ref["input"] = {"channels": int(mean.size), "channel_mean": _sig_list(mean), "channel_std": _sig_list(np.sqrt(var))}
-        hists["brightness"] = _histogram(sig["brightness"], bins)
-        hists["contrast"] = _histogram(sig["contrast"], bins)
+        ref["input"] = {"channels": int(mean.size), "channel_mean": sig_list(mean), "channel_std": sig_list(np.sqrt(var))}
+        hists["brightness"] = histogram(sig["brightness"], bins)
+        hists["contrast"] = histogram(sig["contrast"], bins)
         for c in range(mean.size):
-            hists[f"channel_mean_{c}"] = _histogram(sig["channel_mean"][:, c], bins)
+            hists[f"channel_mean_{c}"] = histogram(sig["channel_mean"][:, c], bins)
     if lg is not None:
         if lg.shape[1] != len(classes):
             raise TledgeError(f"logits have {lg.shape[1]} columns but there are {len(classes)} classes")
         sig = _logit_signals(lg)
-        hists["confidence"] = _histogram(sig["confidence"], bins)
+        hists["confidence"] = histogram(sig["confidence"], bins)
         ref["class_mix"] = {"counts": [int(c) for c in np.bincount(sig["predicted"], minlength=len(classes))]}
     ref["histograms"] = hists
-    ref["embedding"] = _embedding_reference(emb, projection_dim, seed, bins) if emb is not None else None
+    ref["embedding"] = embedding_reference(emb, projection_dim, seed, bins) if emb is not None else None
     # The size note counts itself, so settle it by iterating (two rounds at most: the digit count stabilises).
     ref["reference_size_bytes"] = 0
     for _ in range(4):
@@ -249,34 +177,6 @@ def build_reference(
             break
         ref["reference_size_bytes"] = size
     return ref
-
-
-def _embedding_reference(emb: np.ndarray, projection_dim: int, seed: int, bins: int) -> Dict[str, Any]:
-    n, dim = emb.shape
-    if isinstance(projection_dim, bool) or not isinstance(projection_dim, int) or projection_dim < 1:
-        raise TledgeError(f"projection_dim must be a positive integer, got {projection_dim!r}")
-    k = min(projection_dim, dim)
-    # Each cross-fit fold fits a k-D covariance on 4/5 of the images: ask for a few images per parameter.
-    if n < 4 * (k + 2):
-        raise TledgeError(f"{n} images are too few for a {k}-D embedding reference: need {4 * (k + 2)}, or lower projection_dim")
-    q = projection_matrix(seed, dim, k)
-    z = emb @ q
-    mean, cov = _fit_gaussian(z)
-    dist = np.empty(n)
-    folds = np.arange(n) % _CROSS_FIT_FOLDS  # interleaved: a split sorted by class still spreads over the folds
-    for f in range(_CROSS_FIT_FOLDS):
-        fm, fc = _fit_gaussian(z[folds != f])
-        dist[folds == f] = _mahalanobis(z[folds == f], fm, fc)
-    hist = _histogram(dist, bins)
-    hist["quantiles"] = {key: _sig(np.quantile(dist, p)) for key, p in DISTANCE_QUANTILES.items()}
-    return {
-        "dim": int(dim),
-        "projection": {"method": PROJECTION_METHOD, "seed": int(seed), "shape": [int(dim), int(k)],
-                       "fingerprint": _sig_list(_fingerprint(q))},
-        "mean": _sig_list(mean),
-        "covariance": [_sig_list(row) for row in cov],
-        "distance": hist,
-    }
 
 
 def check_reference(reference: Any) -> Dict[str, Any]:
@@ -321,7 +221,7 @@ def _projection_of(reference: Mapping[str, Any]) -> np.ndarray:
     dim, k = spec["shape"]
     q = projection_matrix(spec["seed"], dim, k)
     want = np.asarray(spec["fingerprint"], dtype=np.float64)
-    got = _fingerprint(q)
+    got = fingerprint(q)
     if want.shape != got.shape or not np.allclose(got, want, rtol=_FINGERPRINT_TOL, atol=1e-6):
         raise TledgeError("the embedding projection rebuilt here does not match the reference's fingerprint "
                           "(a different seed, shape or generator): rebuild the reference with this version")
@@ -363,7 +263,7 @@ def signals(
         if emb.shape[1] != part["dim"]:
             raise TledgeError(f"embeddings are {emb.shape[1]}-D, the reference's are {part['dim']}-D (another model?)")
         z = emb @ _projection_of(ref)
-        out["distance"] = _mahalanobis(z, np.asarray(part["mean"]), np.asarray(part["covariance"]))
+        out["distance"] = mahalanobis(z, np.asarray(part["mean"]), np.asarray(part["covariance"]))
     if lg is not None:
         if lg.shape[1] != len(ref["classes"]):
             raise TledgeError(f"logits have {lg.shape[1]} columns, the reference has {len(ref['classes'])} classes")

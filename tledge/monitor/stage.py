@@ -146,7 +146,8 @@ def monitor(cfg: MonitorConfig) -> dict:
     from tledge.artifacts import read_json, write_json
     from tledge.data.images import Preprocess
     from tledge.export.onnx_io import onnx_metadata
-    from tledge.monitor.drift import compare, operator_overrides, read_prediction_log
+    from tledge.monitor.drift import compare
+    from tledge.monitor.logs import operator_overrides, read_prediction_log
     from tledge.monitor.observe import ModelTap
     from tledge.monitor.reference import load_reference
     from tledge.release.verify import verify

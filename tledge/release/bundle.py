@@ -169,4 +169,10 @@ def _abstain_entry(out_dir: Path) -> dict:
         if target and target.get("threshold") is not None:
             thresholds[v["path"]] = {"min_confidence": target["threshold"], "target_accuracy": target["target_accuracy"],
                                      "coverage": target["coverage"], "measured_on": "test split (bench.json)"}
+            scaled = (v["failure"].get("temperature_scaled") or {})
+            scaled_target = scaled.get("selective_prediction", {}).get("target") or {}
+            if scaled_target.get("threshold") is not None:  # for a device that divides its logits by the temperature
+                thresholds[v["path"]]["temperature_scaled"] = {"temperature": scaled["temperature"],
+                                                               "min_confidence": scaled_target["threshold"],
+                                                               "coverage": scaled_target["coverage"]}
     return {"abstain_below": thresholds} if thresholds else {}

@@ -124,7 +124,7 @@ def render_html(summary: dict) -> str:
         "<style>body{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;padding:0 1em;color:#222}"
         "table{border-collapse:collapse;margin:1em 0;font-size:14px}th,td{border:1px solid #ccc;padding:4px 8px}"
         "th{background:#f3f3f3}td.num{text-align:right;font-variant-numeric:tabular-nums}.warn{background:#fff3cd;border:1px solid #e0b000;padding:8px;margin:8px 0}"
-        "svg{font-size:12px;font-family:system-ui,sans-serif}svg .tick{font-size:11px;fill:#555}.small{color:#555;font-size:13px}</style></head><body>",
+        "svg{font-size:12px;font-family:system-ui,sans-serif}svg .tick{font-size:11px;fill:#555}.small{color:#555;font-size:13px}.thumbs{display:flex;flex-wrap:wrap;gap:8px}.thumbs figure{margin:0;font-size:11px;color:#555;max-width:120px}</style></head><body>",
         "<h1>tledge report</h1>",
     ]
     for w in summary.get("warnings", []):
@@ -163,7 +163,7 @@ def render_html(summary: dict) -> str:
 
     failures = {n: v["failure"] for n, v in variants.items() if "failure" in v}
     if failures:
-        from tledge.bench.reliability import reliability_svg
+        from tledge.report.reliability_chart import reliability_svg
 
         out += ["<h2>Failure behaviour</h2>",
                 '<p class="small">Expected calibration error, wrong answers at high confidence, and the confidence below '
@@ -179,9 +179,10 @@ def render_html(summary: dict) -> str:
         out += [reliability_svg(f, n) for n, f in failures.items()]
         for name, f in failures.items():
             if f["high_confidence_errors"]:
-                out.append(f'<p class="small"><b>{_e(name)}</b>, most confident mistakes: ' + ", ".join(
-                    f"{_e(e['file'])} ({_e(e['label'])} &rarr; {_e(e['predicted'])}, {e['confidence']:.3f})"
-                    for e in f["high_confidence_errors"][:10]) + "</p>")
+                out.append(f'<p class="small"><b>{_e(name)}</b>, most confident mistakes:</p><div class="thumbs">' + "".join(
+                    f'<figure>{_thumbnail(summary.get("data"), e["file"])}<figcaption>{_e(e["file"])}<br>{_e(e["label"])} &rarr; '
+                    f'{_e(e["predicted"])}, {e["confidence"]:.3f}</figcaption></figure>'
+                    for e in f["high_confidence_errors"][:10]) + "</div>")
 
     q = summary.get("quantize")
     if q:
@@ -214,3 +215,27 @@ def render_html(summary: dict) -> str:
             out += ["</table>", _sample_efficiency_svg(ft["curve"])]
     out.append("</body></html>")
     return "\n".join(out) + "\n"
+
+
+THUMBNAIL_PX = 96
+
+
+def _thumbnail(root, file: str) -> str:
+    """The image as an inline JPEG (the page stays one file), or nothing where it cannot be read any more."""
+    import base64
+    import io
+    from pathlib import Path
+
+    if not root:
+        return ""
+    try:
+        from PIL import Image
+
+        with Image.open(Path(root) / file) as img:
+            img = img.convert("RGB")
+            img.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
+            buffer = io.BytesIO()
+            img.save(buffer, "JPEG", quality=80)
+    except (OSError, ValueError):  # moved, deleted or unreadable since the bench: the caption still names it
+        return ""
+    return f'<img alt="{_e(file)}" src="data:image/jpeg;base64,{base64.b64encode(buffer.getvalue()).decode("ascii")}">'

@@ -258,6 +258,11 @@ def failure_lines(summary: dict) -> list[str]:
         change = f"{f['ece_change_vs_reference']:+.4f}" if "ece_change_vs_reference" in f else ""
         lines.append(f"| {name} | {f['ece']:.4f} | {change} | {f['high_confidence_error_count']} | "
                      f"{f['selective_prediction']['aurc']:.4f} | {below} | {coverage} |")
+    scaled = [(name, f) for name, f in rows if "temperature_scaled" in f]
+    if scaled:
+        lines += ["", "After temperature scaling (one temperature per variant, fitted on the validation split; the logits are unchanged): "
+                  + "; ".join(f"{name}: T {f['temperature_scaled']['temperature']:.3g}, ECE {f['ece']:.4f} -> {f['temperature_scaled']['ece']:.4f}"
+                              for name, f in scaled) + "."]
     listed = [(name, e) for name, f in rows for e in f["high_confidence_errors"][:5]]
     if listed:
         lines += ["", "The most confident mistakes (up to 5 per variant; all of them in `bench.json`):", ""]

@@ -25,6 +25,7 @@ def _summary(records: dict) -> dict:
                      + (["reliability.svg"] if any("failure" in v for v in bench["variants"].values()) else []),
         "reference": bench["reference"],
         "evaluation": bench["evaluation"],
+        "data": bench.get("config", {}).get("data"),  # where the listed files are (thumbnails in report.html)
         "input_shape": bench["input_shape"],
         "machine": bench["machine"],
         "variants": {
@@ -98,7 +99,7 @@ def write_report(out_dir: str | Path, extra: dict | None = None) -> dict:
 
 def reliability_chart(failures: dict) -> str:
     """One reliability diagram per variant, side by side in one SVG."""
-    from tledge.bench.reliability import reliability_svg
+    from tledge.report.reliability_chart import reliability_svg
 
     parts, x, height = [], 0, 0
     for name, failure in failures.items():
