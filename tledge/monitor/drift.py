@@ -65,6 +65,25 @@ def _noise_floor(bins: int, n_ref: int, n: int) -> float:
     return (max(bins, 1) - 1) * (1.0 / n_ref + 1.0 / n)
 
 
+# Per signal, the chance that sampling noise alone reaches the drift (watch) threshold: the thresholds rise above
+# the customary PSI ones where the samples are too small for those (bench/RESULTS.md: at 100 images against 270 the
+# customary 0.25 alone raised a false alarm in 22% of the trials on NEU).
+FALSE_ALARM_PER_SIGNAL = {"drift": 0.001, "watch": 0.05}
+_Z = {0.001: 3.0902, 0.05: 1.6449}  # standard normal upper quantiles
+
+
+def _chi2_quantile(df: int, alpha: float) -> float:
+    """Upper ``alpha`` quantile of chi-square with ``df`` degrees of freedom (Wilson-Hilferty; within 1% for df >= 3)."""
+    k = max(int(df), 1)
+    return k * (1 - 2 / (9 * k) + _Z[alpha] * math.sqrt(2 / (9 * k))) ** 3
+
+
+def sampling_floor(bins: int, n_ref: int, n: int, alpha: float) -> float:
+    """The PSI that two samples of one distribution exceed with probability ``alpha``: PSI times n*m/(n+m) is about
+    chi-square with bins-1 degrees of freedom (it is Jeffreys' divergence, twice the Kullback-Leibler in the limit)."""
+    return _chi2_quantile(max(bins, 2) - 1, alpha) * (1.0 / n_ref + 1.0 / n)
+
+
 def _chi2_sf(x: float, df: int) -> float:
     """Upper tail of chi-square by the Wilson-Hilferty cube-root approximation (good to ~1e-3 here; no scipy)."""
     if df <= 0 or x <= 0:
@@ -115,8 +134,12 @@ def _status(value: float, thr: Mapping[str, float]) -> str:
     return "drift" if value >= thr["drift"] else "watch" if value >= thr["watch"] else "ok"
 
 
-def _entry(value: float, thr: Mapping[str, float], detail: Dict[str, Any]) -> Dict[str, Any]:
-    return {"value": sig6(value), "threshold": thr["drift"], "watch": thr["watch"], "status": _status(value, thr),
+def _entry(value: float, thr: Mapping[str, float], detail: Dict[str, Any], bins: int, n_ref: int, n: int) -> Dict[str, Any]:
+    """One signal's record: its thresholds are the configured PSI ones, raised to what sampling noise alone reaches
+    with probability FALSE_ALARM_PER_SIGNAL at these sample sizes."""
+    used = {level: max(thr[level], sampling_floor(bins, n_ref, n, FALSE_ALARM_PER_SIGNAL[level])) for level in ("watch", "drift")}
+    detail["psi_thresholds"] = {level: thr[level] for level in ("watch", "drift")}
+    return {"value": sig6(value), "threshold": sig6(used["drift"]), "watch": sig6(used["watch"]), "status": _status(value, used),
             "detail": detail}
 
 
@@ -132,7 +155,7 @@ def _histogram_signal(hist: Mapping[str, Any], values: np.ndarray, n_ref: int, t
         "bins": len(counts), "counts": [int(c) for c in counts],
         "noise_floor": sig6(_noise_floor(len(counts), n_ref, len(values))),
     }
-    return _entry(psi, thr, detail)
+    return _entry(psi, thr, detail, len(counts), n_ref, len(values))
 
 
 def _class_mix_signal(ref_counts: Sequence[int], predicted: np.ndarray, classes: Sequence[str], n_ref: int,
@@ -155,7 +178,7 @@ def _class_mix_signal(ref_counts: Sequence[int], predicted: np.ndarray, classes:
         "chi2": sig6(chi2), "df": df, "p_value": sig6(_chi2_sf(chi2, df)),
         "noise_floor": sig6(_noise_floor(int(np.count_nonzero(ref)), n_ref, int(new.sum()))),
     }
-    return _entry(psi, thr, detail)
+    return _entry(psi, thr, detail, int(np.count_nonzero(ref)), n_ref, int(new.sum()))
 
 
 def _embedding_signal(part: Mapping[str, Any], distance: np.ndarray, n_ref: int, thr: Mapping[str, float]) -> Dict[str, Any]:
