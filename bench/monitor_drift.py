@@ -51,7 +51,7 @@ def outputs(tap: ModelTap, samples, pre):
         stats.append(image_stats(x))
         emb.append(e)
         logits.append(z)
-    return ({k: np.concatenate([s[k] for s in stats]) for k in ("channel_mean", "channel_std")}, np.concatenate(emb), np.concatenate(logits))
+    return ({k: np.concatenate([s[k] for s in stats]) for k in stats[0]}, np.concatenate(emb), np.concatenate(logits))
 
 
 def shifted(samples, edit, folder: Path):

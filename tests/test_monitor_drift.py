@@ -97,7 +97,7 @@ def test_reference_is_small_json_and_round_trips(reference, tmp_path):
     assert len(text.encode()) < 16 * 1024
     assert reference["format"] == REFERENCE_FORMAT and reference["images"] == 400
     assert reference["reference_size_bytes"] == len(json.dumps(reference, separators=(",", ":")).encode())
-    assert set(reference["histograms"]) == {"brightness", "contrast", "channel_mean_0", "channel_mean_1",
+    assert set(reference["histograms"]) == {"brightness", "contrast", "sharpness", "channel_mean_0", "channel_mean_1",
                                             "channel_mean_2", "confidence"}
     assert sum(reference["class_mix"]["counts"]) == 400
     emb = reference["embedding"]
@@ -129,7 +129,7 @@ def test_held_in_data_raises_no_alarm(reference, seed):
     record = run(x, seed, reference)
     assert record["verdict"] == "ok" and record["moved"] == []
     assert {s["status"] for s in record["signals"].values()} <= {"ok", "watch"}
-    assert set(record["signals"]) == {"brightness", "contrast", "channel_mean_0", "channel_mean_1", "channel_mean_2",
+    assert set(record["signals"]) == {"brightness", "contrast", "sharpness", "channel_mean_0", "channel_mean_1", "channel_mean_2",
                                       "confidence", "class_mix", "embedding"}
     assert record["images"] == 200 and record["warnings"] == []
     assert verdict_exit_code(record) == EXIT_OK

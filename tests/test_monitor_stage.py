@@ -73,7 +73,7 @@ def test_held_in_images_raise_no_alarm(released, tmp_path):
 
 @pytest.mark.parametrize("shift, only, edit, signal", [
     ("brighter", None, lambda im: Image.eval(im, lambda v: min(255, v + 70)), "brightness"),
-    ("blurred", None, lambda im: im.filter(ImageFilter.GaussianBlur(2)), "contrast"),
+    ("blurred", None, lambda im: im.filter(ImageFilter.GaussianBlur(2)), "sharpness"),
     ("one class", ("circle",), None, "class_mix"),
 ])
 def test_each_shift_is_detected_and_named(released, tmp_path, shift, only, edit, signal):

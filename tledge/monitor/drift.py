@@ -31,7 +31,7 @@ DRIFT_FORMAT = "tledge.monitor-drift/1"
 # for every signal, and per signal {"brightness": d} or {"brightness": {"watch": w, "drift": d}}; the key
 # "channel_mean" covers every channel_mean_<c>.
 DEFAULT_THRESHOLDS: Dict[str, float] = {"watch": 0.1, "drift": 0.25}
-SIGNAL_NAMES = ("brightness", "contrast", "channel_mean", "confidence", "class_mix", "embedding")
+SIGNAL_NAMES = ("brightness", "contrast", "sharpness", "channel_mean", "confidence", "class_mix", "embedding")
 MIN_IMAGES = 30  # below this, PSI on 10 bins is mostly sampling noise (see the module docstring)
 EXIT_OK = 0
 EXIT_DRIFT = 3  # as tledge gate's failed release: 1 stays a user error
@@ -281,6 +281,8 @@ def compare(
     if "brightness" in sig:
         out["brightness"] = _histogram_signal(hists["brightness"], sig["brightness"], n_ref, thr["brightness"])
         out["contrast"] = _histogram_signal(hists["contrast"], sig["contrast"], n_ref, thr["contrast"])
+        if "sharpness" in sig and "sharpness" in hists:
+            out["sharpness"] = _histogram_signal(hists["sharpness"], sig["sharpness"], n_ref, thr["sharpness"])
         for c in range(channels):
             name = f"channel_mean_{c}"
             out[name] = _histogram_signal(hists[name], sig["channel_mean"][:, c], n_ref, thr[name])

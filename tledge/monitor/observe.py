@@ -101,7 +101,7 @@ class Monitor:
 
     def verdict(self, thresholds: Optional[Mapping[str, Any]] = None) -> dict:
         if self._logits:
-            stats = {k: np.concatenate([s[k] for s in self._stats]) for k in ("channel_mean", "channel_std")}
+            stats = {k: np.concatenate([s[k] for s in self._stats]) for k in self._stats[0]}
             emb = np.concatenate(self._embeddings) if self._embeddings and len(self._embeddings) == len(self._logits) else None
             return compare(self.reference, stats, emb, np.concatenate(self._logits), thresholds=thresholds)
         if self._predictions:

@@ -70,7 +70,10 @@ def image_stats(inputs: InputsLike) -> Dict[str, np.ndarray]:
             raise TledgeError(f"channel_mean {mean.shape} and channel_std {std.shape} must have the same (N, C) shape")
         if np.any(std < 0):
             raise TledgeError("channel_std holds negative values: pass standard deviations, not something else")
-        return {"channel_mean": mean, "channel_std": std}
+        out = {"channel_mean": mean, "channel_std": std}
+        if "sharpness" in inputs:
+            out["sharpness"] = _finite_array(inputs["sharpness"], "inputs['sharpness']", 1)
+        return out
     arr = np.asarray(inputs)
     if arr.ndim != 4:
         raise TledgeError(f"inputs must be (N, C, H, W) model inputs or a channel_mean/channel_std mapping, "
@@ -80,7 +83,17 @@ def image_stats(inputs: InputsLike) -> Dict[str, np.ndarray]:
     if not np.issubdtype(arr.dtype, np.number) or not np.all(np.isfinite(arr)):
         raise TledgeError("inputs hold NaN, infinite or non-numeric values: check the preprocessing")
     # float64 accumulation: a float32 sum over 50k pixels loses the digits the histograms are cut at.
-    return {"channel_mean": arr.mean(axis=(2, 3), dtype=np.float64), "channel_std": arr.std(axis=(2, 3), dtype=np.float64)}
+    mean, std = arr.mean(axis=(2, 3), dtype=np.float64), arr.std(axis=(2, 3), dtype=np.float64)
+    return {"channel_mean": mean, "channel_std": std, "sharpness": _sharpness(arr, std)}
+
+
+def _sharpness(arr: np.ndarray, std: np.ndarray) -> np.ndarray:
+    """Per image, the mean absolute step between neighbouring pixels over the image's own spread: blur and defocus
+    lower it a lot while they barely move the global contrast (an image's spread is mostly its low frequencies)."""
+    steps = (np.abs(np.diff(arr, axis=3)).mean(axis=(1, 2, 3), dtype=np.float64)
+             + np.abs(np.diff(arr, axis=2)).mean(axis=(1, 2, 3), dtype=np.float64)) / 2
+    spread = np.sqrt((std ** 2).mean(axis=1))
+    return steps / np.maximum(spread, 1e-6)
 
 
 def _input_signals(stats: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
@@ -91,6 +104,7 @@ def _input_signals(stats: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
         "brightness": mean.mean(axis=1),
         # Within-channel spread only: an image with a colour cast but the same texture keeps its contrast.
         "contrast": np.sqrt((std ** 2).mean(axis=1)),
+        **({"sharpness": stats["sharpness"]} if "sharpness" in stats else {}),
     }
 
 
@@ -159,6 +173,8 @@ def build_reference(
         ref["input"] = {"channels": int(mean.size), "channel_mean": sig_list(mean), "channel_std": sig_list(np.sqrt(var))}
         hists["brightness"] = histogram(sig["brightness"], bins)
         hists["contrast"] = histogram(sig["contrast"], bins)
+        if "sharpness" in sig:
+            hists["sharpness"] = histogram(sig["sharpness"], bins)
         for c in range(mean.size):
             hists[f"channel_mean_{c}"] = histogram(sig["channel_mean"][:, c], bins)
     if lg is not None:

@@ -54,7 +54,7 @@ def _run(tap, samples, pre):
         logits.append(z)
         if e is not None:
             embeddings.append(e)
-    joined = {k: np.concatenate([s[k] for s in stats]) for k in ("channel_mean", "channel_std")}
+    joined = {k: np.concatenate([s[k] for s in stats]) for k in stats[0]}
     z = np.concatenate(logits)
     return joined, (np.concatenate(embeddings) if embeddings else None), z
 
