@@ -1,12 +1,16 @@
 """How often `tledge monitor` raises a false alarm on unseen in-distribution images, and how often it detects shifts.
 
-Per dataset: fine-tune EfficientNet-Lite0 (linear probe: its signals need a real classifier, not a good one), export,
-write the monitoring reference from the validation split, then run the model once over the held-out test split as
-it is and under each shift made here (brightness +25%, brightness -25%, Gaussian blur radius 2, contrast x0.6,
-and a class mix of only the two largest classes). Each trial draws N test images at random (seeded) and asks the
-monitor for a verdict: the false-alarm rate is the share of clean trials with verdict drift, a shift's detection
-rate the share of its trials with verdict drift, and we count which signals moved. Also the split hygiene of the
-set and the FP32 model's failure behaviour on test (ECE, high-confidence errors).
+Per dataset: fine-tune EfficientNet-Lite0 (linear probe: its signals need a real classifier, not a good one) and
+export it. The validation and test splits are pooled and cut in two halves at random (seeded), so both halves come
+from one distribution: the reference is built from one half (`tledge.monitor.build_reference`, as
+`write_reference` builds it from the validation split), and the trials draw N images at random from the other half,
+as it is and under each shift made here (brightness +25%, brightness -25%, Gaussian blur radius 2, contrast x0.6,
+and a class mix of only the two largest classes). The false-alarm rate is the share of clean trials with verdict
+drift, a shift's detection rate the share of its trials with verdict drift; we count which signals moved.
+
+Beside it, the dataset's own splits as given: the reference `write_reference` makes from the validation split
+against the whole test split (one verdict: does the given test split look like the validation split?). Also the
+split hygiene of the set and the FP32 model's failure behaviour on test (ECE, high-confidence errors).
 
     python bench/monitor_drift.py --data ../shared/data/neu-surface-defects --out bench/monitor_drift-neu.json
     python bench/monitor_drift.py --data ../shared/data/clothing-small --out bench/monitor_drift-clothing.json
@@ -33,7 +37,7 @@ from tledge.data.splits import load_splits
 from tledge.export.onnx_export import ExportConfig, export_onnx
 from tledge.export.onnx_io import read_metadata
 from tledge.machine import machine_info
-from tledge.monitor import ModelTap, ReferenceConfig, compare, image_stats, load_reference, write_reference
+from tledge.monitor import ModelTap, ReferenceConfig, build_reference, compare, image_stats, load_reference, write_reference
 from tledge.train.finetune import FinetuneConfig, finetune
 
 SHIFTS = {
@@ -95,31 +99,45 @@ def main() -> None:
         export_onnx(ExportConfig(checkpoint=work / "model.pt", out=work / "model.fp32.onnx", data=args.data))
         train_seconds = time.perf_counter() - t
         ref_record = write_reference(ReferenceConfig(out_dir=work, data=args.data))
-        reference = load_reference(work / "monitor.reference.json")
+        given_reference = load_reference(work / "monitor.reference.json")
         meta = read_metadata(work / "model.fp32.onnx")
         pre = Preprocess.from_dict(meta["preprocess"])
         tap = ModelTap(work / "model.fp32.onnx")
         test = splits.test or splits.val
-        clean = outputs(tap, test, pre)
+        clean_test = outputs(tap, test, pre)
         y = np.array([s.label for s in test])
-        failure = failure_summary(clean[2], y, [str(s.path.relative_to(args.data)) for s in test], meta["classes"], target_accuracy=0.99)
+        failure = failure_summary(clean_test[2], y, [str(s.path.relative_to(args.data)) for s in test], meta["classes"], target_accuracy=0.99)
         failure["high_confidence_errors"] = failure["high_confidence_errors"][:10]
+        given = compare(given_reference, *clean_test)
+        given = {"verdict": given["verdict"], "moved": given["moved"], "test_images": len(test),
+                 "signals": {k: {"value": v["value"], "threshold": v["threshold"], "status": v["status"]} for k, v in given["signals"].items()}}
+
+        # One distribution on both sides: val and test pooled, halved at random.
+        pool = list(splits.val) + list(test if splits.test else [])
+        order = np.random.default_rng(0).permutation(len(pool))
+        ref_half, held_half = [pool[i] for i in order[: len(pool) // 2]], [pool[i] for i in order[len(pool) // 2:]]
+        r_stats, r_emb, r_logits = outputs(tap, ref_half, pre)
+        reference = build_reference(r_stats, r_emb, r_logits, meta["classes"])
+        clean = outputs(tap, held_half, pre)
+        y_held = np.array([s.label for s in held_half])
         rng = np.random.default_rng(0)
         result = {"clean (false alarms)": trials(reference, *clean, args.images_per_trial, args.trials, rng)}
         for name, edit in SHIFTS.items():
             folder = work / name.replace(" ", "_").replace("%", "pct")
             folder.mkdir()
-            result[name] = trials(reference, *outputs(tap, shifted(test, edit, folder), pre), args.images_per_trial, args.trials, rng)
-        largest = [k for k, _ in Counter(y.tolist()).most_common(2)]
-        pool = np.flatnonzero(np.isin(y, largest))
+            result[name] = trials(reference, *outputs(tap, shifted(held_half, edit, folder), pre), args.images_per_trial, args.trials, rng)
+        largest = [k for k, _ in Counter(y_held.tolist()).most_common(2)]
+        mix_pool = np.flatnonzero(np.isin(y_held, largest))
         result[f"class mix: only {', '.join(meta['classes'][k] for k in largest)}"] = trials(
-            reference, *clean, args.images_per_trial, args.trials, rng, pool=pool)
+            reference, *clean, args.images_per_trial, args.trials, rng, pool=mix_pool)
 
     record = {
         "dataset": str(args.data), "classes": meta["classes"], "image_size": args.image_size,
         "model": f"efficientnet_lite0, linear probe, {args.epochs} epochs (fine-tune + export {train_seconds:.0f} s)",
-        "reference": {k: ref_record[k] for k in ("images", "bytes", "embedding_tensor")},
-        "test_images": len(test), "results": result,
+        "reference_from_val": {k: ref_record[k] for k in ("images", "bytes", "embedding_tensor")},
+        "halves": {"reference_images": len(ref_half), "held_images": len(held_half)},
+        "results": result,
+        "given_test_split_vs_val_reference": given,
         "fp32_failure_behaviour_on_test": {k: failure[k] for k in ("top1", "ece", "mce", "high_confidence_error_count", "high_confidence_errors")}
                                           | {"selective_prediction": {k: failure["selective_prediction"][k] for k in ("aurc", "target")}},
         "split_hygiene": {k: hygiene[k] for k in ("images", "exact_within_split", "near_across_splits_total", "label_conflicts", "class_balance", "warnings")}
@@ -130,6 +148,7 @@ def main() -> None:
     args.out.write_text(json.dumps(record, indent=2) + "\n")
     for name, r in result.items():
         print(f"{name:<34} drift in {r['drift_verdicts']:>3}/{r['trials']} trials of {r['images_per_trial']} images  {r['signals_moved']}")
+    print(f"given splits: test vs the validation reference: {given['verdict']} {given['moved']}")
     print(f"ECE {failure['ece']:.4f}, {failure['high_confidence_error_count']} high-confidence errors of {len(test)}; wrote {args.out}")
 
 
