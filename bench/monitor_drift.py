@@ -32,12 +32,13 @@ from PIL import Image, ImageEnhance, ImageFilter
 from tledge.bench.reliability import failure_summary
 from tledge.cpu_isa import this_cpu
 from tledge.data.hygiene import split_hygiene
-from tledge.data.images import Preprocess, Sample, iter_batches
+from tledge.data.images import Preprocess, Sample
 from tledge.data.splits import load_splits
 from tledge.export.onnx_export import ExportConfig, export_onnx
 from tledge.export.onnx_io import read_metadata
 from tledge.machine import machine_info
-from tledge.monitor import ModelTap, ReferenceConfig, build_reference, compare, image_stats, load_reference, write_reference
+from tledge.monitor import ModelTap, ReferenceConfig, build_reference, compare, load_reference, write_reference
+from tledge.monitor.stage import run_model
 from tledge.train.finetune import FinetuneConfig, finetune
 
 SHIFTS = {
@@ -46,16 +47,6 @@ SHIFTS = {
     "blur (radius 2)": lambda im: im.filter(ImageFilter.GaussianBlur(2)),
     "contrast x0.6": lambda im: ImageEnhance.Contrast(im).enhance(0.6),
 }
-
-
-def outputs(tap: ModelTap, samples, pre):
-    stats, emb, logits = [], [], []
-    for x, _ in iter_batches(samples, pre, 32):
-        z, e = tap(x)
-        stats.append(image_stats(x))
-        emb.append(e)
-        logits.append(z)
-    return ({k: np.concatenate([s[k] for s in stats]) for k in stats[0]}, np.concatenate(emb), np.concatenate(logits))
 
 
 def shifted(samples, edit, folder: Path):
@@ -104,7 +95,7 @@ def main() -> None:
         pre = Preprocess.from_dict(meta["preprocess"])
         tap = ModelTap(work / "model.fp32.onnx")
         test = splits.test or splits.val
-        clean_test = outputs(tap, test, pre)
+        clean_test = run_model(tap, test, pre)
         y = np.array([s.label for s in test])
         failure = failure_summary(clean_test[2], y, [str(s.path.relative_to(args.data)) for s in test], meta["classes"], target_accuracy=0.99)
         failure["high_confidence_errors"] = failure["high_confidence_errors"][:10]
@@ -116,16 +107,16 @@ def main() -> None:
         pool = list(splits.val) + list(test if splits.test else [])
         order = np.random.default_rng(0).permutation(len(pool))
         ref_half, held_half = [pool[i] for i in order[: len(pool) // 2]], [pool[i] for i in order[len(pool) // 2:]]
-        r_stats, r_emb, r_logits = outputs(tap, ref_half, pre)
+        r_stats, r_emb, r_logits = run_model(tap, ref_half, pre)
         reference = build_reference(r_stats, r_emb, r_logits, meta["classes"])
-        clean = outputs(tap, held_half, pre)
+        clean = run_model(tap, held_half, pre)
         y_held = np.array([s.label for s in held_half])
         rng = np.random.default_rng(0)
         result = {"clean (false alarms)": trials(reference, *clean, args.images_per_trial, args.trials, rng)}
         for name, edit in SHIFTS.items():
             folder = work / name.replace(" ", "_").replace("%", "pct")
             folder.mkdir()
-            result[name] = trials(reference, *outputs(tap, shifted(held_half, edit, folder), pre), args.images_per_trial, args.trials, rng)
+            result[name] = trials(reference, *run_model(tap, shifted(held_half, edit, folder), pre), args.images_per_trial, args.trials, rng)
         largest = [k for k, _ in Counter(y_held.tolist()).most_common(2)]
         mix_pool = np.flatnonzero(np.isin(y_held, largest))
         result[f"class mix: only {', '.join(meta['classes'][k] for k in largest)}"] = trials(

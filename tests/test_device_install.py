@@ -173,8 +173,7 @@ def _with_monitoring_reference(folder: Path, dataset: Path) -> None:
     splits = load_splits(dataset)
     x, _ = load_array(splits.train + splits.val, Preprocess.from_dict(meta["preprocess"]))
     logits, embedding = ModelTap(folder / "model.fp32.onnx")(x)
-    reference = build_reference(x, embedding, logits, meta["classes"])
-    reference["model"] = "model.fp32.onnx"
+    reference = build_reference(x, embedding, logits, meta["classes"], meta={"model": "model.fp32.onnx"})
     save_reference(reference, folder / "monitor.reference.json")
     write_json(folder / "monitor.json", {"stage": "monitor", "artifacts": ["monitor.reference.json", "monitor.json"]})
 

@@ -53,6 +53,13 @@ def _digest(path: Path) -> str:
         raise TledgeError(f"cannot read image {path}: {exc}. Remove or replace the file.") from None
 
 
+def file_digests(paths: Iterable[Path], workers: int = 4) -> dict[Path, str]:
+    """sha256 of every file, a few at a time (hashlib releases the GIL); an unreadable file is a TledgeError."""
+    paths = list(paths)
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        return dict(zip(paths, pool.map(_digest, paths)))
+
+
 def _cross(a: Mapping[tuple[str, int], int], b: Mapping[tuple[str, int], int]) -> tuple[int, int]:
     """Ordered pairs (x in a, y in b) from different splits, and how many of those have different labels.
 
@@ -259,12 +266,12 @@ def require_clean(record: dict, allow_duplicates: bool = False) -> None:
                       f"trained on: {named}{more}. Remove the copies, or pass --allow-duplicates to keep them")
 
 
-def split_hygiene(splits, near_distance: int = 4) -> dict:
+def split_hygiene(splits, near_distance: int = 4, sha256: Mapping[str | os.PathLike, str] | None = None) -> dict:
     """:func:`check_splits` of a :class:`tledge.data.splits.Splits`, with paths relative to its root (as in
     splits.json), so the record names files the same way on every machine."""
     import json
 
     rows = {name: [(s.path, s.label) for s in getattr(splits, name)] for name in ("train", "val", "test") if getattr(splits, name)}
-    record = check_splits(rows, splits.classes, near_distance)
+    record = check_splits(rows, splits.classes, near_distance, sha256)
     root = str(Path(splits.root)).rstrip("/") + "/"
     return json.loads(json.dumps(record).replace(json.dumps(root)[1:-1], ""))

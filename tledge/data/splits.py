@@ -157,12 +157,16 @@ SPLITS_FILE = "splits.json"
 SPLITS_FORMAT = "tledge.splits/1"
 
 
-def write_splits(splits: Splits, path: Path, seed: int, val_fraction: float, test_fraction: float) -> str:
-    """Write the split as file lists with sha256 (``splits.json``); returns the file's own sha256, the split's id."""
+def write_splits(splits: Splits, path: Path, seed: int, val_fraction: float, test_fraction: float,
+                 sha256: dict | None = None) -> str:
+    """Write the split as file lists with sha256 (``splits.json``; ``sha256`` may give the digests already known,
+    ``{path: hex}``); returns the file's own sha256, the split's id."""
     from tledge.artifacts import sha256_file, write_json
 
+    known = sha256 or {}
+
     def entries(samples):
-        return [[s.path.relative_to(splits.root).as_posix(), sha256_file(s.path), s.label] for s in samples]
+        return [[s.path.relative_to(splits.root).as_posix(), known.get(s.path) or sha256_file(s.path), s.label] for s in samples]
 
     write_json(path, {
         "format": SPLITS_FORMAT, "layout": splits.layout, "seed": seed, "val_fraction": val_fraction, "test_fraction": test_fraction,

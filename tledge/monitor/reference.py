@@ -145,6 +145,7 @@ def build_reference(
     projection_dim: int = 8,
     seed: int = 0,
     bins: int = DEFAULT_BINS,
+    meta: Optional[Mapping[str, Any]] = None,
 ) -> Dict[str, Any]:
     """The monitoring reference of a validation split, JSON-ready (see the module docstring for what is in it).
 
@@ -186,6 +187,7 @@ def build_reference(
     ref["histograms"] = hists
     ref["embedding"] = embedding_reference(emb, projection_dim, seed, bins) if emb is not None else None
     # The size note counts itself, so settle it by iterating (two rounds at most: the digit count stabilises).
+    ref.update(meta or {})  # what the caller records beside it (the model, the split), counted in the size below
     ref["reference_size_bytes"] = 0
     for _ in range(4):
         size = _json_size(ref)

@@ -39,7 +39,7 @@ class ReferenceConfig:
         V.number("--max-images", self.max_images, minimum=1, optional=True)
 
 
-def _run(tap, samples, pre):
+def run_model(tap, samples, pre):
     """(input statistics, embeddings or None, logits) over ``samples``, a batch at a time."""
     from tqdm import tqdm
 
@@ -88,9 +88,9 @@ def write_reference(cfg: ReferenceConfig, required: bool = True) -> dict:
         write_json(cfg.out_dir / RECORD_FILE, record)
         return record
     tap = ModelTap(path)
-    stats, embeddings, logits = _run(tap, samples, pre)
-    reference = build_reference(stats, embeddings, logits, meta["classes"])
-    reference.update(model=cfg.model, split="val", embedding_tensor=tap.embedding_name)
+    stats, embeddings, logits = run_model(tap, samples, pre)
+    reference = build_reference(stats, embeddings, logits, meta["classes"],
+                                meta={"model": cfg.model, "split": "val", "embedding_tensor": tap.embedding_name})
     save_reference(reference, cfg.out_dir / REFERENCE_FILE)
     record = {"stage": "monitor", "artifacts": [REFERENCE_FILE, RECORD_FILE], "model": cfg.model, "split": "val",
               "images": len(samples), "embedding_tensor": tap.embedding_name,
@@ -175,7 +175,7 @@ def monitor(cfg: MonitorConfig) -> dict:
             pre = Preprocess.from_dict(meta["preprocess"])
             samples = _production_images(cfg.images, cfg.max_images)
             tap = ModelTap(model, threads=cfg.threads)
-            stats, embeddings, logits = _run(tap, samples, pre)
+            stats, embeddings, logits = run_model(tap, samples, pre)
             verdict = compare(reference, stats, embeddings, logits)
             if cfg.labels is not None:
                 predicted = logits.argmax(1)

@@ -6,6 +6,9 @@ import html
 
 from tledge.errors import TledgeError
 
+SIZE, LEFT, TOP = 300, 56, 44  # the plot square and its margins
+WIDTH, HEIGHT = LEFT + SIZE + 20, TOP + SIZE + 50
+
 
 def reliability_svg(ece_record: dict, title: str) -> str:
     """A self-contained SVG reliability diagram: accuracy per bin as bars, the gap to confidence outlined in red,
@@ -14,8 +17,7 @@ def reliability_svg(ece_record: dict, title: str) -> str:
     if not isinstance(ece_record, dict) or not isinstance(ece_record.get("bins"), list) or "ece" not in ece_record:
         raise TledgeError("reliability_svg needs the record from expected_calibration_error (with 'ece' and 'bins')")
     ece = float(ece_record["ece"])
-    size, left, top = 300, 56, 44
-    width, height = left + size + 20, top + size + 50
+    size, left, top, width, height = SIZE, LEFT, TOP, WIDTH, HEIGHT
 
     def x(v: float) -> float:
         return round(left + v * size, 2)
@@ -56,3 +58,9 @@ def reliability_svg(ece_record: dict, title: str) -> str:
         "</svg>",
     ]
     return "\n".join(parts)
+
+
+def reliability_chart(failures: dict) -> str:
+    """One reliability diagram per variant, side by side in one SVG."""
+    parts = [reliability_svg(failure, name).replace("<svg ", f'<svg x="{i * WIDTH}" ', 1) for i, (name, failure) in enumerate(failures.items())]
+    return f'<svg xmlns="http://www.w3.org/2000/svg" width="{len(parts) * WIDTH}" height="{HEIGHT}">' + "".join(parts) + "</svg>\n"

@@ -8,6 +8,7 @@ from tledge.artifacts import FORMATS, read_json, write_json, write_text
 from tledge.errors import TledgeError
 from tledge.report.html import render_html
 from tledge.report.markdown import bar_chart_svg, render_markdown, transfer_summary
+from tledge.report.reliability_chart import reliability_chart
 
 STAGE_RECORDS = ("finetune", "export", "quantize", "bench", "monitor")
 
@@ -95,17 +96,3 @@ def write_report(out_dir: str | Path, extra: dict | None = None) -> dict:
     write_text(out_dir / "report.html", render_html(summary))
     write_json(out_dir / "report.json", summary)
     return summary
-
-
-def reliability_chart(failures: dict) -> str:
-    """One reliability diagram per variant, side by side in one SVG."""
-    from tledge.report.reliability_chart import reliability_svg
-
-    parts, x, height = [], 0, 0
-    for name, failure in failures.items():
-        svg = reliability_svg(failure, name)
-        width = int(float(svg.split('width="', 1)[1].split('"', 1)[0]))
-        height = max(height, int(float(svg.split('height="', 1)[1].split('"', 1)[0])))
-        parts.append(svg.replace("<svg ", f'<svg x="{x}" ', 1))
-        x += width
-    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{x}" height="{height}">' + "".join(parts) + "</svg>\n")

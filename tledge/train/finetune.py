@@ -23,7 +23,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from tledge.data.hygiene import require_clean, split_hygiene
+from tledge.data.hygiene import file_digests, require_clean, split_hygiene
 from tledge.data.images import Preprocess, scan_images
 from tledge.data.splits import SPLITS_FILE, Splits, load_splits, write_splits
 from tledge.errors import TledgeError
@@ -164,7 +164,8 @@ def _finetune(cfg: FinetuneConfig, splits: Splits | None, on_epoch, world, devic
     splits = splits or load_splits(cfg.data, cfg.val_fraction, cfg.test_fraction, cfg.seed)
     scan_images(s.path for s in splits.train + splits.val + splits.test)
     # Before any training: an image in two splits scores the model on what it learned (exact copies are an error).
-    hygiene = split_hygiene(splits)
+    digests = file_digests(s.path for s in splits.train + splits.val + splits.test)  # once, for the hygiene and splits.json
+    hygiene = split_hygiene(splits, sha256=digests)
     require_clean(hygiene, cfg.allow_duplicates)
     model, spec = create_model(cfg.model, cfg.weights, num_classes=len(splits.classes), seed=cfg.seed)
     pre = resolve_preprocess(spec.preprocess, cfg.image_size, cfg.resize)
@@ -253,7 +254,7 @@ def _finetune(cfg: FinetuneConfig, splits: Splits | None, on_epoch, world, devic
         cfg.out.mkdir(parents=True, exist_ok=True)
         validate.start_rewrite(cfg.out, "finetune")
         # Written once, here: every later stage reads this split instead of re-deriving it from (seed, fractions).
-        splits_sha256 = write_splits(splits, cfg.out / SPLITS_FILE, cfg.seed, cfg.val_fraction, cfg.test_fraction)
+        splits_sha256 = write_splits(splits, cfg.out / SPLITS_FILE, cfg.seed, cfg.val_fraction, cfg.test_fraction, digests)
         record["splits"] = {"path": SPLITS_FILE, "sha256": splits_sha256}
         save_checkpoint(cfg.out / "model.pt", model, cfg.model, splits.classes, pre, extra={"finetune": record["result"], "splits_sha256": splits_sha256})
         record["sha256"] = validate.digests(cfg.out, [SPLITS_FILE, "model.pt"])
