@@ -267,6 +267,7 @@ def quantize(cfg: QuantizeConfig) -> dict:
                     info["narrowing"].update(chosen_facts)
                 with atomic_path(dst) as tmp:
                     shutil.copyfile(chosen, tmp)
+                    info.update(recipe.tune_kernels(tmp, source.proto, budget.evaluate, info["drift"]))
                     info.update(recipe.validate(tmp, budget.images()))
             info.update(recipe.companions(cfg, dst, source.stats.ranges(method, recipe.symmetric_activations), keep_float))
             proto = onnx.load(str(dst))

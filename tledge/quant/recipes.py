@@ -86,6 +86,12 @@ class Recipe(abc.ABC):
     def metadata(self) -> dict:
         return {}
 
+    def tune_kernels(self, path: Path, fp32_proto, evaluate, drift: dict) -> dict:
+        """The chosen model, before it is validated: rewrite it in place so that its runtime's fastest kernels take
+        it, without changing what it computes beyond what ``evaluate(path)`` (its drift record) re-judges. Returns
+        facts for the record (a ``drift`` key replaces the model's drift record)."""
+        return {}
+
     def validate(self, path: Path, images: np.ndarray) -> dict:
         """The chosen model, before it replaces the previous one: refuse it here if it must not ship."""
         return {}
@@ -161,6 +167,36 @@ class CpuInt8(Recipe):
             # the quantizer's range as a Clip (it may stand in for a ReLU6 that ONNX Runtime dropped), no rounding.
             proto = bypass_quantization(proto, fp32_proto, list(keep_float))
         return proto, facts
+
+    def tune_kernels(self, path, fp32_proto, evaluate, drift):
+        import onnx
+
+        from tledge.quant.cpu_kernels import CHANNEL_MULTIPLE, pad_input_channels
+
+        proto = onnx.load(str(path))
+        padded = pad_input_channels(proto)
+        if not padded:
+            return {}
+        record = {"padded_input_channels": padded, "to": CHANNEL_MULTIPLE,
+                  "why": "ONNX Runtime's fast x86 int8 convolution needs input channels in fours (bench/RESULTS.md)"}
+        moved = 0
+        if not self.cpu_target.full_range_weights:
+            # The padded layout pairs other weights in the int16 step: make those pairs safe, then re-judge the drift.
+            moved = make_weights_pair_safe(proto, fp32_proto)
+            if check_int16_saturation(proto):
+                return {"kernel_layout": {**record, "applied": False, "why_not": "its weights could saturate int16 on CPUs without VNNI"}}
+        candidate = path.with_name(f".padded-{path.name}")
+        onnx.save(proto, str(candidate))
+        facts = {"kernel_layout": {**record, "applied": True, "weights_moved": moved}}
+        if moved:
+            padded_drift = evaluate(candidate)
+            if drift["met"] and not padded_drift["met"]:
+                candidate.unlink()
+                return {"kernel_layout": {**record, "applied": False, "weights_moved": moved,
+                                          "why_not": "the weights it moved in the int16-safe layout broke the drift budget"}}
+            facts["drift"] = padded_drift
+        candidate.replace(path)
+        return facts
 
     def metadata(self):
         return {"cpu_target": self.cpu_target.name}

@@ -92,6 +92,8 @@ def bypass_quantization(model, fp32_model, node_names) -> object:
                 node.input[k] = f"{base}_float"
             elif dq.input[0] in inits:  # an int8 weight or int32 bias initializer: take the FP32 one by the node's name
                 node.input[k] = fp32_input(node, k)
+                if k == 1 and node.op_type == "Conv":
+                    _pad_like(edited, node.input[k], init_protos[dq.input[0]])
     if clips:  # keep the graph in topological order: each Clip right before the node that reads it
         nodes = list(edited.graph.node)
         del edited.graph.node[:]
@@ -111,6 +113,19 @@ def bypass_quantization(model, fp32_model, node_names) -> object:
                 node.input.append(q.input[0])
                 del node.attribute[:]
     return edited
+
+
+def _pad_like(model, name: str, quantized) -> None:
+    """Give the float weight ``name`` the zero input channels its int8 copy was padded with
+    (:func:`tledge.quant.cpu_kernels.pad_input_channels`), so that it fits the padded input."""
+    from onnx import numpy_helper
+
+    init = next(i for i in model.graph.initializer if i.name == name)
+    w = numpy_helper.to_array(init)
+    channels = quantized.dims[1] if len(quantized.dims) == 4 else w.shape[1]
+    if w.ndim == 4 and channels > w.shape[1]:
+        extra = np.zeros((w.shape[0], channels - w.shape[1], *w.shape[2:]), dtype=w.dtype)
+        init.CopyFrom(numpy_helper.from_array(np.concatenate([w, extra], axis=1), name))
 
 
 def simulate(model, x: np.ndarray, batch: int = 32) -> np.ndarray:

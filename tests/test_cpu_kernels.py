@@ -1,0 +1,93 @@
+"""The CPU model's input channels are padded to four so ONNX Runtime's fast int8 convolution takes its stem, and
+nothing the model computes changes."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from tledge.quant.cpu_kernels import pad_input_channels
+from tledge.quant.cpu_weights import check_int16_saturation, make_weights_pair_safe
+from tledge.quant.sensitivity import bypass_quantization, simulate
+from tledge.runners.ort_runner import OrtRunner
+
+
+def _stem_model(channels: int = 3, weights: np.ndarray | None = None, group: int = 1, readers: int = 1):
+    """input -> Q -> DQ -> Conv (int8 per-channel weights) -> Q -> DQ -> output, and the FP32 model it came from."""
+    rng = np.random.default_rng(0)
+    out = channels if group > 1 else 8
+    w = weights if weights is not None else rng.normal(0, 0.3, (out, channels // group, 3, 3)).astype(np.float32)
+    scale = (np.abs(w).reshape(out, -1).max(1) / 127).astype(np.float32)
+    q = np.clip(np.rint(w / scale[:, None, None, None]), -127, 127).astype(np.int8)
+    b = rng.normal(0, 0.1, out).astype(np.float32)
+    conv = dict(kernel_shape=[3, 3], pads=[1, 1, 1, 1], strides=[2, 2], group=group)
+    inits = [numpy_helper.from_array(v, n) for n, v in (
+        ("xs", np.array(0.02, np.float32)), ("xz", np.array(128, np.uint8)), ("ys", np.array(0.05, np.float32)),
+        ("yz", np.array(100, np.uint8)), ("wq", q), ("ws", scale), ("wz", np.zeros(out, np.int8)), ("b", b))]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "xs", "xz"], ["xq"], name="input_QuantizeLinear"),
+             helper.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["xd"]),
+             helper.make_node("DequantizeLinear", ["wq", "ws", "wz"], ["w"], axis=0),
+             helper.make_node("Conv", ["xd", "w", "b"], ["c"], name="stem", **conv),
+             helper.make_node("QuantizeLinear", ["c", "ys", "yz"], ["cq"]), helper.make_node("DequantizeLinear", ["cq", "ys", "yz"], ["y"])]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", out, 8, 8])]
+    if readers > 1:  # the graph input also read by a second node
+        nodes.append(helper.make_node("Identity", ["x"], ["x_copy"]))
+        outputs.append(helper.make_tensor_value_info("x_copy", TensorProto.FLOAT, ["N", channels, 16, 16]))
+    graph = helper.make_graph(nodes, "stem", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", channels, 16, 16])], outputs, inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    fp32 = helper.make_model(helper.make_graph(
+        [helper.make_node("Conv", ["x", "w", "b"], ["y"], name="stem", **conv)], "fp32",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", channels, 16, 16])], outputs[:1],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")]), opset_imports=[helper.make_opsetid("", 17)])
+    fp32.ir_version = 8
+    return model, fp32
+
+
+def _x(channels: int = 3, n: int = 4) -> np.ndarray:
+    return np.random.default_rng(1).uniform(-2, 2, (n, channels, 16, 16)).astype(np.float32)
+
+
+def test_padding_the_stem_changes_no_output_on_the_fused_kernels_or_the_simulation():
+    model, _ = _stem_model()
+    before_fused, before_simulated = OrtRunner(model).run_batches(_x(), 1), simulate(model, _x())
+    assert pad_input_channels(model) == ["stem"]
+    weight = next(i for i in model.graph.initializer if i.name == "wq")
+    assert list(weight.dims) == [8, 4, 3, 3] and not numpy_helper.to_array(weight)[:, 3].any()
+    assert [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim] == [0, 3, 16, 16], "users still feed RGB"
+    onnx.checker.check_model(model)
+    np.testing.assert_array_equal(OrtRunner(model).run_batches(_x(), 1), before_fused)
+    np.testing.assert_array_equal(simulate(model, _x()), before_simulated)
+
+
+@pytest.mark.parametrize("case", ["four channels", "depthwise", "input read twice"])
+def test_only_the_pattern_it_knows_is_rewritten(case):
+    kwargs = {"four channels": {"channels": 4}, "depthwise": {"channels": 16, "group": 16}, "input read twice": {"readers": 2}}[case]
+    model, _ = _stem_model(**kwargs)
+    before = model.SerializeToString()
+    assert pad_input_channels(model) == []
+    assert model.SerializeToString() == before
+
+
+def test_padded_weights_are_made_pair_safe_in_their_new_layout():
+    """Padding pairs input channels 0 and 1 of each tap in the int16 step of x86 kernels without VNNI: weights that
+    were safe as (tap, channel) triples can saturate there, and the portable model must move them."""
+    w = np.zeros((8, 3, 3, 3), np.float32)
+    w[:, 0], w[:, 1], w[:, 2] = 1.0, 0.9, -1.0  # channels 0 and 1 large and of one sign at every tap
+    model, fp32 = _stem_model(weights=w)
+    assert pad_input_channels(model) == ["stem"]
+    assert check_int16_saturation(model), "the padded layout pairs the two large weights"
+    moved = make_weights_pair_safe(model, fp32)
+    assert moved > 0 and check_int16_saturation(model) == []
+
+
+def test_a_padded_layer_can_still_be_put_back_in_float():
+    """Sensitivity and the fallback bypass a layer by giving it its FP32 weight: that weight must fit the padded input."""
+    model, fp32 = _stem_model()
+    pad_input_channels(model)
+    restored = simulate(bypass_quantization(model, fp32, ["stem"]), _x())
+    quantized = simulate(model, _x())
+    reference = OrtRunner(fp32).run_batches(_x(), 4)
+    assert np.abs(restored - reference).mean() < 0.5 * np.abs(quantized - reference).mean()
