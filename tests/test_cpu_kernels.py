@@ -97,3 +97,22 @@ def test_a_padded_layer_can_still_be_put_back_in_float():
     quantized = simulate(model, _x())
     reference = OrtRunner(fp32).run_batches(_x(), 4)
     assert np.abs(restored - reference).mean() < 0.5 * np.abs(quantized - reference).mean()
+
+
+def test_bias_correction_of_a_padded_stem_is_that_of_the_unpadded_one():
+    from onnx import ModelProto
+
+    from tledge.quant.bias_correction import correct_bias
+
+    model, fp32 = _stem_model()
+    padded = ModelProto()
+    padded.CopyFrom(model)
+    pad_input_channels(padded)
+    mean = {"x": np.array([0.3, -0.2, 0.5], np.float32)}
+    correct_bias(model, fp32, mean)
+    correct_bias(padded, fp32, mean)
+    b_model = numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == "b"))
+    b_padded = numpy_helper.to_array(next(i for i in padded.graph.initializer if i.name == "b"))
+    b_fp32 = numpy_helper.to_array(next(i for i in fp32.graph.initializer if i.name == "b"))
+    assert not np.allclose(b_model, b_fp32), "the correction moved the bias"
+    np.testing.assert_allclose(b_padded, b_model, rtol=1e-6)

@@ -87,3 +87,25 @@ def pad_input_channels(model, multiple: int = CHANNEL_MULTIPLE) -> list[str]:
     del graph.value_info[:]
     graph.value_info.extend(kept)
     return [conv.name for conv in convs]
+
+
+def with_padded_stem(fp32_model):
+    """A copy of the FP32 ``model`` whose convolutions reading the graph input have the zero input channels that
+    :func:`pad_input_channels` will give their int8 copies (the graph itself is not rewired): for code that reasons
+    about the weights' layout, such as which int8 pairs could saturate."""
+    from onnx import ModelProto, numpy_helper
+
+    copy = ModelProto()
+    copy.CopyFrom(fp32_model)
+    if len(copy.graph.input) != 1:
+        return copy
+    inits = {i.name: i for i in copy.graph.initializer}
+    for node in _consumers(copy.graph, copy.graph.input[0].name):
+        if node.op_type != "Conv" or next((a.i for a in node.attribute if a.name == "group"), 1) != 1 or node.input[1] not in inits:
+            continue
+        w = numpy_helper.to_array(inits[node.input[1]])
+        extra = -w.shape[1] % CHANNEL_MULTIPLE if w.ndim == 4 else 0
+        if extra:
+            padded = np.concatenate([w, np.zeros((w.shape[0], extra, *w.shape[2:]), dtype=w.dtype)], axis=1)
+            inits[node.input[1]].CopyFrom(numpy_helper.from_array(padded, node.input[1]))
+    return copy

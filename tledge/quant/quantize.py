@@ -261,13 +261,13 @@ def quantize(cfg: QuantizeConfig) -> dict:
                 if fallback:
                     info["fallback"] = fallback
                 chosen_facts = dict(facts.get(chosen, {}))
-                if "bias_correction" in chosen_facts:
-                    info["bias_correction"] = chosen_facts.pop("bias_correction")
+                for key in ("bias_correction", "kernel_layout"):
+                    if key in chosen_facts:
+                        info[key] = chosen_facts.pop(key)
                 if "narrowing" in info:
                     info["narrowing"].update(chosen_facts)
                 with atomic_path(dst) as tmp:
                     shutil.copyfile(chosen, tmp)
-                    info.update(recipe.tune_kernels(tmp, source.proto, budget.evaluate, info["drift"]))
                     info.update(recipe.validate(tmp, budget.images()))
             info.update(recipe.companions(cfg, dst, source.stats.ranges(method, recipe.symmetric_activations), keep_float))
             proto = onnx.load(str(dst))

@@ -86,12 +86,6 @@ class Recipe(abc.ABC):
     def metadata(self) -> dict:
         return {}
 
-    def tune_kernels(self, path: Path, fp32_proto, evaluate, drift: dict) -> dict:
-        """The chosen model, before it is validated: rewrite it in place so that its runtime's fastest kernels take
-        it, without changing what it computes beyond what ``evaluate(path)`` (its drift record) re-judges. Returns
-        facts for the record (a ``drift`` key replaces the model's drift record)."""
-        return {}
-
     def validate(self, path: Path, images: np.ndarray) -> dict:
         """The chosen model, before it replaces the previous one: refuse it here if it must not ship."""
         return {}
@@ -141,9 +135,12 @@ class CpuInt8(Recipe):
                         else "int8 symmetric per-channel, narrowed where an int16 pair could saturate")
 
     def prepare(self, fp32_proto):
+        from tledge.quant.cpu_kernels import with_padded_stem
+
         info = {"cpu_target": cpu_target_record(self.cpu_target, self.reason)}
         if not self.cpu_target.full_range_weights:
-            self.weight_overrides, info["narrowing"] = pair_safe_weight_overrides(fp32_proto)
+            # the scales are chosen for the layout the kernels will see: the stem padded to four input channels
+            self.weight_overrides, info["narrowing"] = pair_safe_weight_overrides(with_padded_stem(fp32_proto))
         return info
 
     def quantize(self, src, dst, reader, ranges, keep_float):
@@ -153,9 +150,16 @@ class CpuInt8(Recipe):
                          activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, extra_options={"WeightSymmetric": True})
 
     def finish(self, proto, fp32_proto, keep_float):
+        from tledge.quant.cpu_kernels import CHANNEL_MULTIPLE, pad_input_channels
         from tledge.quant.sensitivity import bypass_quantization
 
         facts = {}
+        # Before the int16 pairs are made safe, so that they are made safe in the layout the kernels run; every
+        # candidate the drift budget judges is padded, so the budget judges what ships.
+        padded = pad_input_channels(proto)
+        if padded:
+            facts["kernel_layout"] = {"padded_input_channels": padded, "to": CHANNEL_MULTIPLE,
+                                      "why": "ONNX Runtime's fast x86 int8 convolution needs input channels in fours"}
         if not self.cpu_target.full_range_weights:
             facts["pairs_moved_to_limit"] = make_weights_pair_safe(proto, fp32_proto)
             problems = check_int16_saturation(proto)
@@ -167,36 +171,6 @@ class CpuInt8(Recipe):
             # the quantizer's range as a Clip (it may stand in for a ReLU6 that ONNX Runtime dropped), no rounding.
             proto = bypass_quantization(proto, fp32_proto, list(keep_float))
         return proto, facts
-
-    def tune_kernels(self, path, fp32_proto, evaluate, drift):
-        import onnx
-
-        from tledge.quant.cpu_kernels import CHANNEL_MULTIPLE, pad_input_channels
-
-        proto = onnx.load(str(path))
-        padded = pad_input_channels(proto)
-        if not padded:
-            return {}
-        record = {"padded_input_channels": padded, "to": CHANNEL_MULTIPLE,
-                  "why": "ONNX Runtime's fast x86 int8 convolution needs input channels in fours (bench/RESULTS.md)"}
-        moved = 0
-        if not self.cpu_target.full_range_weights:
-            # The padded layout pairs other weights in the int16 step: make those pairs safe, then re-judge the drift.
-            moved = make_weights_pair_safe(proto, fp32_proto)
-            if check_int16_saturation(proto):
-                return {"kernel_layout": {**record, "applied": False, "why_not": "its weights could saturate int16 on CPUs without VNNI"}}
-        candidate = path.with_name(f".padded-{path.name}")
-        onnx.save(proto, str(candidate))
-        facts = {"kernel_layout": {**record, "applied": True, "weights_moved": moved}}
-        if moved:
-            padded_drift = evaluate(candidate)
-            if drift["met"] and not padded_drift["met"]:
-                candidate.unlink()
-                return {"kernel_layout": {**record, "applied": False, "weights_moved": moved,
-                                          "why_not": "the weights it moved in the int16-safe layout broke the drift budget"}}
-            facts["drift"] = padded_drift
-        candidate.replace(path)
-        return facts
 
     def metadata(self):
         return {"cpu_target": self.cpu_target.name}
