@@ -231,6 +231,7 @@ def test_report_with_stage_records(build_folder):
     for heading in ("## Fine-tuning", "## Export", "## Quantization"):
         assert heading in md
     assert "24 calibration images" in md and "ONNX opset 17" in md
+    assert "padded to 4 input channels" in md, "the report says why the CPU model's stem reads four channels"
     assert summary["export"]["opset"] == 17 and summary["quantize"]["calibration"]["images"] == 24
     assert summary["finetune"]["model"]["arch"] == "test_efficientnet_lite"
     for name in ("fp32", "int8-tensorrt-qdq", "int8-cpu"):

@@ -194,6 +194,10 @@ def quantized_model_lines(target: str, info: dict) -> list[str]:
         n = info["narrowing"]
         lines.append(f"  {n['narrowed_channels']} of {n['channels_checked']} output channels in {n['narrowed_layers']} of "
                      f"{n['layers_checked']} layers narrowed; {n.get('pairs_moved_to_limit', 0)} weights moved onto the pair limit.")
+    if "kernel_layout" in info:
+        k = info["kernel_layout"]
+        lines.append(f"  {', '.join(f'`{n}`' for n in k['padded_input_channels'])} padded to {k['to']} input channels (zero weights, the same "
+                     f"outputs): {k['why']}.")
     if "drift" in info:
         d = info["drift"]
         lines.append(f"  Drift budget on {d['images']} {d['split']} images ({d['method']}): top-1 {d['top1']:.4f} vs FP32 "
