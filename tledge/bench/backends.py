@@ -1,7 +1,7 @@
 """Backends behind one small interface, and a registry that makes them by name.
 
 A :class:`Variant` names a model file, a backend and its options; :func:`make_runner` builds its runner (an
-ONNX Runtime, PyTorch or TensorRT one, each ``runner(x) -> logits``), and :func:`backend_unavailable` says, without
+ONNX Runtime, OpenVINO, PyTorch or TensorRT one, each ``runner(x) -> logits``), and :func:`backend_unavailable` says, without
 building anything, why a backend cannot run here (not installed, no GPU) so that callers skip it with that reason
 instead of crashing. Each backend's heavy import happens when a runner is made, never when tledge is imported."""
 
@@ -81,6 +81,20 @@ def _make_torch(device: str) -> Callable[[Path, dict], TorchRunner]:
     return make
 
 
+def _openvino_unavailable() -> str | None:
+    import importlib.util
+
+    from tledge.runners.openvino_runner import INSTALL
+
+    return None if importlib.util.find_spec("openvino") is not None else f"openvino is not installed ({INSTALL})"
+
+
+def _make_openvino(path: Path, options: dict):
+    from tledge.runners.openvino_runner import OpenVinoRunner
+
+    return OpenVinoRunner(path, threads=options.get("threads"))
+
+
 def _tensorrt_unavailable() -> str | None:
     import importlib.util
 
@@ -108,6 +122,7 @@ BACKENDS: dict[str, Backend] = {
     "onnxruntime-tensorrt": Backend(lambda p, o: OrtRunner(p, providers=("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")),
                                     _ort_unavailable("TensorrtExecutionProvider", "onnxruntime-gpu built with TensorRT, and TensorRT's libraries"),
                                     ".onnx", "onnxruntime-gpu with TensorRT"),
+    "openvino-cpu": Backend(_make_openvino, _openvino_unavailable, ".onnx", "pip install 'tledge[openvino]'"),
     "tensorrt": Backend(_make_tensorrt, _tensorrt_unavailable, ".engine", "tensorrt"),
     "torch-cpu": Backend(_make_torch("cpu"), _torch_unavailable(False), ".pt (a tledge checkpoint)", "pip install 'tledge[train]'"),
     "torch-cuda": Backend(_make_torch("cuda"), _torch_unavailable(True), ".pt (a tledge checkpoint)", "torch with CUDA"),

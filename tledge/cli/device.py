@@ -35,7 +35,7 @@ def _parse_variants(specs: list[str], threads: int | None) -> list:
             raise TledgeError(f"two models are named {name!r}; name them: NAME=PATH")
         names.add(name)
         backend = backend or default_backend(Path(path))
-        options = {"threads": threads} if backend == "onnxruntime-cpu" else {}
+        options = {"threads": threads} if backend in ("onnxruntime-cpu", "openvino-cpu") else {}
         variants.append(Variant(name, Path(path), backend, options))
     return variants
 
@@ -44,10 +44,11 @@ def _parse_variants(specs: list[str], threads: int | None) -> list:
     "tledge bench out/model.fp32.onnx out/model.int8.cpu.onnx --data my_images --out-dir out",
     "tledge bench fp32=a.onnx int8=b.onnx --data my_images --out-dir out --batch-size 8 --threads 2",
     "tledge bench out/model.fp32.onnx torch=out/model.pt@torch-cpu gpu=out/model.fp32.onnx@onnxruntime-cuda --data my_images --out-dir out",
+    "tledge bench out/model.fp32.onnx out/model.int8.cpu.onnx ov=out/model.int8.cpu.onnx@openvino-cpu --data my_images --out-dir out",
 ))
 def bench(
     ctx: typer.Context,
-    models: List[str] = typer.Argument(..., help="Model files, or NAME=PATH, each optionally @BACKEND (onnxruntime-cpu, onnxruntime-cuda, onnxruntime-tensorrt, tensorrt, torch-cpu, torch-cuda; default from the file: .onnx onnxruntime-cpu, .pt torch-cpu); the first is the reference. A backend that cannot run here is skipped with its reason."),
+    models: List[str] = typer.Argument(..., help="Model files, or NAME=PATH, each optionally @BACKEND (onnxruntime-cpu, onnxruntime-cuda, onnxruntime-tensorrt, openvino-cpu, tensorrt, torch-cpu, torch-cuda; default from the file: .onnx onnxruntime-cpu, .pt torch-cpu); the first is the reference. A backend that cannot run here is skipped with its reason."),
     data: Path = typer.Option(..., "--data", "-d", help="ImageFolder root; accuracy on its test split (else val)."),
     out_dir: Path = typer.Option(..., "--out-dir", "-o", help="Folder for bench.json and the report."),
     batch_size: int = typer.Option(D(BenchConfig, "batch_size"), help="Batch size for latency."),
