@@ -334,3 +334,29 @@ def test_a_shift_of_one_image_s_logits_is_no_sensitivity_error():
     shifted = logits + np.arange(50, dtype=np.float32)[:, None]
     assert logit_error(shifted, reference) == pytest.approx(logit_error(logits, reference), rel=1e-5)
     assert logit_error(reference + 1.0, reference) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_a_cheap_float_layer_that_brings_the_model_no_closer_stays_int8(tmp_path, monkeypatch):
+    """The priced search keeps a layer in float only if it is within the price *and* moves the model closer to FP32:
+    on digits on a VNNI CPU, eleven cheap layers that each changed nothing made the CPU model slower than FP32."""
+    from types import SimpleNamespace
+
+    import tledge.quant.drift_budget as drift_budget
+
+    expected = {("a",): 0.980, ("a", "b"): 0.975, ("a", "c"): 0.995}  # expected agreement of each float set
+
+    def figures(e):
+        return {"top1": 0.9, "top1_drop_pp": 0.0, "agreement": e, "expected_agreement": e, "met": e >= 0.99}
+
+    def make(keep, path):
+        path.write_text(json.dumps(list(keep)))
+
+    budget = drift_budget.DriftBudget.__new__(drift_budget.DriftBudget)
+    budget.cfg = SimpleNamespace(fallback_max_slowdown=0.15, fallback_layers=4, model=tmp_path / "fp32.onnx")
+    monkeypatch.setattr(budget, "images", lambda: np.zeros((1, 3, 8, 8), np.float32))
+    monkeypatch.setattr(budget, "evaluate", lambda path: figures(expected.get(tuple(json.loads(path.read_text())), 0.97)))
+    monkeypatch.setattr(drift_budget, "onnx_p50_interleaved", lambda paths, x, rounds, per_round: {k: 2.0 if k == "fp32" else 1.0 for k in paths})
+    best, record = budget._priced_search(make, tmp_path, "cpu", [{"node": n} for n in "abc"], (tmp_path / "first.onnx", (), figures(0.978)))
+    assert [(s["node"], s["kept"], s.get("why")) for s in record["steps"]] == [("a", "float", None), ("b", "int8", "no gain"), ("c", "float", None)]
+    assert best[1] == ("a", "c") and record["met"]
+    assert not (tmp_path / "cpu-priced-1.onnx").exists(), "the rejected candidate is not left behind"

@@ -168,8 +168,9 @@ class DriftBudget:
 
     def _priced_search(self, make, work: Path, target: str, ranked: list[dict], best: tuple) -> tuple[tuple, dict]:
         """Add the ranked layers to the float set one at a time, each only if its measured slowdown (batch 1, one
-        thread, timed interleaved with the current model and FP32) is within the price; stop at the budget."""
-        base_path, base_keep, _ = best
+        thread, timed interleaved with the current model and FP32) is within the price and it brings the model
+        closer to FP32 (a higher :func:`score`); stop at the budget."""
+        base_path, base_keep, current_drift = best
         limit = 1.0 / (1.0 - self.cfg.fallback_max_slowdown)
         x = self.images()
         current, keep = base_path, base_keep
@@ -194,12 +195,19 @@ class DriftBudget:
             step = {"node": r["node"], "slowdown": round(slowdown, 3), "speedup_vs_fp32": round(speedup, 3)}
             steps.append(step)
             if step["slowdown"] > limit or step["speedup_vs_fp32"] < 1.0:
-                step["kept"] = "int8"  # too dear: the next layer is tried instead
+                step.update({"kept": "int8", "why": "price"})  # too dear: the next layer is tried instead
                 path.unlink()
                 continue
             d = self.evaluate(path)
-            step.update({"kept": "float", **{k: d[k] for k in TRIED_KEYS}})
-            current, keep = path, keep + (r["node"],)
+            step.update({k: d[k] for k in TRIED_KEYS})
+            if not d["met"] and score(d) <= score(current_drift):
+                # Within the price but no closer to FP32: a float layer must earn its place, or eleven cheap layers
+                # that each changed nothing add up to a CPU model slower than FP32 (bench/RESULTS.md, digits on VNNI).
+                step.update({"kept": "int8", "why": "no gain"})
+                path.unlink()
+                continue
+            step["kept"] = "float"
+            current, keep, current_drift = path, keep + (r["node"],), d
             if self._earns_its_cost(d, best[2]):
                 best = (path, keep, d)
             if d["met"]:

@@ -211,11 +211,13 @@ def quantized_model_lines(target: str, info: dict) -> list[str]:
         lines.append(f"  Per-layer fallback kept {len(f['kept_float_added'])} layer(s) in float ({added}); tried {tried}.{stopped}")
         if f.get("priced"):
             steps = f["priced"]["steps"]
-            dear = [f"`{t['node']}` ({t['slowdown']:.2f}x slower)" for t in steps if t["kept"] == "int8"]
+            dear = [f"`{t['node']}` ({t['slowdown']:.2f}x slower)" for t in steps if t["kept"] == "int8" and t.get("why", "price") == "price"]
+            idle = sum(t["kept"] == "int8" and t.get("why") == "no gain" for t in steps)
             lines.append(f"  Priced by latency on this CPU (a float layer may slow the model by {f['priced']['max_slowdown']:.0%} at most): "
                          f"{sum(t['kept'] == 'float' for t in steps)} of {len(steps)} layers tried kept in float, "
                          f"{'budget met' if f['priced']['met'] else 'budget missed, so the layers were then kept by sensitivity alone'}"
-                         f"{'; left in INT8 as too slow: ' + ', '.join(dear) if dear else ''}.")
+                         f"{'; left in INT8 as too slow: ' + ', '.join(dear) if dear else ''}"
+                         f"{f'; {idle} left in INT8 as bringing the model no closer to FP32' if idle else ''}.")
         if "latency_cost" in f:
             c = f["latency_cost"]
             versus = (f"; {c['speedup_vs_fp32']['one_thread']:.2f}x FP32's speed on one thread, {c['speedup_vs_fp32']['all_cores']:.2f}x on every core"
