@@ -40,6 +40,7 @@ from tledge.data.images import Preprocess, Sample, load_array
 from tledge.data.splits import read_splits
 from tledge.export.onnx_io import read_metadata
 from tledge.machine import machine_info, package_version
+from tledge.runners.openvino_runner import OpenVinoRunner
 from tledge.runners.ort_runner import OrtRunner
 
 # tledge: public names only, in this one block (the package layout is moving)
@@ -115,27 +116,6 @@ def quantize_modelopt(fp32: Path, dst: Path, calib: np.ndarray, method: str) -> 
 
 
 # ---------------------------------------------------------------- runners and measurements
-
-class OpenVinoRunner:
-    """A model compiled by OpenVINO for its CPU plugin: one stream, latency hint, fp32 for whatever is not int8."""
-
-    name = "openvino"
-
-    def __init__(self, path: Path, threads: int | None = None):
-        import openvino as ov
-
-        config = {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": "1", "INFERENCE_PRECISION_HINT": "f32"}
-        if threads:
-            config["INFERENCE_NUM_THREADS"] = str(threads)
-        self.compiled = ov.Core().compile_model(str(path), "CPU", config)
-        self.request = self.compiled.create_infer_request()
-
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        return self.request.infer([np.ascontiguousarray(x, dtype=np.float32)])[0].copy()
-
-    def run_batches(self, x: np.ndarray, batch: int = 32) -> np.ndarray:
-        return np.concatenate([self(x[i : i + batch]) for i in range(0, len(x), batch)])
-
 
 def float_weighted_layers(path: Path) -> dict:
     """Weighted ops (Conv/Gemm/MatMul) whose activation or weight input does not come from a DequantizeLinear:

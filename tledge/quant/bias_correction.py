@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from tledge.errors import TledgeError
+from tledge.quant.cpu_kernels import zero_padded_channels
 
 
 def _dequantized_weight(dq, inits, producer):
@@ -66,10 +67,8 @@ def correct_bias(model, fp32_model, channel_mean: dict[str, np.ndarray]) -> dict
         w = numpy_helper.to_array(fp32_inits[source.input[1]]).astype(np.float64)
         mean = channel_mean[source.input[0]].astype(np.float64)
         if node.op_type == "Conv" and w_q.ndim == 4 and w_q.shape[1] > w.shape[1]:
-            # input channels padded with zeros for ONNX Runtime's kernels (cpu_kernels.pad_input_channels)
-            extra = w_q.shape[1] - w.shape[1]
-            w = np.concatenate([w, np.zeros((w.shape[0], extra, *w.shape[2:]))], axis=1)
-            mean = np.concatenate([mean, np.zeros(extra)])
+            # input channels padded with zeros for ONNX Runtime's kernels: their mean is 0 too
+            w, mean = zero_padded_channels(w, w_q.shape[1]), np.pad(mean, (0, w_q.shape[1] - w.shape[1]))
         error = w_q - w
         if node.op_type == "Gemm":
             trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)

@@ -7,7 +7,8 @@ slow path: on an AVX-512/VNNI Xeon at 224 px that stem ran 1.7x *slower* than it
 
 :func:`pad_input_channels` gives such a convolution a fourth input channel of zeros: a float ``Pad`` before the
 input's QuantizeLinear, and zero int8 weights for that channel. The padded channel quantizes to the zero point and
-its weights are 0, so every product it adds is exactly 0: the outputs are bit-identical on every CPU.
+its weights are 0, so every product it adds is exactly 0: the outputs are bit-identical wherever no int16 pair
+saturates (the portable CPU target makes its pairs safe in the padded layout afterwards).
 """
 
 from __future__ import annotations
@@ -15,6 +16,14 @@ from __future__ import annotations
 import numpy as np
 
 CHANNEL_MULTIPLE = 4  # MLAS's KernelInputChannelAlignment for the x86 ConvSym kernels
+
+
+def zero_padded_channels(w: np.ndarray, channels: int) -> np.ndarray:
+    """A 4-D conv weight ``(out, in, kh, kw)`` with zero input channels appended up to ``channels`` (``w`` itself when
+    it has that many already): the float or int8 weight that fits an input padded by :func:`pad_input_channels`."""
+    if w.ndim != 4 or w.shape[1] >= channels:
+        return w
+    return np.concatenate([w, np.zeros((w.shape[0], channels - w.shape[1], *w.shape[2:]), dtype=w.dtype)], axis=1)
 
 
 def _consumers(graph, name: str) -> list:
@@ -70,9 +79,7 @@ def pad_input_channels(model, multiple: int = CHANNEL_MULTIPLE) -> list[str]:
     if any(len(_consumers(graph, w.name)) != 1 for w in weights) or len({w.name for w in weights}) != len(weights):
         return []  # a weight shared with another node would change it too
     for w in weights:
-        q = numpy_helper.to_array(w)
-        padded = np.concatenate([q, np.zeros((q.shape[0], extra, *q.shape[2:]), dtype=q.dtype)], axis=1)
-        w.CopyFrom(numpy_helper.from_array(padded, w.name))
+        w.CopyFrom(numpy_helper.from_array(zero_padded_channels(numpy_helper.to_array(w), c + extra), w.name))
     rank = len(graph.input[0].type.tensor_type.shape.dim) or 4
     pads_name, padded_name = f"{source}_channel_pads", f"{source}_channels_padded"
     pads = np.zeros(2 * rank, dtype=np.int64)
@@ -104,8 +111,7 @@ def with_padded_stem(fp32_model):
         if node.op_type != "Conv" or next((a.i for a in node.attribute if a.name == "group"), 1) != 1 or node.input[1] not in inits:
             continue
         w = numpy_helper.to_array(inits[node.input[1]])
-        extra = -w.shape[1] % CHANNEL_MULTIPLE if w.ndim == 4 else 0
-        if extra:
-            padded = np.concatenate([w, np.zeros((w.shape[0], extra, *w.shape[2:]), dtype=w.dtype)], axis=1)
-            inits[node.input[1]].CopyFrom(numpy_helper.from_array(padded, node.input[1]))
+        if w.ndim == 4 and w.shape[1] % CHANNEL_MULTIPLE:
+            channels = w.shape[1] + -w.shape[1] % CHANNEL_MULTIPLE
+            inits[node.input[1]].CopyFrom(numpy_helper.from_array(zero_padded_channels(w, channels), node.input[1]))
     return copy

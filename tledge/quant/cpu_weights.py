@@ -81,6 +81,7 @@ def make_weights_pair_safe(model, fp32_model) -> int:
     """
     from onnx import numpy_helper
 
+    from tledge.quant.cpu_kernels import zero_padded_channels
     from tledge.quant.saturation import from_gemm_rows, gemm_rows, quantize_pair_safe
 
     float_weights = {i.name: i for i in fp32_model.graph.initializer}
@@ -91,11 +92,8 @@ def make_weights_pair_safe(model, fp32_model) -> int:
         if source is None or source.input[1] not in float_weights:
             raise TledgeError(f"cannot find the FP32 weight of {node.name} to make it safe for x86 int8 kernels")
         weight = numpy_helper.to_array(float_weights[source.input[1]])
-        quantized_shape = tuple(inits[dq.input[0]].dims)
-        if node.op_type == "Conv" and len(quantized_shape) == 4 and quantized_shape[1] > weight.shape[1]:
-            # input channels padded with zeros for ONNX Runtime's fast kernels (cpu_kernels.pad_input_channels)
-            extra = np.zeros((weight.shape[0], quantized_shape[1] - weight.shape[1], *weight.shape[2:]), dtype=weight.dtype)
-            weight = np.concatenate([weight, extra], axis=1)
+        if node.op_type == "Conv" and len(inits[dq.input[0]].dims) == 4:  # input channels padded for ONNX Runtime's kernels
+            weight = zero_padded_channels(weight, inits[dq.input[0]].dims[1])
         layout = _weight_layout(node)
         rows = gemm_rows(node.op_type, weight, **layout)
         if rows is None:

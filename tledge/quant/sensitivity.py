@@ -116,16 +116,15 @@ def bypass_quantization(model, fp32_model, node_names) -> object:
 
 
 def _pad_like(model, name: str, quantized) -> None:
-    """Give the float weight ``name`` the zero input channels its int8 copy was padded with
-    (:func:`tledge.quant.cpu_kernels.pad_input_channels`), so that it fits the padded input."""
+    """Give the float weight ``name`` the zero input channels its int8 copy ``quantized`` was padded with, so that
+    it fits the padded input."""
     from onnx import numpy_helper
 
-    init = next(i for i in model.graph.initializer if i.name == name)
-    w = numpy_helper.to_array(init)
-    channels = quantized.dims[1] if len(quantized.dims) == 4 else w.shape[1]
-    if w.ndim == 4 and channels > w.shape[1]:
-        extra = np.zeros((w.shape[0], channels - w.shape[1], *w.shape[2:]), dtype=w.dtype)
-        init.CopyFrom(numpy_helper.from_array(np.concatenate([w, extra], axis=1), name))
+    from tledge.quant.cpu_kernels import zero_padded_channels
+
+    if len(quantized.dims) == 4:
+        init = next(i for i in model.graph.initializer if i.name == name)
+        init.CopyFrom(numpy_helper.from_array(zero_padded_channels(numpy_helper.to_array(init), quantized.dims[1]), name))
 
 
 def simulate(model, x: np.ndarray, batch: int = 32) -> np.ndarray:
