@@ -11,7 +11,9 @@ For one fine-tuned FP32 model (a `tledge build` folder) and its dataset, in one 
   quantization-aware fine-tuning from the build's `model.pt`;
 * `tledge-minmax-budget`: the same with min-max ranges (the default until 2026-12-01);
 * `tledge-unpriced-budget`: tledge's defaults with the CPU fallback chosen by sensitivity alone
-  (`fallback_max_slowdown=1`, the default until 2026-12-02) instead of priced by measured latency.
+  (`fallback_max_slowdown=1`, the default until 2026-12-02) instead of priced by measured latency;
+* `tledge-nearest-budget`: tledge's defaults with every int8 weight rounded to its nearest level
+  (`weight_rounding=False`; the CPU model's default until 2026-12-04) instead of chosen by output error.
 
 Every tledge variant reuses the first one's calibration statistics (one pass of the images through the model).
 
@@ -97,7 +99,8 @@ def main() -> None:
     checkpoint = args.build / "model.pt"
     qat = dict(checkpoint=checkpoint) if checkpoint.is_file() else {}  # as build: QAT when post-training misses the budget
     runs += [("tledge-budget", qat), ("tledge-minmax-budget", dict(method="minmax", **qat)),
-             ("tledge-unpriced-budget", dict(fallback_max_slowdown=1.0, **qat))]
+             ("tledge-unpriced-budget", dict(fallback_max_slowdown=1.0, **qat)),
+             ("tledge-nearest-budget", dict(weight_rounding=False, **qat))]
     runs = [r for r in runs if not only or r[0] in only]
     stats_file = None
     for name, options in runs:

@@ -67,7 +67,7 @@ class QuantizeConfig:
     sensitivity_images: int = 32  # validation images that rank the layers
     budget_images: int = 1000  # most validation images the budget is judged on (evenly spaced; bounds memory)
     bias_correction: bool = True  # shift each quantized layer's bias by its mean weight-rounding error (bench/RESULTS.md: it helped on all three sets)
-    # TensorRT model: int8 weight levels chosen by each layer's output error on calibration images (weight_rounding.py)
+    # int8 weight levels chosen by each layer's output error on calibration images (weight_rounding.py), for both models
     weight_rounding: bool = True
     rounding_images: int = 64  # calibration images whose layer inputs choose the levels
     # Quantization-aware fine-tuning when post-training quantization misses the budget (needs the checkpoint).
@@ -184,7 +184,7 @@ def quantize(cfg: QuantizeConfig) -> dict:
     key = calibration_key(cfg.model, [digest for _, digest in calib.images])
     stats, stats_reused = calibrate(cfg.model, x, key, cfg.out_dir / STATS_FILE)
     base = Source(cfg.model, fp32_proto, stats, qat=None)
-    rounded = None  # the TensorRT model's source when weight rounding is on: made once, below
+    rounded: dict[bool, Source] = {}  # weight rounding's sources, one per grid (pair-safe or not): made once, below
     qat_source: list[Source] = []  # made at most once, by the first model that needs it
     one_batch = ArrayReader(meta["input"], x[: cfg.batch_size], cfg.batch_size)
     outputs = {}
@@ -194,11 +194,12 @@ def quantize(cfg: QuantizeConfig) -> dict:
             info = recipe.prepare(fp32_proto)
             facts: dict[Path, dict] = {}  # per candidate file: the record describes the one chosen
             recipe_base = base
-            if recipe.target == "tensorrt" and cfg.weight_rounding:
-                if rounded is None:
-                    rounded = make_rounded_source(cfg, fp32_proto, x, tempfile.mkdtemp(prefix=".tledge-rounding-", dir=cfg.out_dir))
-                recipe_base = rounded
-                info["weight_rounding"] = rounded.rounding
+            if cfg.weight_rounding:
+                grid = recipe.pair_safe_weights
+                if grid not in rounded:
+                    rounded[grid] = make_rounded_source(cfg, fp32_proto, x, tempfile.mkdtemp(prefix=".tledge-rounding-", dir=cfg.out_dir), pair_safe=grid)
+                recipe_base = rounded[grid]
+                info["weight_rounding"] = recipe_base.rounding
 
             def make(keep_float: tuple[str, ...], path: Path, method: str, source: Source = recipe_base, recipe=recipe, facts=facts):
                 """Quantize with ``keep_float`` in float, check the result against its runtime's rules, label it."""
@@ -291,8 +292,8 @@ def quantize(cfg: QuantizeConfig) -> dict:
     finally:
         if qat_source:
             shutil.rmtree(qat_source[0].path.parent, ignore_errors=True)
-        if rounded is not None:
-            shutil.rmtree(rounded.path.parent, ignore_errors=True)
+        for made in rounded.values():
+            shutil.rmtree(made.path.parent, ignore_errors=True)
     warnings = [f"{target}: INT8 DRIFT BUDGET MISSED: {describe_drift(o['drift'])}" for target, o in outputs.items() if not o["drift"]["met"]]
     for target, o in outputs.items():
         versus = o.get("fallback", {}).get("latency_cost", {}).get("speedup_vs_fp32", {})

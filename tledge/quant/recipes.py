@@ -68,6 +68,7 @@ class Recipe(abc.ABC):
     target: str  # the name in QuantizeConfig.targets
     path: str  # file name in the build folder
     symmetric_activations: bool
+    pair_safe_weights = False  # weight rounding's grid: no int16 pair that can saturate (the portable CPU model)
     activations: str
     weights: str
 
@@ -130,6 +131,7 @@ class CpuInt8(Recipe):
 
     def __init__(self, cpu_target: CpuTarget, reason: str):
         self.cpu_target, self.reason = cpu_target, reason
+        self.pair_safe_weights = not cpu_target.full_range_weights
         self.weight_overrides: dict = {}
         self.weights = ("int8 symmetric per-channel" if cpu_target.full_range_weights
                         else "int8 symmetric per-channel, narrowed where an int16 pair could saturate")

@@ -44,15 +44,16 @@ def make_qat_source(cfg: "QuantizeConfig", splits, calibration_x: np.ndarray, wo
     return Source(onnx_path, onnx.load(str(onnx_path)), stats, qat=record, checkpoint=checkpoint)
 
 
-def make_rounded_source(cfg: "QuantizeConfig", fp32_proto, calibration_x: np.ndarray, work: str) -> Source:
-    """The FP32 model with weights on the int8 levels its layers' output error chose, calibrated (in ``work``)."""
+def make_rounded_source(cfg: "QuantizeConfig", fp32_proto, calibration_x: np.ndarray, work: str, pair_safe: bool = False) -> Source:
+    """The FP32 model with weights on the int8 levels its layers' output error chose, calibrated (in ``work``);
+    ``pair_safe``: on the portable CPU model's grid (:func:`tledge.quant.weight_rounding.round_weights`)."""
     import onnx
 
     from tledge.quant.statistics import calibrate
     from tledge.quant.weight_rounding import round_weights
 
-    proto, record = round_weights(fp32_proto, calibration_x[: cfg.rounding_images])
+    proto, record = round_weights(fp32_proto, calibration_x[: cfg.rounding_images], pair_safe=pair_safe)
     path = Path(work) / "model.rounded.fp32.onnx"
     onnx.save(proto, str(path))
-    stats, _ = calibrate(path, calibration_x, {"weight_rounding": True})
+    stats, _ = calibrate(path, calibration_x, {"weight_rounding": "pair-safe" if pair_safe else True})
     return Source(path, proto, stats, qat=None, rounding=record)

@@ -190,6 +190,11 @@ def quantized_model_lines(target: str, info: dict) -> list[str]:
         t = info["cpu_target"]
         requested = f" ({t['requested']})" if t["requested"] != t["name"] else ""
         lines.append(f"  CPU target `{t['name']}`{requested}: {t['description']}.")
+    if "weight_rounding" in info:
+        r = info["weight_rounding"]
+        grid = "pair-safe grid" if r.get("grid", "").startswith("pair-safe") else "full-range grid"
+        lines.append(f"  Weight levels chosen by output error on {r['images']} calibration images ({grid}): {r['flipped']} of "
+                     f"{r['weights']} weights in {r['layers']} layers rounded the other way than nearest.")
     if "narrowing" in info:
         n = info["narrowing"]
         lines.append(f"  {n['narrowed_channels']} of {n['channels_checked']} output channels in {n['narrowed_layers']} of "
