@@ -118,19 +118,35 @@ class QuantizeConfig:
 
 
 def rank_methods(make, budget, work: Path, keep_float: tuple[str, ...]) -> tuple[list[str], dict]:
-    """``auto``: the calibration methods, the one whose model (before any fallback) stays closest to FP32 on
-    validation first."""
-    from tledge.quant.drift_budget import score
-
+    """``auto``: the calibration methods in the order the budget search tries them (:func:`order_methods`), from
+    each one's model before any fallback, on validation."""
     figures = {}
     for method in AUTO_CANDIDATES:
         path = work / f"auto-{method}.onnx"
         make(keep_float, path, method)
-        figures[method] = {k: v for k, v in budget.evaluate(path).items() if k in ("top1", "top1_drop_pp", "agreement", "expected_agreement")}
+        figures[method] = {k: v for k, v in budget.evaluate(path).items() if k in ("top1", "top1_drop_pp", "agreement", "expected_agreement", "met")}
         path.unlink()
-    ranked = sorted(AUTO_CANDIDATES, key=lambda m: (-score(figures[m]), AUTO_CANDIDATES.index(m)))  # a tie goes to min-max
+    ranked = order_methods(figures, len(budget.images()))
     return ranked, {"candidates": figures, "order": ranked,
-                    "by": "expected agreement with FP32 minus top-1 lost, validation, simulated, before any fallback"}
+                    "by": "expected agreement with FP32 minus top-1 lost, validation, simulated, before any fallback; "
+                          "first a candidate within one image of the closest that meets the budget with every layer in INT8"}
+
+
+def order_methods(figures: dict[str, dict], images: int) -> list[str]:
+    """The methods closest to FP32 first (:func:`~tledge.quant.drift_budget.score`), except that one which meets
+    the budget with every layer in INT8 and is within one validation image of the closest goes before them all.
+
+    A float layer must earn its cost: on clothing-small the closest candidate (expected agreement 0.9942) missed the
+    count by one image and its fallback kept a depthwise layer in float (1.59x FP32 instead of 1.97x on one thread),
+    where the next (0.9940) met the budget with none (bench/RESULTS.md). A lead of under one image is noise; a
+    larger one still wins, and then the fallback starts from it.
+    """
+    from tledge.quant.drift_budget import score
+
+    by_score = sorted(figures, key=lambda m: (-score(figures[m]), AUTO_CANDIDATES.index(m) if m in AUTO_CANDIDATES else len(AUTO_CANDIDATES)))  # a tie goes to min-max
+    best = score(figures[by_score[0]])
+    free = [m for m in by_score if figures[m].get("met") and score(figures[m]) >= best - 1.0 / max(images, 1) - 1e-9]
+    return free[:1] + [m for m in by_score if m not in free[:1]]
 
 
 def quantize(cfg: QuantizeConfig) -> dict:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import html
 
-from tledge.quant.drift_budget import expected_note
+from tledge.quant.drift_budget import expected_note, score
 from tledge.quant.engine_cost import describe_float_cost
 
 
@@ -183,6 +183,11 @@ def quantized_model_lines(target: str, info: dict) -> list[str]:
         c = info["method_choice"]["candidates"]
         lines.append("  Calibration method chosen on validation: " + ", ".join(
             f"{m} agreement {f['agreement']:.4f}{expected_note(f)}, top-1 {-f['top1_drop_pp']:+.2f} pt" for m, f in c.items()) + ".")
+        order = info["method_choice"].get("order", [])
+        closest = max(c, key=lambda m: score(c[m])) if c else None
+        if order and closest and order[0] != closest and score(c[order[0]]) < score(c[closest]):
+            lines.append(f"  {order[0]} went first: it met the budget with every layer in INT8, within one validation image of "
+                         f"{closest}, the closest to FP32 (a float layer must earn its cost).")
         if len(info["method_choice"].get("budget_search", [])) > 1:
             lines.append("  The budget search went on to the next method when one missed: " + "; ".join(
                 f"{s['method']} with {s['layers_in_float']} layer(s) in float {'met' if s['met'] else 'missed'} it" for s in info["method_choice"]["budget_search"]) + ".")
