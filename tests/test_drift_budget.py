@@ -308,6 +308,18 @@ def test_auto_prefers_a_method_that_needs_no_float_layer_when_it_is_within_one_i
     assert order_methods({m: _fig(0.99, 0.99) for m in ("mse", "percentile", "minmax")}, 341) == ["minmax", "percentile", "mse"]
 
 
+def test_a_top1_gain_over_fp32_does_not_outscore_a_closer_copy():
+    from tledge.quant.drift_budget import score
+    from tledge.quant.quantize import order_methods
+
+    # a candidate that "beats" FP32 by 0.59 pt has drifted (expected agreement 0.9900): it must not rank above one
+    # that keeps FP32's top-1 and agrees more (0.9940); a gain counts as no loss, not as a bonus
+    gain, close = _fig(0.9900, 0.9883, -0.59), _fig(0.9940, 0.9941, 0.0)
+    assert score(gain) == pytest.approx(0.9900) and score(close) == pytest.approx(0.9940)
+    assert order_methods({"minmax": gain, "mse": close}, 341) == ["mse", "minmax"]
+    assert score(_fig(0.9940, 0.9941, 0.29)) == pytest.approx(0.9940 - 0.0029)  # a loss still costs
+
+
 def test_the_report_says_why_a_method_went_before_the_closest():
     from tledge.quant.quantize import order_methods
 
