@@ -116,3 +116,43 @@ def test_bias_correction_of_a_padded_stem_is_that_of_the_unpadded_one():
     b_fp32 = numpy_helper.to_array(next(i for i in fp32.graph.initializer if i.name == "b"))
     assert not np.allclose(b_model, b_fp32), "the correction moved the bias"
     np.testing.assert_allclose(b_padded, b_model, rtol=1e-6)
+
+
+def test_openvino_gets_the_model_back_without_the_padding():
+    """OpenVINO needs no padded stem and would run the Pad as a float op of its own: its runner drops it, which must
+    give back exactly the model before the padding."""
+    from tledge.runners.openvino_runner import drop_input_channel_padding
+
+    model, _ = _stem_model(levels=64)
+    original = model.SerializeToString()
+    assert drop_input_channel_padding(model) == [], "nothing to undo"
+    pad_input_channels(model)
+    assert drop_input_channel_padding(model) == ["stem"]
+    assert model.SerializeToString() == original
+
+
+def test_padding_that_carries_weights_is_not_dropped():
+    from tledge.runners.openvino_runner import drop_input_channel_padding
+
+    model, _ = _stem_model(levels=64)
+    pad_input_channels(model)
+    weight = next(i for i in model.graph.initializer if i.name == "wq")
+    w = numpy_helper.to_array(weight).copy()
+    w[0, 3, 0, 0] = 1  # the fourth channel now matters: dropping it would change the outputs
+    weight.CopyFrom(numpy_helper.from_array(w, "wq"))
+    before = model.SerializeToString()
+    assert drop_input_channel_padding(model) == []
+    assert model.SerializeToString() == before
+
+
+def test_openvino_runs_the_padded_model_as_the_unpadded_one(tmp_path):
+    pytest.importorskip("openvino")
+    from tledge.runners.openvino_runner import OpenVinoRunner
+
+    model, _ = _stem_model(levels=64)
+    onnx.save(model, tmp_path / "plain.onnx")
+    pad_input_channels(model)
+    onnx.save(model, tmp_path / "padded.onnx")
+    plain, padded = OpenVinoRunner(tmp_path / "plain.onnx", threads=1), OpenVinoRunner(tmp_path / "padded.onnx", threads=1)
+    assert "padding dropped before stem" in padded.describe()["graph"] and "graph" not in plain.describe()
+    np.testing.assert_array_equal(padded.run_batches(_x()), plain.run_batches(_x()))
