@@ -180,6 +180,8 @@ def main() -> None:
     ap.add_argument("--models-dir", type=Path, help="keep the peers' quantized models here (default: a temporary folder)")
     ap.add_argument("--rounds", type=int, default=10, help="latency rounds (every variant timed in each)")
     ap.add_argument("--per-round", type=int, default=30, help="timed batch-1 calls per variant per round")
+    ap.add_argument("--passes", type=int, default=3, help="timing passes, each in new sessions (their mean is reported): "
+                    "one session's placement on these VMs moved a ratio by up to 10%%")
     args = ap.parse_args()
 
     fp32 = args.build / "model.fp32.onnx"
@@ -248,17 +250,21 @@ def main() -> None:
     thread_counts = sorted({1, os.cpu_count() or 1})
     timed = {name: (engine, path) for name, (engine, path, _) in variants.items()}
     for threads in thread_counts:
-        p50 = time_variants(timed, x1, threads, args.rounds, args.per_round)
+        passes = [time_variants(timed, x1, threads, args.rounds, args.per_round) for _ in range(args.passes)]
+        p50 = {name: float(np.mean([p[name] for p in passes])) for name in timed}
         for name, ms in p50.items():
             rows[name].setdefault("latency", {})[f"{threads}t"] = {
-                "p50_ms": round(ms, 3), "vs_fp32_ort": round(p50["fp32 (ORT)"] / ms, 3), "vs_fp32_openvino": round(p50["fp32 (OpenVINO)"] / ms, 3)}
+                "p50_ms": round(ms, 3), "vs_fp32_ort": round(p50["fp32 (ORT)"] / ms, 3), "vs_fp32_openvino": round(p50["fp32 (OpenVINO)"] / ms, 3),
+                "p50_ms_passes": [round(p[name], 3) for p in passes],
+                "vs_fp32_ort_passes": [round(p["fp32 (ORT)"] / p[name], 3) for p in passes]}
         print(f"latency at {threads} thread(s) done", flush=True)
 
     result = {
         "build": str(args.build), "data": str(data), "input": [1, *pre.input_shape], "machine": machine_record(),
         "calibration": {"images": len(calib), "definition": calib_spec.get("sampling", {}).get("definition"), "split": "train"},
         "splits": {name: len(y) for name, y in ys.items()}, "fp32_top1": fp32_top1, "budget": BUDGET,
-        "latency_method": f"batch 1, p50 of {args.rounds} interleaved rounds x {args.per_round} calls per variant, after 10 warm-up calls; "
+        "latency_method": f"batch 1, p50 of {args.rounds} interleaved rounds x {args.per_round} calls per variant, after 10 warm-up calls, "
+                          f"mean of {args.passes} passes in new sessions; "
                           "ORT intra_op threads = N, inter_op 1, no spinning; OpenVINO INFERENCE_NUM_THREADS = N, 1 stream, LATENCY hint, f32 precision hint",
         "quantization": quantization, "failures": failures, "rows": rows,
     }
