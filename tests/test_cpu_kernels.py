@@ -156,3 +156,16 @@ def test_openvino_runs_the_padded_model_as_the_unpadded_one(tmp_path):
     plain, padded = OpenVinoRunner(tmp_path / "plain.onnx", threads=1), OpenVinoRunner(tmp_path / "padded.onnx", threads=1)
     assert "padding dropped before stem" in padded.describe()["graph"] and "graph" not in plain.describe()
     np.testing.assert_array_equal(padded.run_batches(_x()), plain.run_batches(_x()))
+
+
+def test_openvino_runner_reads_what_onnx_cannot_as_before(tmp_path):
+    """Looking for the padding must not stand between OpenVINO and a file it reads itself: a broken file is still
+    OpenVINO's clear error, not onnx's parse exception."""
+    pytest.importorskip("openvino")
+    from tledge.errors import TledgeError
+    from tledge.runners.openvino_runner import OpenVinoRunner
+
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(b"not a model")
+    with pytest.raises(TledgeError, match="OpenVINO cannot load"):
+        OpenVinoRunner(broken)

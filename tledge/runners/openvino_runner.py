@@ -40,7 +40,8 @@ class OpenVinoRunner:
             proto = _load_if_padded(path)
             if proto is not None:
                 self.unpadded = drop_input_channel_padding(proto)
-                model = core.read_model(proto.SerializeToString())
+                if self.unpadded:
+                    model = core.read_model(proto.SerializeToString())
             self.compiled = core.compile_model(model, "CPU", config)
         except Exception as exc:  # OpenVINO raises its own RuntimeError types for a model it cannot read
             raise TledgeError(f"OpenVINO cannot load {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
@@ -70,7 +71,12 @@ def _load_if_padded(path: Path):
     """The ONNX model at ``path`` when its graph input goes through a ``Pad`` first (the only case worth a parse)."""
     import onnx
 
-    proto = onnx.load(str(path))
+    if path.suffix.lower() != ".onnx":
+        return None
+    try:
+        proto = onnx.load(str(path))
+    except Exception:  # not readable as ONNX here: OpenVINO itself says what is wrong with it
+        return None
     inputs = {i.name for i in proto.graph.input}
     return proto if any(n.op_type == "Pad" and n.input and n.input[0] in inputs for n in proto.graph.node) else None
 
