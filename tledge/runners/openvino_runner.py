@@ -37,11 +37,9 @@ class OpenVinoRunner:
         core, self.unpadded = ov.Core(), []
         try:
             model = str(path)
-            proto = _load_if_padded(path)
-            if proto is not None:
-                self.unpadded = drop_input_channel_padding(proto)
-                if self.unpadded:
-                    model = core.read_model(proto.SerializeToString())
+            proto = _read_onnx(path)
+            if proto is not None and (unpadded := drop_input_channel_padding(proto)):
+                self.unpadded, model = unpadded, core.read_model(proto.SerializeToString())
             self.compiled = core.compile_model(model, "CPU", config)
         except Exception as exc:  # OpenVINO raises its own RuntimeError types for a model it cannot read
             raise TledgeError(f"OpenVINO cannot load {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
@@ -67,18 +65,16 @@ class OpenVinoRunner:
         self.request = self.compiled = None
 
 
-def _load_if_padded(path: Path):
-    """The ONNX model at ``path`` when its graph input goes through a ``Pad`` first (the only case worth a parse)."""
+def _read_onnx(path: Path):
+    """The ONNX model at ``path``, or None when onnx cannot read it (OpenVINO then says what is wrong with it)."""
     import onnx
 
     if path.suffix.lower() != ".onnx":
         return None
     try:
-        proto = onnx.load(str(path))
-    except Exception:  # not readable as ONNX here: OpenVINO itself says what is wrong with it
+        return onnx.load(str(path))
+    except Exception:
         return None
-    inputs = {i.name for i in proto.graph.input}
-    return proto if any(n.op_type == "Pad" and n.input and n.input[0] in inputs for n in proto.graph.node) else None
 
 
 def drop_input_channel_padding(model) -> list[str]:
@@ -112,8 +108,14 @@ def drop_input_channel_padding(model) -> list[str]:
     if not quantizers or any(q.op_type != "QuantizeLinear" or q.input[0] != pad.output[0] for q in quantizers):
         return []
     producer = {o: n for n in graph.node for o in n.output}
-    dequantized = {n.output[0] for q in quantizers for n in graph.node if q.output[0] in n.input and n.op_type == "DequantizeLinear"}
-    convs = [n for n in graph.node if n.input and n.input[0] in dequantized]
+    quantized = {q.output[0] for q in quantizers}
+    dequantizers = [n for n in graph.node if quantized & set(n.input)]
+    if any(n.op_type != "DequantizeLinear" for n in dequantizers):
+        return []  # every tensor that carries the padded channels must be rebuilt from the graph input
+    dequantized = {n.output[0] for n in dequantizers}
+    convs = [n for n in graph.node if dequantized & set(n.input)]
+    if any(n.input[0] not in dequantized for n in convs):
+        return []
     weights = []
     for conv in convs:
         wdq = producer.get(conv.input[1]) if conv.op_type == "Conv" and len(conv.input) > 1 else None
